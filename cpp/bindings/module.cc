@@ -1,0 +1,90 @@
+// fastllm._C: the only pybind11 code. Tensors arrive as DLPack capsules ("dltensor",
+// not consumed: the Python caller keeps the torch tensor alive for the call).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "fastllm/block_allocator.h"
+#include "fastllm/errors.h"
+#include "fastllm/ops.h"
+#include "fastllm/tensor_view.h"
+
+namespace py = pybind11;
+using fastllm::TensorView;
+
+static TensorView view(const py::capsule& capsule, const char* name) {
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  if (managed == nullptr) {
+    PyErr_Clear();
+    throw fastllm::ArgTypeError(std::string(name) + ": expected an unconsumed DLPack capsule ('dltensor')");
+  }
+  return TensorView::from_dlpack(managed->dl_tensor, name);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastllm native core: KV block allocator and CPU/CUDA kernels (DLPack in)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fastllm::ArgTypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const fastllm::ArgValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def("cuda_available", &fastllm::cuda_available, "True when CUDA kernels are built and a GPU can run them");
+  m.def("build_info", [] {
+    py::dict info;
+    info["native"] = true;
+    info["cuda"] = fastllm::cuda_compiled();
+    info["cuda_archs"] = fastllm::cuda_archs();
+    info["cuda_ops"] = fastllm::cuda_ops();
+    return info;
+  });
+  m.def("hash_block", [](uint64_t parent_hash, const std::vector<int64_t>& token_ids) {
+    return fastllm::hash_block(parent_hash, token_ids.data(), token_ids.size());
+  }, py::arg("parent_hash"), py::arg("token_ids"));
+
+  // Ops release the GIL: the CPU kernels are multithreaded and CUDA launches are async.
+  m.def("reshape_and_cache", [](py::capsule key, py::capsule value, py::capsule k_cache, py::capsule v_cache,
+                                py::capsule slot_mapping, int64_t stream) {
+    auto k = view(key, "key"), v = view(value, "value"), kc = view(k_cache, "k_cache"),
+         vc = view(v_cache, "v_cache"), sm = view(slot_mapping, "slot_mapping");
+    py::gil_scoped_release release;
+    fastllm::reshape_and_cache(k, v, kc, vc, sm, stream);
+  });
+  m.def("paged_attention", [](py::capsule out, py::capsule query, py::capsule k_cache, py::capsule v_cache,
+                              py::capsule block_tables, py::capsule seq_lens, py::capsule query_start_loc,
+                              float scale, int64_t stream) {
+    auto o = view(out, "out"), q = view(query, "query"), kc = view(k_cache, "k_cache"),
+         vc = view(v_cache, "v_cache"), bt = view(block_tables, "block_tables"), sl = view(seq_lens, "seq_lens"),
+         qsl = view(query_start_loc, "query_start_loc");
+    py::gil_scoped_release release;
+    fastllm::paged_attention(o, q, kc, vc, bt, sl, qsl, scale, stream);
+  });
+  m.def("fused_softmax", [](py::capsule out, py::capsule scores, float scale, bool causal, int64_t causal_offset,
+                            int64_t stream) {
+    auto o = view(out, "out"), s = view(scores, "scores");
+    py::gil_scoped_release release;
+    fastllm::fused_softmax(o, s, scale, causal, causal_offset, stream);
+  });
+
+  py::class_<fastllm::BlockAllocator>(m, "BlockAllocator", "Fixed pool of KV blocks with a prefix cache (LRU)")
+      .def(py::init<int64_t>(), py::arg("num_blocks"))
+      .def("allocate", &fastllm::BlockAllocator::allocate)
+      .def("free", &fastllm::BlockAllocator::free, py::arg("block_id"))
+      .def("share", &fastllm::BlockAllocator::share, py::arg("block_id"))
+      .def("lookup", &fastllm::BlockAllocator::lookup, py::arg("block_hash"))
+      .def("register", &fastllm::BlockAllocator::register_block, py::arg("block_id"), py::arg("block_hash"))
+      .def("reset_prefix_cache", &fastllm::BlockAllocator::reset_prefix_cache)
+      .def("ref_count", &fastllm::BlockAllocator::ref_count, py::arg("block_id"))
+      .def("block_hash", &fastllm::BlockAllocator::block_hash, py::arg("block_id"))
+      .def_property_readonly("num_blocks", [](const fastllm::BlockAllocator& a) { return a.stats().num_blocks; })
+      .def_property_readonly("num_free", [](const fastllm::BlockAllocator& a) { return a.stats().num_free; })
+      .def_property_readonly("num_in_use", [](const fastllm::BlockAllocator& a) { return a.stats().num_in_use; })
+      .def_property_readonly("num_cached", [](const fastllm::BlockAllocator& a) { return a.stats().num_cached; })
+      .def_property_readonly("hits", [](const fastllm::BlockAllocator& a) { return a.stats().hits; })
+      .def_property_readonly("queries", [](const fastllm::BlockAllocator& a) { return a.stats().queries; })
+      .def_property_readonly("evictions", [](const fastllm::BlockAllocator& a) { return a.stats().evictions; });
+}

@@ -1,0 +1,29 @@
+// CPU kernels: raw pointers and sizes, no framework types (DESIGN §2). T is float,
+// Half or BFloat16; arithmetic is fp32. Shapes as in python/fastllm/reference.py.
+#pragma once
+#include <cstdint>
+
+namespace fastllm::cpu {
+
+// Copies token rows (row_bytes = num_kv_heads * head_dim * elem_size) of key/value
+// [num_tokens, ...] into the caches at slot_mapping; slot -1 is skipped (padding).
+void reshape_and_cache(const void* key, const void* value, void* k_cache, void* v_cache,
+                       const int64_t* slot_mapping, int64_t num_tokens, int64_t row_bytes);
+
+struct PagedAttentionShape {
+  int64_t num_tokens, num_seqs;
+  int64_t num_heads, num_kv_heads, head_dim;
+  int64_t block_size, max_blocks_per_seq;
+};
+
+template <typename T>
+void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,
+                     const int32_t* block_tables, const int32_t* seq_lens,
+                     const int32_t* query_start_loc, const PagedAttentionShape& shape, float scale);
+
+// out/scores viewed as [num_rows, num_cols]; causal masking uses row % rows_per_matrix.
+template <typename T>
+void fused_softmax(T* out, const T* scores, int64_t num_rows, int64_t num_cols,
+                   int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset);
+
+}  // namespace fastllm::cpu

@@ -1,0 +1,28 @@
+// The ops as the bindings see them: validated TensorViews in, dispatched to the CPU
+// kernels or the CUDA launchers by device. `stream` is a cudaStream_t as an integer
+// (0 = default stream; ignored on CPU).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fastllm/tensor_view.h"
+
+namespace fastllm {
+
+bool cuda_compiled();                  // built with CUDA kernels
+bool cuda_available();                 // ... and a GPU + driver can run them
+std::vector<std::string> cuda_ops();   // ops with a CUDA kernel in this build
+std::string cuda_archs();              // the archs compiled for ("" without CUDA)
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,
+                       const TensorView& v_cache, const TensorView& slot_mapping, int64_t stream);
+
+void paged_attention(const TensorView& out, const TensorView& query, const TensorView& k_cache,
+                     const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
+                     const TensorView& query_start_loc, float scale, int64_t stream);
+
+void fused_softmax(const TensorView& out, const TensorView& scores, float scale, bool causal,
+                   int64_t causal_offset, int64_t stream);
+
+}  // namespace fastllm

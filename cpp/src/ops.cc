@@ -1,0 +1,205 @@
+// Argument checks shared by every device, then dispatch. Value checks that need to
+// read index tensors (slot ranges, query_start_loc) run on CPU only: on the GPU they
+// would cost a device sync per call.
+#include "fastllm/ops.h"
+
+#include <stdexcept>
+
+#include "fastllm/cpu/float16.h"
+#include "fastllm/cpu/kernels.h"
+#include "fastllm/errors.h"
+#ifdef FASTLLM_WITH_CUDA
+#include "fastllm/cuda/launchers.h"
+#endif
+
+namespace fastllm {
+
+bool cuda_compiled() {
+#ifdef FASTLLM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool cuda_available() {
+#ifdef FASTLLM_WITH_CUDA
+  return cuda::device_count() > 0;
+#else
+  return false;
+#endif
+}
+
+std::vector<std::string> cuda_ops() {
+#ifdef FASTLLM_WITH_CUDA
+  return {"reshape_and_cache"};
+#else
+  return {};
+#endif
+}
+
+std::string cuda_archs() {
+#ifdef FASTLLM_CUDA_ARCHS
+  return FASTLLM_CUDA_ARCHS;
+#else
+  return "";
+#endif
+}
+
+[[noreturn]] static void no_cuda_kernel(const char* op) {
+  throw ArgValueError(std::string(op) + ": CUDA tensors given but this build has no CUDA kernel for it");
+}
+
+#ifdef FASTLLM_WITH_CUDA
+static void check_cuda(cudaError_t err, const char* op) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
+}
+#endif
+
+// Calls fn with a typed null pointer selecting float / Half / BFloat16.
+template <typename Fn>
+static void dispatch_float(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kF32: fn(static_cast<float*>(nullptr)); break;
+    case DType::kF16: fn(static_cast<cpu::Half*>(nullptr)); break;
+    case DType::kBF16: fn(static_cast<cpu::BFloat16*>(nullptr)); break;
+    default: throw ArgTypeError(std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,
+                       const TensorView& v_cache, const TensorView& slot_mapping, int64_t stream) {
+  key.check_rank(3).check_float().check_contiguous();
+  const int64_t T = key.size(0), Hkv = key.size(1), D = key.size(2);
+  value.check_rank(3).check_dtype(key.dtype).check_contiguous().check_same_device(key);
+  value.check_size(0, T, "num_tokens").check_size(1, Hkv, "num_kv_heads").check_size(2, D, "head_dim");
+  for (const TensorView* c : {&k_cache, &v_cache}) {
+    c->check_rank(4).check_dtype(key.dtype).check_contiguous().check_same_device(key);
+    c->check_size(2, Hkv, "num_kv_heads").check_size(3, D, "head_dim");
+  }
+  v_cache.check_size(0, k_cache.size(0), "num_blocks").check_size(1, k_cache.size(1), "block_size");
+  slot_mapping.check_rank(1).check_dtype(DType::kI64).check_contiguous().check_same_device(key);
+  slot_mapping.check_size(0, T, "num_tokens");
+  const int64_t row_bytes = Hkv * D * static_cast<int64_t>(dtype_size(key.dtype));
+
+  if (key.device == Device::kCPU) {
+    const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+    const int64_t* slots = slot_mapping.ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      if (slots[t] < -1 || slots[t] >= num_slots) {
+        throw ArgValueError("slot_mapping: slot " + std::to_string(slots[t]) + " at token " + std::to_string(t) +
+                            " is outside the cache's " + std::to_string(num_slots) + " slots");
+      }
+    }
+    cpu::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slots, T, row_bytes);
+    return;
+  }
+#ifdef FASTLLM_WITH_CUDA
+  check_cuda(cuda::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slot_mapping.ptr<int64_t>(),
+                                     T, row_bytes, reinterpret_cast<cudaStream_t>(stream)),
+             "reshape_and_cache");
+#else
+  (void)stream;
+  no_cuda_kernel("reshape_and_cache");
+#endif
+}
+
+static void check_attention_metadata(const TensorView& query, const TensorView& k_cache,
+                                     const TensorView& block_tables, const TensorView& seq_lens,
+                                     const TensorView& query_start_loc) {
+  const int64_t T = query.size(0), S = seq_lens.size(0), max_blocks = block_tables.size(1);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  const int32_t* qsl = query_start_loc.ptr<int32_t>();
+  const int32_t* lens = seq_lens.ptr<int32_t>();
+  const int32_t* tables = block_tables.ptr<int32_t>();
+  if (qsl[0] != 0 || qsl[S] != T) {
+    throw ArgValueError("query_start_loc: must start at 0 and end at num_tokens (" + std::to_string(T) + ")");
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t q_len = qsl[s + 1] - qsl[s];
+    if (q_len < 0) throw ArgValueError("query_start_loc: must be non-decreasing");
+    if (q_len > lens[s]) {
+      throw ArgValueError("seq_lens: sequence " + std::to_string(s) + " has " + std::to_string(q_len) +
+                          " queries but seq_len " + std::to_string(lens[s]));
+    }
+    const int64_t used_blocks = (lens[s] + block_size - 1) / block_size;
+    if (used_blocks > max_blocks) {
+      throw ArgValueError("block_tables: sequence " + std::to_string(s) + " needs " + std::to_string(used_blocks) +
+                          " blocks but the table has " + std::to_string(max_blocks) + " columns");
+    }
+    for (int64_t b = 0; b < used_blocks; ++b) {
+      const int32_t id = tables[s * max_blocks + b];
+      if (id < 0 || id >= num_blocks) {
+        throw ArgValueError("block_tables: block id " + std::to_string(id) + " of sequence " + std::to_string(s) +
+                            " is outside the cache's " + std::to_string(num_blocks) + " blocks");
+      }
+    }
+  }
+}
+
+void paged_attention(const TensorView& out, const TensorView& query, const TensorView& k_cache,
+                     const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
+                     const TensorView& query_start_loc, float scale, int64_t stream) {
+  query.check_rank(3).check_float().check_contiguous();
+  const int64_t T = query.size(0), H = query.size(1), D = query.size(2);
+  out.check_rank(3).check_dtype(query.dtype).check_contiguous().check_same_device(query);
+  out.check_size(0, T, "num_tokens").check_size(1, H, "num_heads").check_size(2, D, "head_dim");
+  for (const TensorView* c : {&k_cache, &v_cache}) {
+    c->check_rank(4).check_dtype(query.dtype).check_contiguous().check_same_device(query).check_size(3, D, "head_dim");
+  }
+  const int64_t Hkv = k_cache.size(2);
+  v_cache.check_size(0, k_cache.size(0), "num_blocks").check_size(1, k_cache.size(1), "block_size")
+      .check_size(2, Hkv, "num_kv_heads");
+  if (Hkv <= 0 || H % Hkv != 0) {
+    throw ArgValueError("query: num_heads (" + std::to_string(H) + ") must be a multiple of k_cache's num_kv_heads (" +
+                        std::to_string(Hkv) + ")");
+  }
+  block_tables.check_rank(2).check_dtype(DType::kI32).check_contiguous().check_same_device(query);
+  const int64_t S = block_tables.size(0);
+  seq_lens.check_rank(1).check_dtype(DType::kI32).check_contiguous().check_same_device(query)
+      .check_size(0, S, "num_seqs");
+  query_start_loc.check_rank(1).check_dtype(DType::kI32).check_contiguous().check_same_device(query)
+      .check_size(0, S + 1, "num_seqs + 1");
+
+  if (query.device == Device::kCPU) {
+    check_attention_metadata(query, k_cache, block_tables, seq_lens, query_start_loc);
+    const cpu::PagedAttentionShape shape{T, S, H, Hkv, D, k_cache.size(1), block_tables.size(1)};
+    dispatch_float(query.dtype, [&](auto* tag) {
+      using T_ = std::remove_pointer_t<decltype(tag)>;
+      cpu::paged_attention<T_>(out.ptr<T_>(), query.ptr<T_>(), k_cache.ptr<T_>(), v_cache.ptr<T_>(),
+                               block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
+                               query_start_loc.ptr<int32_t>(), shape, scale);
+    });
+    return;
+  }
+  (void)stream;
+  no_cuda_kernel("paged_attention");
+}
+
+void fused_softmax(const TensorView& out, const TensorView& scores, float scale, bool causal,
+                   int64_t causal_offset, int64_t stream) {
+  scores.check_float().check_contiguous();
+  if (scores.dim() < (causal ? 2 : 1)) {
+    throw ArgValueError(std::string("scores: expected at least ") + (causal ? "2" : "1") + " dims, got shape " +
+                        scores.shape_str());
+  }
+  out.check_dtype(scores.dtype).check_contiguous().check_same_device(scores);
+  if (out.shape != scores.shape) {
+    throw ArgValueError("out: shape " + out.shape_str() + " must equal scores' shape " + scores.shape_str());
+  }
+  const int64_t cols = scores.size(-1);
+  const int64_t rows = cols == 0 ? 0 : scores.numel() / cols;
+  const int64_t rows_per_matrix = scores.dim() >= 2 ? scores.size(-2) : 1;
+  if (scores.device == Device::kCPU) {
+    dispatch_float(scores.dtype, [&](auto* tag) {
+      using T_ = std::remove_pointer_t<decltype(tag)>;
+      cpu::fused_softmax<T_>(out.ptr<T_>(), scores.ptr<T_>(), rows, cols, rows_per_matrix, scale, causal,
+                             causal_offset);
+    });
+    return;
+  }
+  (void)stream;
+  no_cuda_kernel("fused_softmax");
+}
+
+}  // namespace fastllm

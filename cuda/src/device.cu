@@ -1,0 +1,15 @@
+#include "fastllm/cuda/launchers.h"
+
+namespace fastllm::cuda {
+
+int device_count() {
+  int n = 0;
+  // The runtime is linked statically; with no driver this returns an error, not a crash.
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error so later calls are not poisoned
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace fastllm::cuda

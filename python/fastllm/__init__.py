@@ -1,0 +1,20 @@
+"""fastllm: a small, fast LLM inference engine (vLLM's API names, C++/CUDA core)."""
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LLM": "fastllm.llm",
+    "SamplingParams": "fastllm.sampling_params",
+    "RequestOutput": "fastllm.outputs",
+    "CompletionOutput": "fastllm.outputs",
+}
+
+
+def __getattr__(name):
+    # Lazy so that `import fastllm` stays cheap (torch is imported only when needed).
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastllm' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,0 +1,88 @@
+"""The one door to `fastllm._C`.
+
+Every tensor crosses as DLPack (the extension never links libtorch); CUDA launches
+run on torch's current stream. When the extension is missing, or has no kernel for
+the tensor's device, the pure-torch reference in `fastllm.reference` runs instead, so
+the Python layers work everywhere. Shapes are documented in `fastllm.reference`.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from fastllm import reference
+
+try:
+    from fastllm import _C
+except ImportError:  # source checkout without a build: the references run
+    _C = None
+
+BlockAllocator = _C.BlockAllocator if _C is not None else None
+_CUDA_OPS = frozenset(_C.build_info()["cuda_ops"]) if _C is not None else frozenset()
+
+
+def native_available() -> bool:
+    return _C is not None
+
+
+def cuda_available() -> bool:
+    """True when the extension has CUDA kernels and a GPU + driver can run them."""
+    return _C is not None and _C.cuda_available()
+
+
+def build_info() -> dict:
+    """What was compiled: {'cuda': bool, 'cuda_archs': str, 'cuda_ops': [...], ...}."""
+    return dict(_C.build_info()) if _C is not None else {"native": False}
+
+
+def hash_block(parent_hash: int, token_ids) -> int:
+    """Chained 64-bit hash of a full KV block: (parent block's hash, its token ids)."""
+    if _C is not None:
+        return _C.hash_block(parent_hash, list(token_ids))
+    return hash((parent_hash, tuple(token_ids))) & 0xFFFFFFFFFFFFFFFF
+
+
+def _native_for(op: str, tensor: torch.Tensor) -> bool:
+    """Whether `_C` has a kernel of `op` for this tensor's device (CPU: all ops)."""
+    if _C is None:
+        return False
+    if tensor.device.type == "cpu":
+        return True
+    return tensor.device.type == "cuda" and op in _CUDA_OPS
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _dl(*tensors):
+    return [to_dlpack(t.detach()) for t in tensors]
+
+
+def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Write key/value rows [T, Hkv, D] into the paged caches at slot_mapping [T]."""
+    if _native_for("reshape_and_cache", key):
+        _C.reshape_and_cache(*_dl(key, value, k_cache, v_cache, slot_mapping), _stream(key))
+    else:
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
+                    query_start_loc, scale: float) -> None:
+    """out[T, H, D] = causal attention of query[T, H, D] over each sequence's paged K/V."""
+    if _native_for("paged_attention", query):
+        _C.paged_attention(*_dl(out, query, k_cache, v_cache, block_tables, seq_lens,
+                                query_start_loc), float(scale), _stream(query))
+    else:
+        reference.paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
+                                  query_start_loc, scale)
+
+
+def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = None) -> None:
+    """out = softmax(scale * scores) over the last dim, causal if causal_offset is given
+    (row r keeps columns <= r + causal_offset). Sampling uses scale = 1 / temperature."""
+    if _native_for("fused_softmax", scores):
+        _C.fused_softmax(*_dl(out, scores), float(scale), causal_offset is not None,
+                         int(causal_offset or 0), _stream(scores))
+    else:
+        reference.fused_softmax(out, scores, scale, causal_offset)

@@ -1,0 +1,153 @@
+"""Every native op against its float64 torch reference (fastllm.reference)."""
+import pytest
+import torch
+
+from fastllm import ops, reference
+
+pytestmark = pytest.mark.skipif(not ops.native_available(), reason="fastllm._C is not built")
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def make_paged_batch(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=0):
+    """Random query/caches and a batch whose block tables point at shuffled blocks."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [(n + block_size - 1) // block_size for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 5
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    max_blocks = max(blocks_per_seq)
+    block_tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    for s, nb in enumerate(blocks_per_seq):
+        block_tables[s, :nb] = torch.tensor([perm.pop() for _ in range(nb)])
+    query_start_loc = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    T = int(query_start_loc[-1])
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+    q = rnd(T, num_heads, head_dim)
+    k_cache = rnd(num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = rnd(num_blocks, block_size, num_kv_heads, head_dim)
+    meta = (block_tables, torch.tensor(seq_lens, dtype=torch.int32), query_start_loc)
+    return [t.to(device) for t in (q, k_cache, v_cache, *meta)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32), (48, 5)])
+def test_paged_attention_matches_float64(device, dtype, group, head_dim, block_size):
+    num_kv_heads = 2
+    # decode (q_len 1), a whole prompt, a chunk continuing a prefix (prefix-cache hit / chunked prefill)
+    seq_lens, q_lens = [1, 37, 29, 70], [1, 37, 11, 1]
+    q, kc, vc, bt, sl, qsl = make_paged_batch(seq_lens, q_lens, num_kv_heads * group, num_kv_heads,
+                                              head_dim, block_size, dtype, device)
+    out = torch.empty_like(q)
+    scale = head_dim ** -0.5
+    ops.paged_attention(out, q, kc, vc, bt, sl, qsl, scale)
+    ref = torch.empty(q.shape, dtype=torch.float64)
+    reference.paged_attention(ref, q.double().cpu(), kc.double().cpu(), vc.double().cpu(), bt.cpu(), sl.cpu(),
+                              qsl.cpu(), scale)
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
+def test_paged_attention_reference_equals_dense_causal_attention():
+    # The oracle itself against torch SDPA on contiguous K/V: one sequence, prefill.
+    q, kc, vc, bt, sl, qsl = make_paged_batch([21], [21], 4, 2, 16, 4, torch.float64, "cpu", seed=3)
+    ref = torch.empty_like(q)
+    reference.paged_attention(ref, q, kc, vc, bt, sl, qsl, 0.25)
+    k = reference.gather_kv(kc, bt[0], 21).repeat_interleave(2, dim=1)
+    v = reference.gather_kv(vc, bt[0], 21).repeat_interleave(2, dim=1)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=0.25).transpose(0, 1)
+    torch.testing.assert_close(ref, dense)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reshape_and_cache_writes_slots(device, dtype):
+    g = torch.Generator().manual_seed(1)
+    T, Hkv, D, num_blocks, block_size = 13, 3, 40, 9, 4
+    key = torch.randn(T, Hkv, D, generator=g).to(dtype).to(device)
+    value = torch.randn(T, Hkv, D, generator=g).to(dtype).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[[2, 7]] = -1  # padding rows are skipped
+    slots = slots.to(device)
+    k_cache = torch.zeros(num_blocks, block_size, Hkv, D, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    k_ref, v_ref = k_cache.clone().cpu(), v_cache.clone().cpu()
+    ops.reshape_and_cache(key, value, k_cache, v_cache, slots)
+    reference.reshape_and_cache(key.cpu(), value.cpu(), k_ref, v_ref, slots.cpu())
+    assert torch.equal(k_cache.cpu(), k_ref) and torch.equal(v_cache.cpu(), v_ref)
+    assert k_ref.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,causal_offset", [((3, 17, 17), 0), ((2, 5, 33), 28), ((4, 6, 9), -2),
+                                                 ((7, 1000), None), ((3, 131), None)])
+def test_fused_softmax_matches_float64(device, dtype, shape, causal_offset):
+    scores = (torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 4).to(dtype).to(device)
+    out = torch.empty_like(scores)
+    ops.fused_softmax(out, scores, 0.7, causal_offset)
+    ref = torch.empty(shape, dtype=torch.float64)
+    reference.fused_softmax(ref, scores.double().cpu(), 0.7, causal_offset)
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+    assert not torch.isnan(out).any()
+    if causal_offset is not None and causal_offset < 0:
+        assert torch.all(out[..., : -causal_offset, :] == 0)  # fully masked rows are zeros
+
+
+def test_fused_softmax_reference_equals_torch_softmax():
+    x = torch.randn(4, 9, 9, dtype=torch.float64)
+    ref = torch.empty_like(x)
+    reference.fused_softmax(ref, x, 0.5, 0)
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    torch.testing.assert_close(ref, torch.softmax((x * 0.5).masked_fill(mask, float("-inf")), dim=-1))
+
+
+def _attention_args(dtype=torch.float32):
+    q, kc, vc, bt, sl, qsl = make_paged_batch([5, 9], [5, 1], 4, 2, 16, 4, dtype, "cpu")
+    return dict(out=torch.empty_like(q), query=q, k_cache=kc, v_cache=vc, block_tables=bt, seq_lens=sl,
+                query_start_loc=qsl, scale=0.25)
+
+
+@pytest.mark.parametrize("change,error,words", [
+    (dict(query=lambda a: a["query"].half()), TypeError, "out"),
+    (dict(k_cache=lambda a: a["k_cache"].to(torch.bfloat16)), TypeError, "k_cache"),
+    (dict(block_tables=lambda a: a["block_tables"].long()), TypeError, "block_tables"),
+    (dict(query=lambda a: a["query"].transpose(0, 1).contiguous().transpose(0, 1)), ValueError, "contiguous"),
+    (dict(out=lambda a: a["out"][:, :3]), ValueError, "out"),
+    (dict(seq_lens=lambda a: a["seq_lens"][:1]), ValueError, "seq_lens"),
+    (dict(query=lambda a: a["query"][:, :3].contiguous(), out=lambda a: a["out"][:, :3].contiguous()),
+     ValueError, "num_heads"),
+    (dict(query_start_loc=lambda a: torch.tensor([0, 2, 7], dtype=torch.int32)), ValueError, "query_start_loc"),
+    (dict(block_tables=lambda a: a["block_tables"] + 1000), ValueError, "block_tables"),
+])
+def test_paged_attention_bad_inputs_name_the_argument(change, error, words):
+    args = _attention_args()
+    for name, fn in change.items():
+        args[name] = fn(args)
+    with pytest.raises(error, match=words):
+        ops.paged_attention(**args)
+
+
+def test_reshape_and_cache_bad_inputs():
+    key = torch.randn(4, 2, 8)
+    kc = torch.zeros(3, 4, 2, 8)
+    with pytest.raises(TypeError, match="slot_mapping"):
+        ops.reshape_and_cache(key, key, kc, kc.clone(), torch.arange(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        ops.reshape_and_cache(key, key, kc, kc.clone(), torch.tensor([0, 1, 2, 12]))
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.reshape_and_cache(key, key, torch.zeros(3, 4, 2, 9), torch.zeros(3, 4, 2, 9), torch.arange(4))
+    with pytest.raises(ValueError, match="shape"):
+        ops.fused_softmax(torch.empty(3, 4), torch.randn(3, 5))
+
+
+def test_build_reports_no_gpu_here_consistently():
+    info = ops.build_info()
+    assert info["native"] is True
+    assert ops.cuda_available() == (info["cuda"] and torch.cuda.is_available())
