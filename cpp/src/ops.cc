@@ -32,7 +32,7 @@ bool cuda_available() {
 
 std::vector<std::string> cuda_ops() {
 #ifdef FASTLLM_WITH_CUDA
-  return {"reshape_and_cache"};
+  return {"reshape_and_cache", "paged_attention", "fused_softmax"};
 #else
   return {};
 #endif
@@ -46,13 +46,31 @@ std::string cuda_archs() {
 #endif
 }
 
+#ifndef FASTLLM_WITH_CUDA
 [[noreturn]] static void no_cuda_kernel(const char* op) {
-  throw ArgValueError(std::string(op) + ": CUDA tensors given but this build has no CUDA kernel for it");
+  throw ArgValueError(std::string(op) + ": CUDA tensors given but this build has no CUDA kernels");
 }
+#endif
 
 #ifdef FASTLLM_WITH_CUDA
 static void check_cuda(cudaError_t err, const char* op) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
+}
+
+static cuda::ScalarType scalar_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return cuda::ScalarType::kF32;
+    case DType::kF16: return cuda::ScalarType::kF16;
+    case DType::kBF16: return cuda::ScalarType::kBF16;
+    default: throw ArgTypeError(std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+// The CUDA kernels read rows with 16-byte loads.
+static void check_aligned(const TensorView& t) {
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) {
+    throw ArgValueError(t.name + ": CUDA kernels need 16-byte aligned data (call .contiguous() on a fresh tensor)");
+  }
 }
 #endif
 
@@ -172,8 +190,22 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
     });
     return;
   }
+#ifdef FASTLLM_WITH_CUDA
+  if (!cuda::paged_attention_supports(static_cast<int>(D))) {
+    throw ArgValueError("query: the CUDA paged_attention supports head_dim 64 and 128, got " + std::to_string(D));
+  }
+  for (const TensorView* t : {&out, &query, &k_cache, &v_cache}) check_aligned(*t);
+  check_cuda(cuda::paged_attention(scalar_type(query.dtype), out.data, query.data, k_cache.data, v_cache.data,
+                                   block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
+                                   query_start_loc.ptr<int32_t>(), static_cast<int>(T), static_cast<int>(S),
+                                   static_cast<int>(H), static_cast<int>(Hkv), static_cast<int>(D),
+                                   static_cast<int>(k_cache.size(1)), static_cast<int>(block_tables.size(1)), scale,
+                                   reinterpret_cast<cudaStream_t>(stream)),
+             "paged_attention");
+#else
   (void)stream;
   no_cuda_kernel("paged_attention");
+#endif
 }
 
 void fused_softmax(const TensorView& out, const TensorView& scores, float scale, bool causal,
@@ -198,8 +230,14 @@ void fused_softmax(const TensorView& out, const TensorView& scores, float scale,
     });
     return;
   }
+#ifdef FASTLLM_WITH_CUDA
+  check_cuda(cuda::fused_softmax(scalar_type(scores.dtype), out.data, scores.data, rows, cols, rows_per_matrix, scale,
+                                 causal, causal_offset, reinterpret_cast<cudaStream_t>(stream)),
+             "fused_softmax");
+#else
   (void)stream;
   no_cuda_kernel("fused_softmax");
+#endif
 }
 
 }  // namespace fastllm

@@ -70,7 +70,7 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
 def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
                     query_start_loc, scale: float) -> None:
     """out[T, H, D] = causal attention of query[T, H, D] over each sequence's paged K/V."""
-    if _native_for("paged_attention", query):
+    if _native_for("paged_attention", query) and (query.is_cpu or query.shape[-1] in (64, 128)):
         _C.paged_attention(*_dl(out, query, k_cache, v_cache, block_tables, seq_lens,
                                 query_start_loc), float(scale), _stream(query))
     else:

@@ -7,6 +7,8 @@
 
 namespace fastllm::cuda {
 
+enum class ScalarType { kF32, kF16, kBF16 };
+
 // Number of usable GPUs; 0 when there is no driver or device (never throws).
 int device_count();
 
@@ -14,5 +16,20 @@ int device_count();
 cudaError_t reshape_and_cache(const void* key, const void* value, void* k_cache, void* v_cache,
                               const int64_t* slot_mapping, int64_t num_tokens, int64_t row_bytes,
                               cudaStream_t stream);
+
+// Causal paged attention (see paged_attention.cuh). head_dim 64 or 128; num_heads a
+// multiple of num_kv_heads. Long contexts with few CTAs are split across CTAs and merged
+// (flash-decoding); the split workspace comes from the stream-ordered allocator.
+bool paged_attention_supports(int head_dim);
+cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, const void* k_cache,
+                            const void* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
+                            const int32_t* query_start_loc, int num_tokens, int num_seqs, int num_heads,
+                            int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
+                            cudaStream_t stream);
+
+// softmax(scale * scores) by rows, causal when `causal` (see fused_softmax.cuh).
+cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, int64_t num_rows, int64_t num_cols,
+                          int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset,
+                          cudaStream_t stream);
 
 }  // namespace fastllm::cuda

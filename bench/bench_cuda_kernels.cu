@@ -1,0 +1,100 @@
+// CUDA kernels vs the device's copy bandwidth, timed with CUDA events (manual time).
+// Decode paged attention reads K and V once: bytes = 2 * seqs * ctx * Hkv * D * 2.
+#include <benchmark/benchmark.h>
+#include <cuda_bf16.h>
+
+#include <numeric>
+#include <vector>
+
+#include "fastllm/cuda/launchers.h"
+
+namespace {
+
+struct Timer {
+  cudaEvent_t start, stop;
+  Timer() { cudaEventCreate(&start); cudaEventCreate(&stop); }
+  ~Timer() { cudaEventDestroy(start); cudaEventDestroy(stop); }
+  template <typename Fn> double seconds(Fn&& fn) {
+    cudaEventRecord(start);
+    fn();
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0.f;
+    cudaEventElapsedTime(&ms, start, stop);
+    return ms / 1e3;
+  }
+};
+
+void BM_DeviceCopy(benchmark::State& state) {
+  if (fastllm::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
+  const size_t bytes = size_t(1) << 30;
+  void *a, *b;
+  cudaMalloc(&a, bytes);
+  cudaMalloc(&b, bytes);
+  Timer timer;
+  for (auto _ : state) state.SetIterationTime(timer.seconds([&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice); }));
+  state.SetBytesProcessed(state.iterations() * 2 * bytes);  // read + write
+  cudaFree(a);
+  cudaFree(b);
+}
+BENCHMARK(BM_DeviceCopy)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// args: num_seqs, context length; Llama-3-8B shape: 32 q heads, 8 kv heads, head_dim 128, bf16.
+void BM_PagedAttentionDecode(benchmark::State& state) {
+  if (fastllm::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
+  const int S = state.range(0), ctx = state.range(1), H = 32, Hkv = 8, D = 128, BS = 16;
+  const int blocks_per_seq = (ctx + BS - 1) / BS, num_blocks = S * blocks_per_seq;
+  const size_t cache_elems = size_t(num_blocks) * BS * Hkv * D;
+  __nv_bfloat16 *q, *out, *kc, *vc;
+  int32_t *tables, *lens, *qsl;
+  cudaMalloc(&q, size_t(S) * H * D * 2);
+  cudaMalloc(&out, size_t(S) * H * D * 2);
+  cudaMalloc(&kc, cache_elems * 2);
+  cudaMalloc(&vc, cache_elems * 2);
+  cudaMemset(q, 0, size_t(S) * H * D * 2);
+  cudaMemset(kc, 0, cache_elems * 2);
+  cudaMemset(vc, 0, cache_elems * 2);
+  std::vector<int32_t> h_tables(num_blocks), h_lens(S, ctx), h_qsl(S + 1);
+  std::iota(h_tables.begin(), h_tables.end(), 0);
+  std::iota(h_qsl.begin(), h_qsl.end(), 0);
+  cudaMalloc(&tables, num_blocks * 4);
+  cudaMalloc(&lens, S * 4);
+  cudaMalloc(&qsl, (S + 1) * 4);
+  cudaMemcpy(tables, h_tables.data(), num_blocks * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(lens, h_lens.data(), S * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(qsl, h_qsl.data(), (S + 1) * 4, cudaMemcpyHostToDevice);
+  Timer timer;
+  for (auto _ : state) {
+    state.SetIterationTime(timer.seconds([&] {
+      fastllm::cuda::paged_attention(fastllm::cuda::ScalarType::kBF16, out, q, kc, vc, tables, lens, qsl, S, S, H, Hkv,
+                                     D, BS, blocks_per_seq, 0.0884f, nullptr);
+    }));
+  }
+  state.SetBytesProcessed(state.iterations() * 2 * cache_elems * 2);
+  for (void* p : {(void*)q, (void*)out, (void*)kc, (void*)vc, (void*)tables, (void*)lens, (void*)qsl}) cudaFree(p);
+}
+BENCHMARK(BM_PagedAttentionDecode)->Args({64, 4096})->Args({1, 32768})->Args({1, 4096})->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+// args: rows, cols (attention scores 4096x4096; a 128k vocabulary)
+void BM_FusedSoftmax(benchmark::State& state) {
+  if (fastllm::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
+  const int64_t rows = state.range(0), cols = state.range(1);
+  __nv_bfloat16 *x, *y;
+  cudaMalloc(&x, rows * cols * 2);
+  cudaMalloc(&y, rows * cols * 2);
+  cudaMemset(x, 0, rows * cols * 2);
+  Timer timer;
+  for (auto _ : state) {
+    state.SetIterationTime(timer.seconds([&] {
+      fastllm::cuda::fused_softmax(fastllm::cuda::ScalarType::kBF16, y, x, rows, cols, rows, 0.088f, true, 0, nullptr);
+    }));
+  }
+  state.SetBytesProcessed(state.iterations() * 2 * rows * cols * 2);
+  cudaFree(x);
+  cudaFree(y);
+}
+BENCHMARK(BM_FusedSoftmax)->Args({32 * 1024, 1024})->Args({4096, 4096})->Args({64, 128256})->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+}  // namespace

@@ -1,0 +1,105 @@
+// Scale + causal mask + softmax over rows of [num_rows, num_cols]; row r of a matrix of
+// rows_per_matrix rows keeps columns c <= r % rows_per_matrix + causal_offset.
+// Short rows: one warp per row, the row held in registers (one read, one write).
+// Long rows (vocabulary-sized): one CTA per row, an online max/sum pass, then a write pass.
+#pragma once
+#include <cfloat>
+#include <cstdint>
+
+#include "fastllm/cuda/vec.cuh"
+
+namespace fastllm::cuda {
+
+struct SoftmaxParams {
+  void* out;
+  const void* scores;
+  int64_t num_rows, num_cols, rows_per_matrix, causal_offset;
+  float scale;
+  bool causal;
+};
+
+__device__ __forceinline__ int64_t visible_cols(const SoftmaxParams& p, int64_t row) {
+  if (!p.causal) return p.num_cols;
+  const int64_t v = row % p.rows_per_matrix + p.causal_offset + 1;
+  return v < 0 ? 0 : (v > p.num_cols ? p.num_cols : v);
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int off = 16; off > 0; off /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// PER_LANE = ceil(num_cols / 32) rounded up to a power of two (<= 32).
+template <typename T, int PER_LANE>
+__global__ void softmax_warp_kernel(SoftmaxParams p) {
+  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= p.num_rows) return;
+  const int lane = threadIdx.x % 32;
+  const T* x = static_cast<const T*>(p.scores) + row * p.num_cols;
+  T* y = static_cast<T*>(p.out) + row * p.num_cols;
+  const int64_t visible = visible_cols(p, row);
+  float v[PER_LANE];
+  float mx = -FLT_MAX;
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) {
+    const int64_t c = lane + 32 * i;  // strided columns: coalesced across the warp
+    v[i] = c < visible ? to_float(x[c]) * p.scale : -FLT_MAX;
+    mx = fmaxf(mx, v[i]);
+  }
+  mx = warp_max(mx);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) {
+    const int64_t c = lane + 32 * i;
+    v[i] = c < visible ? __expf(v[i] - mx) : 0.f;
+    sum += v[i];
+  }
+  sum = warp_sum(sum);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;  // fully masked row -> zeros
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) {
+    const int64_t c = lane + 32 * i;
+    if (c < p.num_cols) y[c] = from_float<T>(v[i] * inv);
+  }
+}
+
+template <typename T>
+__global__ void softmax_block_kernel(SoftmaxParams p) {
+  const int64_t row = blockIdx.x;
+  const T* x = static_cast<const T*>(p.scores) + row * p.num_cols;
+  T* y = static_cast<T*>(p.out) + row * p.num_cols;
+  const int64_t visible = visible_cols(p, row);
+  // Pass 1: each thread keeps an online (max, sum) over its columns.
+  float mx = -FLT_MAX, sum = 0.f;
+  for (int64_t c = threadIdx.x; c < visible; c += blockDim.x) {
+    const float s = to_float(x[c]) * p.scale;
+    if (s > mx) { sum = sum * __expf(mx - s) + 1.f; mx = s; } else { sum += __expf(s - mx); }
+  }
+  // Reduce (max, sum) pairs: within warps, then across warps via shared memory.
+  __shared__ float s_max[32], s_sum[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  float wmx = warp_max(mx);
+  float wsum = warp_sum(sum > 0.f ? sum * __expf(mx - wmx) : 0.f);
+  if (lane == 0) { s_max[warp] = wmx; s_sum[warp] = wsum; }
+  __syncthreads();
+  if (warp == 0) {
+    float m2 = lane < num_warps ? s_max[lane] : -FLT_MAX;
+    float s2 = lane < num_warps ? s_sum[lane] : 0.f;
+    const float gm = warp_max(m2);
+    s2 = warp_sum(s2 > 0.f ? s2 * __expf(m2 - gm) : 0.f);
+    if (lane == 0) { s_max[0] = gm; s_sum[0] = s2; }
+  }
+  __syncthreads();
+  const float gmax = s_max[0], gsum = s_sum[0];
+  const float inv = gsum > 0.f ? 1.f / gsum : 0.f;
+  // Pass 2: write probabilities (masked columns -> 0).
+  for (int64_t c = threadIdx.x; c < p.num_cols; c += blockDim.x) {
+    y[c] = from_float<T>(c < visible ? __expf(to_float(x[c]) * p.scale - gmax) * inv : 0.f);
+  }
+}
+
+}  // namespace fastllm::cuda

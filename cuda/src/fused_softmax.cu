@@ -1,0 +1,42 @@
+#include "fastllm/cuda/fused_softmax.cuh"
+#include "fastllm/cuda/launchers.h"
+#include "fastllm/cuda/nvtx.h"
+
+namespace fastllm::cuda {
+
+template <typename T, int PER_LANE>
+static cudaError_t launch_warp(const SoftmaxParams& p, cudaStream_t stream) {
+  constexpr int kRowsPerCta = 4;  // 4 warps, one row each
+  const unsigned blocks = static_cast<unsigned>((p.num_rows + kRowsPerCta - 1) / kRowsPerCta);
+  softmax_warp_kernel<T, PER_LANE><<<blocks, 32 * kRowsPerCta, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+static cudaError_t launch(const SoftmaxParams& p, cudaStream_t stream) {
+  const int64_t per_lane = (p.num_cols + 31) / 32;
+  if (per_lane <= 1) return launch_warp<T, 1>(p, stream);
+  if (per_lane <= 2) return launch_warp<T, 2>(p, stream);
+  if (per_lane <= 4) return launch_warp<T, 4>(p, stream);
+  if (per_lane <= 8) return launch_warp<T, 8>(p, stream);
+  if (per_lane <= 16) return launch_warp<T, 16>(p, stream);
+  if (per_lane <= 32) return launch_warp<T, 32>(p, stream);
+  softmax_block_kernel<T><<<static_cast<unsigned>(p.num_rows), 1024, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, int64_t num_rows, int64_t num_cols,
+                          int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset,
+                          cudaStream_t stream) {
+  FASTLLM_NVTX_RANGE("fused_softmax");
+  if (num_rows == 0 || num_cols == 0) return cudaSuccess;
+  const SoftmaxParams p{out, scores, num_rows, num_cols, rows_per_matrix, causal_offset, scale, causal};
+  switch (dtype) {
+    case ScalarType::kF32: return launch<float>(p, stream);
+    case ScalarType::kF16: return launch<__half>(p, stream);
+    case ScalarType::kBF16: return launch<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastllm::cuda

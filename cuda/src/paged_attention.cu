@@ -1,0 +1,85 @@
+#include <algorithm>
+
+#include "fastllm/cuda/launchers.h"
+#include "fastllm/cuda/nvtx.h"
+#include "fastllm/cuda/paged_attention.cuh"
+
+namespace fastllm::cuda {
+
+bool paged_attention_supports(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+static int num_sms(cudaStream_t) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+template <typename T, int D, int HEADS>
+static cudaError_t launch(PagedAttentionParams& p, int num_tokens, cudaStream_t stream) {
+  const dim3 grid(num_tokens, p.num_heads / HEADS, p.num_splits);
+  paged_attention_kernel<T, D, HEADS><<<grid, kAttentionThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  paged_attention_merge_kernel<T><<<dim3(num_tokens, p.num_heads), D, 0, stream>>>(p, D);
+  return cudaGetLastError();
+}
+
+// HEADS (query heads per CTA) is the largest of 8/4/2/1 dividing the GQA group.
+template <typename T, int D>
+static cudaError_t dispatch_heads(PagedAttentionParams& p, int num_tokens, cudaStream_t stream) {
+  const int group = p.num_heads / p.num_kv_heads;
+  if (group % 8 == 0) return launch<T, D, 8>(p, num_tokens, stream);
+  if (group % 4 == 0) return launch<T, D, 4>(p, num_tokens, stream);
+  if (group % 2 == 0) return launch<T, D, 2>(p, num_tokens, stream);
+  return launch<T, D, 1>(p, num_tokens, stream);
+}
+
+template <typename T>
+static cudaError_t dispatch_dim(PagedAttentionParams& p, int head_dim, int num_tokens, cudaStream_t stream) {
+  if (head_dim == 64) return dispatch_heads<T, 64>(p, num_tokens, stream);
+  if (head_dim == 128) return dispatch_heads<T, 128>(p, num_tokens, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, const void* k_cache,
+                            const void* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
+                            const int32_t* query_start_loc, int num_tokens, int num_seqs, int num_heads,
+                            int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
+                            cudaStream_t stream) {
+  FASTLLM_NVTX_RANGE("paged_attention");
+  if (num_tokens == 0) return cudaSuccess;
+  if (!paged_attention_supports(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return cudaErrorInvalidValue;
+  PagedAttentionParams p{out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                         nullptr, nullptr, nullptr, num_seqs, num_heads, num_kv_heads, block_size, max_blocks,
+                         1, 0, scale};
+  // The longest context any sequence can have is known on the host from the table width;
+  // split it when the grid alone would leave SMs idle (batch 1 with a long context).
+  const int max_keys = max_blocks * block_size;
+  const int ctas = num_tokens * num_heads;  // upper bound (HEADS = 1)
+  const int want = std::max(1, (4 * num_sms(stream)) / std::max(1, ctas / 8));
+  p.num_splits = std::max(1, std::min((max_keys + 255) / 256, want));
+  p.keys_per_split = (max_keys + p.num_splits - 1) / p.num_splits;
+  void* workspace = nullptr;
+  if (p.num_splits > 1) {
+    const size_t rows = (size_t)num_tokens * num_heads * p.num_splits;
+    cudaError_t err = cudaMallocAsync(&workspace, rows * (head_dim + 2) * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+    p.split_acc = static_cast<float*>(workspace);
+    p.split_max = p.split_acc + rows * head_dim;
+    p.split_sum = p.split_max + rows;
+  }
+  cudaError_t err;
+  switch (dtype) {
+    case ScalarType::kF32: err = dispatch_dim<float>(p, head_dim, num_tokens, stream); break;
+    case ScalarType::kF16: err = dispatch_dim<__half>(p, head_dim, num_tokens, stream); break;
+    case ScalarType::kBF16: err = dispatch_dim<__nv_bfloat16>(p, head_dim, num_tokens, stream); break;
+    default: err = cudaErrorInvalidValue;
+  }
+  if (workspace != nullptr) {
+    const cudaError_t free_err = cudaFreeAsync(workspace, stream);
+    if (err == cudaSuccess) err = free_err;
+  }
+  return err;
+}
+
+}  // namespace fastllm::cuda
