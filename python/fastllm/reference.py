@@ -52,8 +52,8 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale        # [H, q_len, seq_len]
-        q_pos = torch.arange(seq_len - (q1 - q0), seq_len).unsqueeze(1)
-        mask = torch.arange(seq_len).unsqueeze(0) > q_pos
+        q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device).unsqueeze(1)
+        mask = torch.arange(seq_len, device=query.device).unsqueeze(0) > q_pos
         scores = scores.masked_fill(mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
@@ -66,8 +66,9 @@ def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = N
     x = scores.to(acc) * scale
     if causal_offset is not None:
         rows, cols = x.shape[-2], x.shape[-1]
-        mask = torch.arange(cols).unsqueeze(0) > (torch.arange(rows).unsqueeze(1) + causal_offset)
-        x = x.masked_fill(mask.to(x.device), float("-inf"))
+        cols_idx = torch.arange(cols, device=x.device).unsqueeze(0)
+        mask = cols_idx > (torch.arange(rows, device=x.device).unsqueeze(1) + causal_offset)
+        x = x.masked_fill(mask, float("-inf"))
     m = x.amax(dim=-1, keepdim=True)
     e = torch.exp(x - torch.where(torch.isinf(m), torch.zeros_like(m), m))
     denom = e.sum(dim=-1, keepdim=True)
