@@ -1,0 +1,88 @@
+"""Rendering a model's chat template (Jinja2) the way transformers does.
+
+Same environment as HF's `apply_chat_template`: sandboxed, trim_blocks + lstrip_blocks,
+loop controls, a `tojson` that keeps non-ASCII text, `raise_exception(msg)` and
+`strftime_now(fmt)` globals, and `{% generation %}` blocks accepted (rendered as is),
+so templates written for transformers render byte for byte the same here.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Optional, Union
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class _GenerationBlock(Extension):
+    # HF marks assistant text with {% generation %}...{% endgeneration %} to build
+    # masks for training; for inference the block just renders its body.
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template is not valid Jinja2: {e}") from e
+
+
+def select_template(chat_template: Union[str, dict, None], tools=None) -> str:
+    """A tokenizer may carry several named templates ({"default": ..., "tool_use": ...})."""
+    if chat_template is None:
+        raise ValueError("this tokenizer has no chat_template (tokenizer_config.json / GGUF "
+                         "tokenizer.chat_template); pass a plain prompt instead")
+    if isinstance(chat_template, dict):
+        if tools and "tool_use" in chat_template:
+            return chat_template["tool_use"]
+        if "default" not in chat_template:
+            raise ValueError(f"chat_template has no 'default' entry (names: {sorted(chat_template)})")
+        return chat_template["default"]
+    return chat_template
+
+
+def render_chat_template(chat_template: Union[str, dict, None], messages: list,
+                         add_generation_prompt: bool = True, tools: Optional[list] = None,
+                         documents: Optional[list] = None, **context) -> str:
+    """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]).
+
+    `context` carries the special token strings (bos_token, eos_token, ...) and any
+    extra template variables (e.g. enable_thinking)."""
+    if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError("messages must be a list of dicts, each with a 'role' "
+                         "(and usually 'content')")
+    template = compile_template(select_template(chat_template, tools))
+    try:
+        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               tools=tools, documents=documents, **context)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat_template rejected the messages: {e}") from e

@@ -1,0 +1,263 @@
+"""Configuration objects.
+
+ModelConfig: what the model is (read from a Hugging Face directory's config.json +
+generation_config.json, or built from GGUF metadata by `fastllm.model.gguf_loader`).
+EngineConfig (scheduler / cache knobs) lives below it in this same file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# HF `architectures[0]` values the Llama-family model implements.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+# model_type -> architecture, for config.json files that omit `architectures`.
+_MODEL_TYPE_TO_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+# Keys of generation_config.json that set sampling defaults (as vLLM's
+# `generation_config="auto"` reads them); the engine applies them to SamplingParams.
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                           "max_new_tokens")
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None = plain RoPE; else {"rope_type": "linear"|"llama3", "factor": ..., ...} as in HF.
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False      # bias on q/k/v projections (always on for Qwen2)
+    o_proj_bias: bool = False         # Llama's attention_bias also biases o_proj; Qwen2's does not
+    mlp_bias: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list = field(default_factory=list)
+    pad_token_id: Optional[int] = None
+    # Mistral v0.1 attends over a 4096-token window; attention here is full, so the
+    # engine must keep max_model_len <= sliding_window when it is set.
+    sliding_window: Optional[int] = None
+    dtype: Optional[str] = None       # the checkpoint's dtype ("bfloat16", ...), for dtype="auto"
+    generation_defaults: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in _ROPE_TYPES:
+                raise ValueError(f"rope_scaling.rope_type {rope_type!r} is not supported; "
+                                 f"supported: {', '.join(_ROPE_TYPES)}")
+            needed = {"linear": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings")}.get(rope_type, ())
+            for key in needed:
+                if key not in self.rope_scaling:
+                    raise ValueError(f"rope_scaling.{key} is required for rope_type {rope_type!r}")
+
+    @property
+    def rope_type(self) -> str:
+        if self.rope_scaling is None:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    # ------------------------------------------------------------------ HF directory
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Read config.json (required) and generation_config.json (optional) in `path`."""
+        path = os.fspath(path)
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config.json not found in model directory {path!r}")
+        hf = _read_json(config_file)
+        gen_file = os.path.join(path, "generation_config.json")
+        gen = _read_json(gen_file) if os.path.isfile(gen_file) else {}
+        return cls.from_hf_dict(hf, gen, source=config_file)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, generation: dict | None = None,
+                     source: str = "config.json") -> "ModelConfig":
+        generation = generation or {}
+        archs = hf.get("architectures") or []
+        if archs:
+            architecture = archs[0]
+        elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
+            architecture = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
+        else:
+            raise ValueError(f"{source}: neither 'architectures' nor a known 'model_type' "
+                             f"(got model_type={hf.get('model_type')!r})")
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{source}: architecture {architecture!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+        def need(key):
+            if key not in hf or hf[key] is None:
+                raise ValueError(f"{source}: required field {key!r} is missing")
+            return hf[key]
+
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+
+        hidden_size = need("hidden_size")
+        num_heads = need("num_attention_heads")
+        head_dim = hf.get("head_dim") or hidden_size // num_heads
+        rope_theta, rope_scaling = _rope_from_hf(hf)
+
+        is_qwen2 = architecture == "Qwen2ForCausalLM"
+        attention_bias = True if is_qwen2 else bool(hf.get("attention_bias", False))
+        sliding_window = hf.get("sliding_window")
+        if is_qwen2 and not hf.get("use_sliding_window", False):
+            sliding_window = None  # Qwen2 carries a window size but disables it by default
+
+        bos = generation.get("bos_token_id", hf.get("bos_token_id"))
+        eos_token_ids = _as_id_list(hf.get("eos_token_id")) + _as_id_list(generation.get("eos_token_id"))
+        eos_token_ids = list(dict.fromkeys(eos_token_ids))  # dedupe, keep order
+        dtype = hf.get("dtype", hf.get("torch_dtype"))
+        return cls(
+            architecture=architecture,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            o_proj_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            bos_token_id=bos,
+            eos_token_ids=eos_token_ids,
+            pad_token_id=hf.get("pad_token_id"),
+            sliding_window=sliding_window,
+            dtype=str(dtype) if dtype is not None else None,
+            generation_defaults={k: generation[k] for k in GENERATION_DEFAULT_KEYS
+                                 if generation.get(k) is not None},
+        )
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _as_id_list(value: Any) -> list:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling) from either transformers 5's `rope_parameters`
+    (theta inside the dict) or the older top-level `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = float(params["rope_theta"])
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(hf.get("rope_theta", 10000.0))
+        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else {}
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        return theta, None
+    return theta, scaling
+
+
+# ---------------------------------------------------------------------------------------
+# EngineConfig (owned by the engine; see fastllm.engine)
+
+@dataclass
+class EngineConfig:
+    """Scheduler and KV-cache knobs, named as vLLM names them (DESIGN §1)."""
+    block_size: int = 16                   # tokens per KV block
+    num_kv_blocks: Optional[int] = None    # None = sized from gpu_memory_utilization (GPU) / RAM (CPU)
+    gpu_memory_utilization: float = 0.9    # fraction of GPU memory weights + activations + KV may use
+    max_model_len: Optional[int] = None    # None = the model's max_position_embeddings
+    max_num_seqs: int = 256                # cap on sequences running in one step
+    max_num_batched_tokens: int = 8192     # token budget of one step (prefill chunks + decodes)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    swap_space: float = 0                  # GiB of CPU memory for preempted KV; 0 = recompute
+    enforce_eager: bool = False            # accepted for vLLM compatibility; always eager today
+    seed: int = 0
+
+    def __post_init__(self):
+        def positive_int(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            positive_int(name)
+        for name in ("num_kv_blocks", "max_model_len"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        if not (isinstance(self.gpu_memory_utilization, (int, float))
+                and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization!r}")
+        if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
+            raise ValueError(f"EngineConfig.swap_space must be >= 0 (GiB), got {self.swap_space!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"EngineConfig.seed must be an integer, got {self.seed!r}")
+
+    def resolve_max_model_len(self, model_config: "ModelConfig") -> int:
+        """Fill max_model_len from the model (capped by a sliding window, which the
+        full-attention kernels do not implement) and check it against the model."""
+        limit = model_config.max_position_embeddings
+        if model_config.sliding_window:
+            limit = min(limit, model_config.sliding_window)
+        if self.max_model_len is None:
+            self.max_model_len = limit
+        elif self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds what the model supports "
+                             f"({limit} tokens)")
+        return self.max_model_len

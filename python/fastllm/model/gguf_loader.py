@@ -1,0 +1,206 @@
+"""Load a Llama-family GGUF file (llama.cpp's format): metadata -> ModelConfig, tensors
+dequantized at load (gguf.quants: Q4_0/Q4_1/Q8_0/F16/F32/BF16/K-quants...) into the
+same fused model a Hugging Face directory gives.
+
+llama.cpp's converter permutes the rows of LLaMA-arch Q and K weights (from HF's
+rotate-half RoPE layout to its interleaved one); they are permuted back here so the
+model applies HF-style RoPE to both sources. Qwen2 GGUFs keep HF's layout.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from fastllm.config import ModelConfig
+
+# general.architecture -> (HF architecture, whether Q/K rows were permuted by the converter)
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", True),   # also Mistral/SmolLM2 GGUFs
+    "qwen2": ("Qwen2ForCausalLM", False),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def load_gguf_model(path: str, dtype="auto", device="cpu"):
+    """-> (model, ModelConfig) from a .gguf file."""
+    from fastllm.model.layers import rope_inv_freq
+    from fastllm.model.loader import build_empty_model, load_weights, resolve_dtype
+
+    reader = _open(path)
+    config = config_from_gguf(reader, path)
+    device = torch.device(device)
+    model = build_empty_model(config, resolve_dtype(dtype, config), device)
+    load_weights(model, _iter_hf_tensors(reader, config, path), source=path)
+    rope_freqs = _find_tensor(reader, "rope_freqs.weight")
+    if rope_freqs is not None:
+        # Llama 3.1 GGUFs carry the rope scaling as per-frequency divisors.
+        factors = torch.from_numpy(np.array(_dequantize(rope_freqs, path), dtype=np.float32))
+        model.rotary.set_inv_freq((rope_inv_freq(config) / factors.flatten()).to(device))
+    return model, config
+
+
+def config_from_gguf(reader, path: str = "<gguf>") -> ModelConfig:
+    """ModelConfig from GGUF metadata ({arch}.* hyperparameters, tokenizer.ggml.* ids)."""
+    arch = _value(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"{path}: general.architecture {arch!r} is not supported; "
+                         f"supported: {', '.join(_ARCHITECTURES)}")
+    architecture, _ = _ARCHITECTURES[arch]
+
+    def need(key):
+        value = _value(reader, f"{arch}.{key}")
+        if value is None:
+            raise ValueError(f"{path}: required metadata {arch}.{key} is missing")
+        return value
+
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    kv_heads = _value(reader, f"{arch}.attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per-layer list; the Llama family uses one value
+        if len(set(kv_heads)) != 1:
+            raise ValueError(f"{path}: per-layer {arch}.attention.head_count_kv is not supported")
+        kv_heads = kv_heads[0]
+    head_dim = int(_value(reader, f"{arch}.attention.key_length", hidden // heads))
+    rope_dim = _value(reader, f"{arch}.rope.dimension_count", head_dim)
+    if int(rope_dim) != head_dim:
+        raise ValueError(f"{path}: partial rotary ({arch}.rope.dimension_count={rope_dim} "
+                         f"< head_dim {head_dim}) is not supported")
+
+    rope_scaling = None
+    scaling_type = _value(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear",
+                        "factor": float(_value(reader, f"{arch}.rope.scaling.factor"))}
+    elif scaling_type not in ("none", None):
+        raise ValueError(f"{path}: {arch}.rope.scaling.type {scaling_type!r} is not supported")
+
+    embed = _find_tensor(reader, "token_embd.weight")
+    if embed is None:
+        raise ValueError(f"{path}: missing tensor 'token_embd.weight'")
+    vocab_size = int(embed.shape[1])  # ggml order: ne[0] = hidden, ne[1] = vocab
+    eos_ids = [_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(kv_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(_value(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings=_find_tensor(reader, "output.weight") is None,
+        attention_bias=architecture == "Qwen2ForCausalLM",
+        bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=list(dict.fromkeys(int(i) for i in eos_ids if i is not None)),
+        pad_token_id=_value(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """GGUF tensor name -> HF checkpoint name (None for tensors handled elsewhere)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name == "rope_freqs.weight":
+        return None
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a Llama-family model")
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's `permute`: per head, rows (pair j, half a) stored as
+    j*2 + a go back to HF's a*(head_dim/2) + j. Works for weights [rows, in] and biases [rows]."""
+    rows = weight.shape[0]
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def _iter_hf_tensors(reader, config: ModelConfig, path: str):
+    arch = _value(reader, "general.architecture")
+    permuted = _ARCHITECTURES[arch][1]
+    for tensor in reader.tensors:
+        try:
+            name = hf_tensor_name(tensor.name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if name is None:
+            continue
+        weight = torch.from_numpy(np.array(_dequantize(tensor, path), dtype=np.float32))
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            weight = unpermute_qk(weight, config.num_attention_heads)
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            weight = unpermute_qk(weight, config.num_key_value_heads)
+        yield name, weight
+
+
+def _dequantize(tensor, path: str) -> np.ndarray:
+    """float32 array in torch's dimension order (GGUF lists dims innermost first)."""
+    from gguf.quants import dequantize
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise ValueError(f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
+                         f"which cannot be dequantized ({e})") from None
+    return values.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+
+def _open(path: str):
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise ImportError("loading GGUF files needs the 'gguf' package (pip install gguf)") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+    try:
+        return GGUFReader(path, "r")
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt or unreadable GGUF file ({e})") from e
+
+
+def _find_tensor(reader, name: str):
+    for tensor in reader.tensors:
+        if tensor.name == name:
+            return tensor
+    return None
+
+
+def _value(reader, key: str, default=None):
+    """A metadata value as a Python str/int/float/bool/list, or `default` when absent."""
+    from gguf import GGUFValueType
+    field = reader.get_field(key)
+    if field is None:
+        return default
+
+    def decode(part, value_type):
+        if value_type == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        return part.tolist()[0]
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        return [decode(field.parts[i], field.types[-1]) for i in field.data]
+    return decode(field.parts[field.data[0]], field.types[0])

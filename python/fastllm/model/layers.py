@@ -1,0 +1,173 @@
+"""Building blocks of the Llama-family decoder on the paged KV cache.
+
+Every tensor on the hot path is the flattened super-sequence of seeds/001: T tokens of
+S sequences (prefill chunks and decodes mixed) laid end to end, so no layer loops over
+tokens, heads or sequences in Python.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastllm import ops
+from fastllm.config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens live in the paged KV cache (built by the engine)."""
+    slot_mapping: torch.Tensor     # [T] int64, slot = block_id*block_size + offset, -1 = don't write
+    block_tables: torch.Tensor     # [S, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor         # [S] int32: tokens in cache after this step (computed + this step's)
+    query_start_loc: torch.Tensor  # [S+1] int32 cumulative query counts
+
+
+def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
+                       dtype: torch.dtype = torch.float32, device="cpu") -> list:
+    """One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, num_kv_heads,
+    head_dim]. Zero-filled so a kernel that reads a whole block never sees NaN garbage."""
+    if num_blocks <= 0 or block_size <= 0:
+        raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device),
+             torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (one fused kernel), scale in the model dtype: the same
+        # rounding points as HF's LlamaRMSNorm.
+        h = nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[head_dim/2] float32 inverse frequencies, with the checkpoint's rope scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling, rope_type = config.rope_scaling or {}, config.rope_type
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: stretch low frequencies (long wavelengths) by `factor`, keep high
+        # ones, interpolate smoothly in between (transformers' _compute_llama3_parameters).
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) RoPE, as HF Llama/Mistral/Qwen2 apply it, with cos/sin
+    precomputed for every position up to max_position_embeddings."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.max_positions = config.max_position_embeddings
+        self.set_inv_freq(rope_inv_freq(config))
+
+    def set_inv_freq(self, inv_freq: torch.Tensor) -> None:
+        """(Re)build the cos/sin cache on inv_freq's device. The loader calls it after
+        materialising a meta-device model, and with GGUF's rope_freqs applied."""
+        device = inv_freq.device
+        inv_freq = inv_freq.to(torch.float32)
+        positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)                   # [max_positions, head_dim/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [T, 1, head_dim/2] for this step, gathered once and shared by all layers.
+        No bounds check (it would sync the GPU): the engine keeps max_model_len <=
+        max_position_embeddings."""
+        return (self.cos_cache[positions].unsqueeze(1).to(dtype),
+                self.sin_cache[positions].unsqueeze(1).to(dtype))
+
+    @staticmethod
+    def apply(cos_sin, q: torch.Tensor, k: torch.Tensor):
+        """q [T, H, D], k [T, Hkv, D] -> rotated (new, contiguous) q, k."""
+        cos, sin = cos_sin
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """GQA self-attention over the paged cache. q/k/v are one fused projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        # rows: [q (H*D) | k (Hkv*D) | v (Hkv*D)]
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+
+    def forward(self, cos_sin, hidden, kv_cache, meta: AttentionMetadata):
+        """cos_sin from RotaryEmbedding.cos_sin; hidden [T, hidden_size]."""
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        q, k = RotaryEmbedding.apply(cos_sin, q, k)
+        k_cache, v_cache = kv_cache
+        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        ops.paged_attention(out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                            meta.query_start_loc, self.scale)
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate and up as one fused projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        # rows: [gate (I) | up (I)]
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
+                                      bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size,
+                                   bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, cos_sin, hidden, kv_cache, meta: AttentionMetadata):
+        hidden = hidden + self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))

@@ -1,0 +1,136 @@
+"""SamplingParams: how one request is sampled and when it stops (vLLM's names and rules).
+
+Validation happens at construction, so a bad value fails where the user wrote it, with
+a ValueError naming the field, instead of deep inside a batched sampler step.
+"""
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+# Below this a temperature is treated as 0 (greedy), as vLLM does: dividing logits by a
+# tiny temperature overflows and changes nothing about the argmax anyway.
+_SAMPLING_EPS = 1e-5
+
+
+class SamplingType(enum.IntEnum):
+    GREEDY = 0
+    RANDOM = 1        # drawn from the engine's global generator (LLM(seed=...))
+    RANDOM_SEED = 2   # drawn from the request's own generator (SamplingParams.seed)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0                # in (0, 1]; 1 = off
+    top_k: int = -1                   # -1 or 0 = off
+    min_p: float = 0.0                # in [0, 1]; 0 = off
+    max_tokens: Optional[int] = 16    # None = until the model's max_model_len
+    min_tokens: int = 0               # EOS / stop_token_ids are suppressed before this many
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    presence_penalty: float = 0.0     # in [-2, 2], over output tokens
+    frequency_penalty: float = 0.0    # in [-2, 2], over output tokens
+    repetition_penalty: float = 1.0   # > 0, over prompt + output tokens; 1 = off
+    logprobs: Optional[int] = None    # top-N logprobs per sampled token (plus the chosen one)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Filled from the tokenizer by the engine (not a user knob), as vLLM's
+    # _all_stop_token_ids: eos ids (unless ignore_eos) + stop_token_ids.
+    all_stop_token_ids: set = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Normalize the convenient spellings first so validation sees one form.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self._validate()
+        if self.temperature < _SAMPLING_EPS:
+            # Greedy: the filters cannot change an argmax, so switch them off.
+            self.temperature = 0.0
+            self.top_p, self.top_k, self.min_p = 1.0, -1, 0.0
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    def _validate(self) -> None:
+        def fail(name: str, why: str):
+            raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+
+        if not _is_int(self.n) or self.n < 1:
+            fail("n", "must be an integer >= 1")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) != getattr(self, name):
+                fail(name, "must be a number (not NaN)")
+        if self.temperature < 0:
+            fail("temperature", "must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "must be in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            fail("top_k", "must be an integer >= 1, or -1 / 0 to disable")
+        if not 0.0 <= self.min_p <= 1.0:
+            fail("min_p", "must be in [0, 1]")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            fail("max_tokens", "must be an integer >= 1 (or None)")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            fail("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            fail("presence_penalty", "must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            fail("frequency_penalty", "must be in [-2, 2]")
+        if self.repetition_penalty <= 0.0:
+            fail("repetition_penalty", "must be > 0 (1 = off)")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            fail("logprobs", "must be an integer >= 0 (or None)")
+        if self.seed is not None and not _is_int(self.seed):
+            fail("seed", "must be an integer (or None)")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            fail("stop", "must be a non-empty string or a list of non-empty strings")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            fail("stop_token_ids", "must be a list of non-negative integers")
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.temperature < _SAMPLING_EPS:
+            return SamplingType.GREEDY
+        return SamplingType.RANDOM_SEED if self.seed is not None else SamplingType.RANDOM
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.sampling_type == SamplingType.GREEDY
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def update_from_tokenizer(self, eos_token_ids) -> None:
+        """Let the engine add the model's eos ids to the stop set (not when ignore_eos)."""
+        self.all_stop_token_ids = set(self.stop_token_ids)
+        if not self.ignore_eos:
+            self.all_stop_token_ids.update(int(t) for t in eos_token_ids)
+
+    def clone(self) -> "SamplingParams":
+        return copy.deepcopy(self)
