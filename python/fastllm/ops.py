@@ -17,7 +17,8 @@ try:
 except ImportError:  # source checkout without a build: the references run
     _C = None
 
-BlockAllocator = _C.BlockAllocator if _C is not None else None
+# The KV block pool: C++ when built, else its pure-Python twin (same contract and ids).
+BlockAllocator = _C.BlockAllocator if _C is not None else reference.BlockAllocator
 _CUDA_OPS = frozenset(_C.build_info()["cuda_ops"]) if _C is not None else frozenset()
 
 

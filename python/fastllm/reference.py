@@ -13,6 +13,8 @@ extension is absent or was built without the device's kernels. Shapes follow DES
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 
 
@@ -73,3 +75,104 @@ def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = N
     e = torch.exp(x - torch.where(torch.isinf(m), torch.zeros_like(m), m))
     denom = e.sum(dim=-1, keepdim=True)
     out.copy_(torch.where(denom > 0, e / denom.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(e)).to(out.dtype))
+
+
+class BlockAllocator:
+    """Pure-Python twin of the C++ BlockAllocator (cpp/include/fastllm/block_allocator.h),
+    same contract and same block ids: the oracle of its tests and the fallback without
+    fastllm._C. Never-cached free blocks (a stack) go before freed cached blocks, which
+    are evicted least recently freed first."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._ref = [0] * num_blocks
+        self._hash_to_block: dict[int, int] = {}
+        self._block_to_hash: dict[int, int] = {}
+        self.hits = self.queries = self.evictions = 0
+
+    def _check(self, block_id: int, op: str) -> None:
+        if not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"{op}: unknown block id {block_id} (pool has {self.num_blocks} blocks)")
+
+    def allocate(self) -> int:
+        if self._free:
+            block_id = self._free.pop()
+        elif self._lru:
+            block_id, _ = self._lru.popitem(last=False)
+            del self._hash_to_block[self._block_to_hash.pop(block_id)]
+            self.evictions += 1
+        else:
+            raise RuntimeError(f"BlockAllocator: out of KV blocks (all {self.num_blocks} are in use)")
+        self._ref[block_id] = 1
+        return block_id
+
+    def free(self, block_id: int) -> None:
+        self._check(block_id, "free")
+        if self._ref[block_id] == 0:
+            raise ValueError(f"free: block {block_id} is already free (double free)")
+        self._ref[block_id] -= 1
+        if self._ref[block_id] == 0:
+            if block_id in self._block_to_hash:
+                self._lru[block_id] = None
+            else:
+                self._free.append(block_id)
+
+    def share(self, block_id: int) -> None:
+        self._check(block_id, "share")
+        if self._ref[block_id] == 0:
+            raise ValueError(f"share: block {block_id} is free")
+        self._ref[block_id] += 1
+
+    def lookup(self, block_hash: int) -> int:
+        self.queries += 1
+        block_id = self._hash_to_block.get(block_hash, -1)
+        if block_id >= 0:
+            if self._ref[block_id] == 0:
+                del self._lru[block_id]
+            self._ref[block_id] += 1
+            self.hits += 1
+        return block_id
+
+    def register(self, block_id: int, block_hash: int) -> bool:
+        self._check(block_id, "register")
+        if self._ref[block_id] == 0:
+            raise ValueError(f"register: block {block_id} is free")
+        if block_id in self._block_to_hash:
+            if self._block_to_hash[block_id] == block_hash:
+                return True
+            raise ValueError(f"register: block {block_id} already holds another hash")
+        if block_hash in self._hash_to_block:
+            return False
+        self._hash_to_block[block_hash] = block_id
+        self._block_to_hash[block_id] = block_hash
+        return True
+
+    def ref_count(self, block_id: int) -> int:
+        self._check(block_id, "ref_count")
+        return self._ref[block_id]
+
+    def block_hash(self, block_id: int):
+        self._check(block_id, "block_hash")
+        return self._block_to_hash.get(block_id)
+
+    def reset_prefix_cache(self) -> None:
+        self._free.extend(self._lru)
+        self._lru.clear()
+        self._hash_to_block.clear()
+        self._block_to_hash.clear()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free) + len(self._lru)
+
+    @property
+    def num_in_use(self) -> int:
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._hash_to_block)

@@ -1,0 +1,163 @@
+"""Maps sequences to KV blocks over `ops.BlockAllocator` (the C++ block pool).
+
+Block i of a sequence's block_table holds the KV of positions [i*block_size, (i+1)*block_size).
+Prefix caching: every full, computed block is registered under the chained hash
+hash_block(parent block's hash, its token ids); a new sequence acquires the blocks of its
+longest cached prefix (ref counted, so a shared block is freed only when its last holder
+lets go) and computes only the rest. Freed cached blocks stay findable until the allocator
+evicts them, least recently freed first; we free a sequence's blocks tail first so its tail
+goes before its head.
+
+n > 1 samples (fork): the children share the parent's full prompt blocks (ref_count += 1)
+and each gets its own copy of the partial last block, so no copy-on-write is ever needed:
+full blocks are read-only, and every sequence writes only into blocks it alone holds.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from fastllm import ops
+from fastllm.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 allocator=None):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if num_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.allocator = allocator if allocator is not None else ops.BlockAllocator(num_blocks)
+        # Token ids of every block we registered, to verify a hash hit (64-bit hashes collide
+        # rarely, but a wrong hit would silently corrupt outputs).
+        self._block_tokens: dict[int, tuple[int, ...]] = {}
+        # Prefix-cache accounting over admitted sequences (the allocator's own counters also
+        # count lookups of admissions that were rolled back for lack of blocks).
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # -- capacity --------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.allocator.num_in_use
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = self.blocks_for_tokens(seq.num_computed_tokens + num_new_tokens)
+        return max(0, total - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_new_tokens) <= self.allocator.num_free
+
+    # -- hashing ---------------------------------------------------------------------
+    def _block_hash(self, seq: Sequence, i: int) -> int:
+        """Chained hash of seq's i-th full block, computing the missing links."""
+        bs = self.block_size
+        while len(seq.block_hashes) <= i:
+            j = len(seq.block_hashes)
+            parent = seq.block_hashes[j - 1] if j else 0
+            seq.block_hashes.append(ops.hash_block(parent, seq.token_ids[j * bs:(j + 1) * bs]))
+        return seq.block_hashes[i]
+
+    # -- allocation ------------------------------------------------------------------
+    def acquire_cached_prefix(self, seq: Sequence) -> int:
+        """For a sequence with no blocks: take the blocks of its longest cached prefix and
+        mark those tokens computed. The last token is always left to compute (its logits
+        are needed), so only blocks inside token_ids[:-1] can hit. Returns tokens reused."""
+        assert not seq.block_table and seq.num_computed_tokens == 0, seq
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        for i in range((seq.num_tokens - 1) // bs):
+            block_id = self.allocator.lookup(self._block_hash(seq, i))
+            if block_id < 0:
+                break
+            if self._block_tokens.get(block_id) != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+                self.allocator.free(block_id)          # hash collision: treat as a miss
+                break
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        seq.num_registered_blocks = len(seq.block_table)
+        return seq.num_computed_tokens
+
+    def record_admission(self, seq: Sequence, num_cached_tokens: int) -> None:
+        seq.num_cached_tokens = num_cached_tokens
+        if self.enable_prefix_caching:
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += num_cached_tokens
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Blocks for tokens [num_computed, num_computed + num_new_tokens). All or nothing."""
+        need = self.blocks_needed(seq, num_new_tokens)
+        if need > self.allocator.num_free:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self.allocator.allocate())
+        return True
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def commit_computed(self, seq: Sequence) -> None:
+        """After a forward pass: offer newly full, computed blocks to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = seq.num_computed_tokens // bs
+        for i in range(seq.num_registered_blocks, num_full):
+            block_id = seq.block_table[i]
+            if self.allocator.register(block_id, self._block_hash(seq, i)):
+                self._block_tokens[block_id] = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+        seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail first: the LRU then evicts this sequence's tail before its (more shareable) head.
+        for block_id in reversed(seq.block_table):
+            self.allocator.free(block_id)
+        seq.block_table = []
+
+    def fork(self, parent: Sequence, child: Sequence) -> Optional[tuple[int, int]]:
+        """Give `child` the parent's KV: shared full blocks, a private copy of the partial
+        last block. Returns (src, dst) for the caller to copy on the device, None when no
+        copy is needed; raises RuntimeError (child untouched) when no block is free."""
+        bs = self.block_size
+        num_full = parent.num_computed_tokens // bs
+        partial = parent.num_computed_tokens % bs != 0
+        if partial and self.allocator.num_free == 0:
+            raise RuntimeError("no free KV block for the forked sample's last block")
+        for block_id in parent.block_table[:num_full]:
+            self.allocator.share(block_id)
+        child.block_table = list(parent.block_table[:num_full])
+        copy = None
+        if partial:
+            dst = self.allocator.allocate()
+            child.block_table.append(dst)
+            copy = (parent.block_table[num_full], dst)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_hashes = list(parent.block_hashes)
+        child.num_registered_blocks = min(parent.num_registered_blocks, num_full)
+        return copy
+
+    def reset_prefix_cache(self) -> None:
+        self.allocator.reset_prefix_cache()
+        self._block_tokens.clear()
+
+    # -- stats -----------------------------------------------------------------------
+    def slot_utilization(self, seqs) -> float:
+        """Tokens stored / slots in the blocks these sequences hold (shared blocks once)."""
+        filled: dict[int, int] = {}
+        bs = self.block_size
+        for seq in seqs:
+            for i, block_id in enumerate(seq.block_table):
+                n = min(bs, max(0, seq.num_computed_tokens - i * bs))
+                filled[block_id] = max(filled.get(block_id, 0), n)
+        return sum(filled.values()) / (len(filled) * bs) if filled else 0.0

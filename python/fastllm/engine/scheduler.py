@@ -1,0 +1,290 @@
+"""Continuous-batching scheduler: which tokens of which sequences run in the next step.
+
+Each step has a token budget (max_num_batched_tokens) and a cap on running sequences
+(max_num_seqs). Running sequences go first, in arrival order: decodes (1 token) and
+ongoing prefill chunks; then swapped-out sequences come back; then waiting requests are
+admitted FCFS, their prompt chunked to what is left of the budget when chunked prefill is
+on. When the KV cache runs out, the most recently arrived running sequence is preempted:
+by recompute (its blocks are freed and it goes back to the head of the waiting queue) or,
+with swap_space > 0, by copying its KV to CPU memory until blocks free up again.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from fastllm.engine.block_manager import BlockManager
+from fastllm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class CacheOps(Protocol):
+    """What the scheduler needs from whoever owns the KV tensors (the ModelRunner)."""
+
+    def swap_out(self, block_ids: list[int]): ...          # -> handle holding a CPU copy
+    def swap_in(self, handle, block_ids: list[int]) -> None: ...
+    def copy_block(self, src: int, dst: int) -> None: ...
+    def kv_bytes_per_block(self) -> int: ...
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int            # tokens fed this step: positions [num_computed, num_computed + num_tokens)
+    num_samples: int = 0       # tokens to sample from its last row (0 mid-prefill; n when a group forks)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config, block_manager: BlockManager, cache_ops: Optional[CacheOps] = None):
+        self.config = config
+        self.block_manager = block_manager
+        self.cache_ops = cache_ops
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []       # sorted by Sequence.sort_key (arrival order)
+        self.swapped: collections.deque[Sequence] = collections.deque()
+        self.groups: dict[str, SequenceGroup] = {}
+        self.num_preemptions = 0
+        self.num_swaps_out = 0
+        self.num_prefill_tokens_computed = 0    # prompt (and recomputed) tokens fed to the model
+        self.num_decode_tokens_computed = 0
+        self.num_swap_blocks = 0
+        self.num_swap_blocks_used = 0
+        if config.swap_space and cache_ops is not None:
+            self.num_swap_blocks = int(config.swap_space * (1 << 30)) // max(1, cache_ops.kv_bytes_per_block())
+
+    # -- queue management --------------------------------------------------------------
+    def add(self, group: SequenceGroup) -> None:
+        """Queue a request, or raise ValueError if it could never run."""
+        cfg, bm = self.config, self.block_manager
+        if group.request_id in self.groups:
+            raise ValueError(f"request_id {group.request_id!r} is already in flight")
+        if group.prompt_len == 0:
+            raise ValueError(f"request {group.request_id!r}: prompt is empty")
+        max_tokens = self.max_new_tokens(group)
+        total = group.prompt_len + max_tokens
+        if total > cfg.max_model_len:
+            raise ValueError(
+                f"request {group.request_id!r}: prompt ({group.prompt_len} tokens) + max_tokens "
+                f"({max_tokens}) = {total} exceeds max_model_len={cfg.max_model_len}")
+        if bm.blocks_for_tokens(total) > bm.num_blocks:
+            raise ValueError(
+                f"request {group.request_id!r} needs {bm.blocks_for_tokens(total)} KV blocks "
+                f"({total} tokens) but the whole cache has {bm.num_blocks} blocks of "
+                f"{bm.block_size} tokens; raise num_kv_blocks / gpu_memory_utilization or "
+                f"lower max_tokens")
+        if not cfg.enable_chunked_prefill and total > cfg.max_num_batched_tokens:
+            raise ValueError(
+                f"request {group.request_id!r}: {total} tokens do not fit max_num_batched_tokens="
+                f"{cfg.max_num_batched_tokens} with chunked prefill disabled")
+        self.groups[group.request_id] = group
+        self.waiting.append(group.seqs[0])
+
+    def max_new_tokens(self, group: SequenceGroup) -> int:
+        max_tokens = getattr(group.sampling_params, "max_tokens", None)
+        return self.config.max_model_len - group.prompt_len if max_tokens is None else max_tokens
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def _insert_running(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        keys = [s.sort_key() for s in self.running]
+        self.running.insert(bisect.bisect(keys, seq.sort_key()), seq)
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        """Keep the waiting queue in arrival order (preempted sequences go back near the head)."""
+        seq.status = SequenceStatus.WAITING
+        key = seq.sort_key()
+        idx = 0
+        while idx < len(self.waiting) and self.waiting[idx].sort_key() < key:
+            idx += 1
+        self.waiting.insert(idx, seq)
+
+    def _remove(self, seq: Sequence) -> None:
+        for queue in (self.running, self.waiting, self.swapped):
+            if seq in queue:
+                queue.remove(seq)
+                return
+
+    # -- preemption ---------------------------------------------------------------------
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+        n = len(seq.block_table)
+        if self.cache_ops is not None and n and self.num_swap_blocks - self.num_swap_blocks_used >= n:
+            # (runner's CPU copy, number of blocks it holds)
+            seq.swapped_kv = (self.cache_ops.swap_out(seq.block_table), n)
+            self.num_swap_blocks_used += n
+            self.num_swaps_out += 1
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.SWAPPED
+            seq.num_preemptions += 1
+            keys = [s.sort_key() for s in self.swapped]
+            self.swapped.insert(bisect.bisect(keys, seq.sort_key()), seq)
+            how = "swapped out to CPU"
+        else:
+            self.block_manager.free(seq)
+            seq.reset_for_recompute()
+            self._insert_waiting(seq)
+            how = "will be recomputed"
+        if self.num_preemptions == 1 or self.num_preemptions % 100 == 0:
+            logger.warning(
+                "KV cache is full: preempted request %r (%s); %d preemption(s) so far. Raise "
+                "num_kv_blocks or gpu_memory_utilization, or lower max_num_seqs / "
+                "max_num_batched_tokens%s.", seq.request_id, how, self.num_preemptions,
+                "" if self.num_swap_blocks else ", or set swap_space")
+
+    def _swap_in(self, seq: Sequence) -> bool:
+        handle, n_saved = seq.swapped_kv
+        if n_saved > self.block_manager.num_free_blocks:
+            return False
+        block_ids = [self.block_manager.allocator.allocate() for _ in range(n_saved)]
+        self.cache_ops.swap_in(handle, block_ids)
+        seq.block_table = block_ids
+        seq.num_registered_blocks = 0   # re-offered to the prefix cache on the next commit
+        seq.swapped_kv = None
+        self.num_swap_blocks_used -= n_saved
+        return True
+
+    @staticmethod
+    def blocks_of_handle(seq: Sequence) -> int:
+        return seq.swapped_kv[1] if seq.swapped_kv is not None else 0
+
+    # -- the step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg, bm = self.config, self.block_manager
+        out = SchedulerOutput()
+        budget = cfg.max_num_batched_tokens
+
+        def add(seq: Sequence, n: int) -> None:
+            nonlocal budget
+            samples = 0
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                samples = seq.group.n if not seq.group.forked else 1
+            out.scheduled.append(ScheduledSeq(seq, n, samples))
+            budget -= n
+
+        # 1. Running sequences, oldest first; preempt from the newest end when blocks run out.
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            seq = self.running[idx]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not bm.allocate_slots(seq, n):
+                self._preempt(self.running[-1], out)
+                if seq.status is not SequenceStatus.RUNNING:   # it was the newest: nothing left
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                add(seq, n)
+                idx += 1
+        if out.preempted:
+            return self._finish(out)
+
+        # 2. Swapped-out sequences come back before anything new is admitted.
+        while self.swapped and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.swapped[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if bm.blocks_for_tokens(seq.num_computed_tokens + n) > bm.num_free_blocks:
+                break
+            self.swapped.popleft()
+            self._swap_in(seq)
+            bm.allocate_slots(seq, n)
+            self._insert_running(seq)
+            add(seq, n)
+        if self.swapped:
+            return self._finish(out)
+
+        # 3. Admit waiting requests FCFS (head-of-line: stop at the first that does not fit).
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            num_cached = bm.acquire_cached_prefix(seq)
+            n = seq.num_uncomputed_tokens
+            if n > budget and not cfg.enable_chunked_prefill:
+                self._rollback_admission(seq)
+                break
+            n = min(n, budget)
+            if not bm.allocate_slots(seq, n):
+                self._rollback_admission(seq)
+                break
+            self.waiting.popleft()
+            bm.record_admission(seq, num_cached)
+            self._insert_running(seq)
+            add(seq, n)
+        return self._finish(out)
+
+    def _rollback_admission(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
+
+    def _finish(self, out: SchedulerOutput) -> SchedulerOutput:
+        # Feed sequences to the model in arrival order (stable batches, easy to read).
+        out.scheduled.sort(key=lambda s: s.seq.sort_key())
+        out.num_batched_tokens = sum(s.num_tokens for s in out.scheduled)
+        return out
+
+    # -- after the forward pass -----------------------------------------------------------
+    def mark_computed(self, out: SchedulerOutput) -> None:
+        for s in out.scheduled:
+            seq = s.seq
+            if s.num_tokens > 1 or seq.num_output_tokens == 0:
+                self.num_prefill_tokens_computed += s.num_tokens
+            else:
+                self.num_decode_tokens_computed += s.num_tokens
+            seq.num_computed_tokens += s.num_tokens
+            seq.num_tokens_fed += s.num_tokens
+            self.block_manager.commit_computed(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start sample `child` (its first token already appended) from the parent's KV, or
+        queue it for recompute when no block or running slot is free."""
+        if len(self.running) < self.config.max_num_seqs:
+            try:
+                copy = self.block_manager.fork(parent, child)
+            except RuntimeError:
+                copy = False
+            if copy is not False:
+                if copy is not None:
+                    self.cache_ops.copy_block(*copy)
+                self._insert_running(child)
+                return
+        child.block_hashes = list(parent.block_hashes)
+        self._insert_waiting(child)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        self._remove(seq)
+        self._release(seq)
+        seq.status = status
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        if seq.swapped_kv is not None:
+            self.num_swap_blocks_used -= self.blocks_of_handle(seq)
+            seq.swapped_kv = None
+
+    def abort(self, request_id: str) -> Optional[SequenceGroup]:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        for seq in group.seqs:
+            if not seq.status.is_finished:
+                self.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return group
+
+    def retire(self, group: SequenceGroup) -> None:
+        self.groups.pop(group.request_id, None)

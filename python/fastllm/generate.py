@@ -1,0 +1,153 @@
+"""`python -m fastllm.generate`: generate from the command line on the engine.
+
+    python -m fastllm.generate --prompt "The capital of France is"         # default model
+    python -m fastllm.generate --model ./Llama-3-8B --prompt "..." --max-tokens 64 --temperature 0.7
+    python -m fastllm.generate --model m.gguf --prompts-file prompts.txt --chat --stats
+
+One prompt streams its tokens to the terminal as they are sampled; several prompts
+print one result each when all are done. Throughput (generated tokens/s) comes last.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Optional
+
+from fastllm.sampling_params import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastllm.generate",
+                                description="Generate text with fastllm's engine.")
+    p.add_argument("--model", default=None,
+                   help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="a file with one prompt per line")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens to generate per prompt (default: generation_config's, else 128)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: generation_config's, else 0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--stats", action="store_true", help="print engine statistics at the end")
+    g = p.add_argument_group("engine")
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--swap-space", type=float, default=0, help="GiB of CPU memory for preempted KV")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    return p
+
+
+def read_prompts(args, parser) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            parser.error(f"--prompts-file {args.prompts_file!r}: {e.strerror}")
+    if not prompts:
+        parser.error("give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def sampling_params(args, llm) -> SamplingParams:
+    """Flags first, then the checkpoint's generation_config.json, then greedy / 128 tokens."""
+    gen = llm.llm_engine.model_config.generation_defaults or {}
+
+    def pick(flag, key, fallback):
+        return flag if flag is not None else gen.get(key, fallback)
+
+    return SamplingParams(max_tokens=pick(args.max_tokens, "max_new_tokens", 128),
+                          temperature=pick(args.temperature, "temperature", 0.0),
+                          top_p=pick(args.top_p, "top_p", 1.0), top_k=pick(args.top_k, "top_k", -1),
+                          min_p=gen.get("min_p", 0.0),
+                          repetition_penalty=gen.get("repetition_penalty", 1.0))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts = read_prompts(args, parser)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from fastllm.llm import LLM
+
+    try:
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=not args.no_prefix_caching,
+                  enable_chunked_prefill=not args.no_chunked_prefill,
+                  swap_space=args.swap_space, seed=args.seed)
+        params = sampling_params(args, llm)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    engine = llm.llm_engine
+    tok = llm.get_tokenizer()
+    inputs = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
+              for p in prompts]
+
+    start = time.perf_counter()
+    num_tokens = 0
+    try:
+        if len(inputs) == 1:
+            num_tokens = _stream_one(engine, inputs[0], prompts[0], params, args.chat)
+        else:
+            outs = llm.generate(inputs, params, use_tqdm=sys.stderr.isatty())
+            for i, (prompt, out) in enumerate(zip(prompts, outs)):
+                completion = out.outputs[0]
+                num_tokens += len(completion.token_ids)
+                print(f"=== [{i}] {prompt}")
+                print(completion.text)
+                print(f"--- finish_reason={completion.finish_reason}, {len(completion.token_ids)} tokens")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    elapsed = time.perf_counter() - start
+    print(f"\n{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / max(elapsed, 1e-9):.1f} tokens/s")
+    if args.stats:
+        print(engine.get_stats().format())
+    return 0
+
+
+def _stream_one(engine, prompt, prompt_text: str, params: SamplingParams, chat: bool) -> int:
+    """Print the completion piece by piece as the engine produces it."""
+    if not chat:
+        print(prompt_text, end="", flush=True)
+    engine.add_request("cli-0", prompt, params, delta=True)
+    num_tokens, finish = 0, None
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                piece = out.outputs[0]
+                num_tokens += len(piece.token_ids)
+                if piece.text:
+                    print(piece.text, end="", flush=True)
+                finish = piece.finish_reason or finish
+    except BaseException:
+        engine.abort_request("cli-0")
+        raise
+    print(flush=True)
+    print(f"--- finish_reason={finish}", file=sys.stderr)
+    return num_tokens
+
+
+if __name__ == "__main__":
+    sys.exit(main())

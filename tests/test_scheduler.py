@@ -1,0 +1,342 @@
+"""Scheduler + block manager + runner, driven through LLMEngine with a fake model.
+
+The fake model writes each token's id (K) and position (V) into the paged KV cache
+through slot_mapping, then reads every sequence's whole history back through its
+block table: positions must come back as 0..seq_len-1 and the next token is a hash of
+the token ids *read from the cache*. So any slot_mapping / block_table / prefix-cache /
+fork / swap / preemption bug changes the outputs, which are checked against a plain
+Python reference that knows nothing about paging. Fast enough for hundreds of requests.
+"""
+import random
+
+import pytest
+import torch
+
+from fastllm import reference
+from fastllm.config import EngineConfig, ModelConfig
+from fastllm.engine.llm_engine import LLMEngine
+from fastllm.engine.sequence import SequenceStatus
+from fastllm.sampling_params import SamplingParams
+
+VOCAB, EOS = 64, 2
+
+
+def next_token(tokens):
+    h = 0
+    for t in tokens:
+        h = (h * 1000003 + t + 1) % 2_147_483_647
+    return h % VOCAB
+
+
+def reference_generate(prompt, max_tokens, ignore_eos=False, stop_token_ids=(), min_tokens=0):
+    tokens, out = list(prompt), []
+    stops = set(stop_token_ids) | (set() if ignore_eos else {EOS})
+    while len(out) < max_tokens:
+        t = next_token(tokens)
+        if len(out) < min_tokens and t in stops:
+            t = 0        # the sampler bans stop ids; the best of the all-zero logits is id 0
+        tokens.append(t)
+        out.append(t)
+        if len(out) >= min_tokens and ((t == EOS and not ignore_eos) or t in stop_token_ids):
+            break
+    return out
+
+
+class FakeModel:
+    def __init__(self):
+        self.tokens_fed = 0
+        self.calls = []
+
+    def __call__(self, input_ids, positions, kv_caches, meta):
+        k_cache, v_cache = kv_caches[0]
+        num_tokens = input_ids.shape[0]
+        self.tokens_fed += num_tokens
+        self.calls.append(num_tokens)
+        key = input_ids.float().view(num_tokens, 1, 1).expand(num_tokens, 1, 2)
+        value = positions.float().view(num_tokens, 1, 1).expand(num_tokens, 1, 2)
+        reference.reshape_and_cache(key.contiguous(), value.contiguous(), k_cache, v_cache,
+                                    meta.slot_mapping)
+        logits = torch.zeros(len(meta.seq_lens), VOCAB)
+        for s, seq_len in enumerate(meta.seq_lens.tolist()):
+            toks = reference.gather_kv(k_cache, meta.block_tables[s], seq_len)[:, 0, 0]
+            pos = reference.gather_kv(v_cache, meta.block_tables[s], seq_len)[:, 0, 0]
+            assert pos.tolist() == list(range(seq_len)), "KV cache positions scrambled"
+            logits[s, next_token([int(t) for t in toks.tolist()])] = 10.0
+        return logits
+
+
+def make_engine(**kw):
+    model_config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=8,
+                               intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                               num_key_value_heads=1, head_dim=2, max_position_embeddings=512,
+                               eos_token_ids=[EOS])
+    kw.setdefault("block_size", 4)
+    kw.setdefault("num_kv_blocks", 64)
+    return LLMEngine(FakeModel(), model_config, EngineConfig(**kw), None,
+                     device=torch.device("cpu"), dtype=torch.float32)
+
+
+def run_all(engine):
+    finished = {}
+    for _ in range(100_000):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert not engine.has_unfinished_requests()
+    return finished
+
+
+def assert_clean(engine):
+    """Every block free, every ref count zero, counters consistent."""
+    bm = engine.block_manager
+    alloc = bm.allocator
+    assert alloc.num_in_use == 0
+    assert alloc.num_free == bm.num_blocks
+    assert all(alloc.ref_count(b) == 0 for b in range(bm.num_blocks))
+    sch = engine.scheduler
+    assert not sch.running and not sch.waiting and not sch.swapped and not sch.groups
+    assert sch.num_swap_blocks_used == 0
+
+
+def random_prompts(n, rng, lo=1, hi=40):
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+SETTINGS = [
+    dict(),                                                          # roomy cache
+    dict(num_kv_blocks=24),                                          # preemption by recompute
+    dict(num_kv_blocks=24, swap_space=0.001),                        # preemption by swap
+    dict(max_num_batched_tokens=8),                                  # 8-token chunks
+    dict(max_num_batched_tokens=8, num_kv_blocks=20, enable_prefix_caching=False),
+    dict(max_num_seqs=1),
+    dict(max_num_seqs=3, num_kv_blocks=30, swap_space=0.001, max_num_batched_tokens=8),
+    dict(enable_chunked_prefill=False, max_num_batched_tokens=64, num_kv_blocks=24),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_outputs_match_reference_under_any_schedule(settings):
+    rng = random.Random(0)
+    engine = make_engine(max_model_len=64, **settings)
+    system = [rng.randrange(3, VOCAB) for _ in range(9)]
+    prompts = random_prompts(40, rng)
+    prompts += [system + p[:10] for p in random_prompts(12, rng)]   # shared prefixes
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 16)) for _ in prompts]
+    for i, (p, sp) in enumerate(zip(prompts[:30], params)):
+        engine.add_request(str(i), p, sp)
+    finished = {}
+    # The rest arrive while the first ones run.
+    pending = list(range(30, len(prompts)))
+    while engine.has_unfinished_requests() or pending:
+        if pending and rng.random() < 0.5:
+            i = pending.pop(0)
+            engine.add_request(str(i), prompts[i], params[i])
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert len(finished) == len(prompts)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        out = finished[str(i)].outputs[0]
+        ref = reference_generate(p, sp.max_tokens)
+        assert out.token_ids == ref, (i, settings)
+        assert out.finish_reason == ("stop" if ref[-1] == EOS else "length")
+    assert_clean(engine)
+    stats = engine.get_stats()
+    if settings.get("num_kv_blocks", 64) <= 24:
+        assert stats.num_preemptions > 0
+        if settings.get("swap_space"):
+            assert stats.num_swaps_out > 0
+
+
+def test_python_allocator_fallback(monkeypatch):
+    """Without fastllm._C the engine runs on the Python twin of the allocator."""
+    from fastllm import ops, reference
+    monkeypatch.setattr(ops, "BlockAllocator", reference.BlockAllocator)
+    engine = make_engine(num_kv_blocks=20, swap_space=0.0005, max_num_batched_tokens=12,
+                         max_model_len=64)
+    assert isinstance(engine.block_manager.allocator, reference.BlockAllocator)
+    rng = random.Random(3)
+    prompts = random_prompts(30, rng) + [[9] * 12 + p for p in random_prompts(10, rng, hi=8)]
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=12))
+    finished = run_all(engine)
+    for i, p in enumerate(prompts):
+        assert finished[str(i)].outputs[0].token_ids == reference_generate(p, 12)
+    assert engine.get_stats().num_preemptions > 0
+    assert_clean(engine)
+
+
+def test_chunked_prefill_respects_budget():
+    engine = make_engine(max_num_batched_tokens=8, max_model_len=128)
+    prompt = list(range(3, 40))                      # 37 tokens -> 5 chunks of <= 8
+    engine.add_request("long", prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.add_request("short", [5, 6], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    out = run_all(engine)
+    calls = engine.runner.model.calls
+    assert max(calls) == 8 and len(calls) >= 5
+    # Prompts computed once each (37 + 2), then 2 decodes per request.
+    assert sum(calls) == 37 + 2 + 4
+    assert out["long"].outputs[0].token_ids == reference_generate(prompt, 3, ignore_eos=True)
+
+
+def test_prefix_cache_computes_only_the_suffix():
+    engine = make_engine(num_kv_blocks=128, max_model_len=256)
+    rng = random.Random(1)
+    shared = [rng.randrange(3, VOCAB) for _ in range(200)]
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("a", shared + [7, 8, 9], sp)
+    a = run_all(engine)["a"]
+    fed_after_a = engine.runner.model.tokens_fed
+    engine.add_request("b", shared + [10, 11], sp)
+    b = run_all(engine)["b"]
+    fed_b = engine.runner.model.tokens_fed - fed_after_a
+    # 200 shared tokens = 50 full blocks of 4, all cached; b computes its 2-token suffix
+    # plus 3 decode steps.
+    assert b.metrics.num_cached_tokens == 200
+    assert fed_b == 2 + 3
+    assert b.outputs[0].token_ids == reference_generate(shared + [10, 11], 4, ignore_eos=True)
+    assert a.outputs[0].token_ids == reference_generate(shared + [7, 8, 9], 4, ignore_eos=True)
+    assert engine.get_stats().prefix_cache_hit_rate > 0.45
+    assert_clean(engine)
+
+
+def test_prefix_cache_off_recomputes():
+    engine = make_engine(num_kv_blocks=128, max_model_len=256, enable_prefix_caching=False)
+    shared = list(range(3, 63)) * 2
+    sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    engine.add_request("a", shared, sp)
+    run_all(engine)
+    before = engine.runner.model.tokens_fed
+    engine.add_request("b", shared + [5], sp)
+    run_all(engine)
+    assert engine.runner.model.tokens_fed - before == len(shared) + 1 + 1
+
+
+def test_n_samples_share_prompt_blocks():
+    engine = make_engine(num_kv_blocks=64, max_model_len=64, enable_prefix_caching=False)
+    prompt = list(range(3, 13))                      # 2 full blocks + 2 tokens
+    engine.add_request("n3", prompt, SamplingParams(n=3, temperature=0, max_tokens=6, ignore_eos=True))
+    engine.step()                                    # prefill + fork
+    seqs = engine.scheduler.groups["n3"].seqs
+    assert len(seqs) == 3
+    head = seqs[0].block_table[:2]
+    assert all(s.block_table[:2] == head for s in seqs)
+    assert len({s.block_table[2] for s in seqs}) == 3   # private copies of the partial block
+    for b in head:
+        assert engine.block_manager.allocator.ref_count(b) == 3
+    out = run_all(engine)["n3"]
+    ref = reference_generate(prompt, 6, ignore_eos=True)
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(o.token_ids == ref for o in out.outputs)
+    assert engine.runner.model.tokens_fed == 10 + 3 * 5     # prompt once, then 3 decodes x 5
+    assert_clean(engine)
+
+
+def test_n_samples_random_differ_and_finish():
+    engine = make_engine(num_kv_blocks=16, max_model_len=64)
+    engine.add_request("r", list(range(3, 20)),
+                       SamplingParams(n=4, temperature=5.0, seed=3, max_tokens=8, ignore_eos=True))
+    out = run_all(engine)["r"]
+    assert len(out.outputs) == 4
+    assert all(len(o.token_ids) == 8 and o.finish_reason == "length" for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert_clean(engine)
+
+
+@pytest.mark.parametrize("when", ["waiting", "mid_prefill", "mid_decode", "swapped"])
+def test_abort_frees_everything(when):
+    # 24 blocks of 4 tokens: the two requests outgrow the cache after ~22 decode steps,
+    # and then the newer one (the victim) is swapped out.
+    engine = make_engine(max_num_batched_tokens=8, num_kv_blocks=24, swap_space=0.001,
+                         max_model_len=96)
+    other_prompt = list(range(5, 45))
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request("other", other_prompt, sp)
+    engine.add_request("victim", list(range(3, 15)), sp)
+    victim = engine.scheduler.groups["victim"].seqs[0]
+    reached = {
+        "waiting": lambda: victim.status is SequenceStatus.WAITING,
+        "mid_prefill": lambda: 0 < victim.num_computed_tokens < victim.prompt_len,
+        "mid_decode": lambda: victim.num_output_tokens >= 3,
+        "swapped": lambda: victim.status is SequenceStatus.SWAPPED,
+    }[when]
+    for _ in range(200):
+        if reached():
+            break
+        engine.step()
+    assert reached()
+    engine.abort_request("victim")
+    assert victim.status is SequenceStatus.FINISHED_ABORTED
+    assert victim.block_table == [] and victim.swapped_kv is None
+    finished = run_all(engine)
+    assert set(finished) == {"other"}
+    assert finished["other"].outputs[0].token_ids == reference_generate(other_prompt, 40, ignore_eos=True)
+    assert_clean(engine)
+
+
+def test_impossible_requests_rejected_others_unharmed():
+    engine = make_engine(num_kv_blocks=8, max_model_len=40)     # 8 blocks = 32 tokens
+    engine.add_request("ok", [5, 6, 7], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    engine.step()
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("long", list(range(3, 40)), SamplingParams(max_tokens=5))
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request("big", list(range(3, 30)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="token id"):
+        engine.add_request("bad", [1, VOCAB], SamplingParams())
+    with pytest.raises(ValueError, match="already in flight"):
+        engine.add_request("ok", [1], SamplingParams())
+    out = run_all(engine)
+    assert set(out) == {"ok"}
+    assert out["ok"].outputs[0].token_ids == reference_generate([5, 6, 7], 10, ignore_eos=True)
+    assert_clean(engine)
+
+
+def test_stop_token_ids_min_tokens_and_eos():
+    engine = make_engine(max_model_len=128)
+    prompts = random_prompts(30, random.Random(5))
+    for i, p in enumerate(prompts):
+        engine.add_request(f"s{i}", p, SamplingParams(temperature=0, max_tokens=30,
+                                                     stop_token_ids=[7, 11], min_tokens=3))
+    finished = run_all(engine)
+    reasons = set()
+    for i, p in enumerate(prompts):
+        o = finished[f"s{i}"].outputs[0]
+        assert o.token_ids == reference_generate(p, 30, stop_token_ids=(7, 11), min_tokens=3)
+        reasons.add(o.finish_reason)
+        if o.finish_reason == "stop":
+            assert o.stop_reason == (o.token_ids[-1] if o.token_ids[-1] != EOS else None)
+    assert reasons == {"stop", "length"}
+    assert_clean(engine)
+
+
+def test_stress_500_random_requests_small_cache():
+    rng = random.Random(7)
+    engine = make_engine(num_kv_blocks=40, max_num_batched_tokens=32, max_num_seqs=16,
+                         max_model_len=64, swap_space=0.0005)
+    expected, finished = {}, {}
+    for i in range(500):
+        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 30))]
+        sp = SamplingParams(n=rng.choice([1, 1, 1, 2]), temperature=rng.choice([0, 0.7, 1.5]),
+                            top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([-1, 5]),
+                            max_tokens=rng.randint(1, 12), ignore_eos=rng.random() < 0.5,
+                            seed=rng.choice([None, i]))
+        engine.add_request(f"q{i}", prompt, sp)
+        expected[f"q{i}"] = sp
+        if rng.random() < 0.3:
+            finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    finished.update(run_all(engine))
+    assert set(finished) == set(expected)
+    for rid, sp in expected.items():
+        outs = finished[rid].outputs
+        assert len(outs) == sp.n
+        for o in outs:
+            if o.finish_reason == "length":
+                assert len(o.token_ids) == sp.max_tokens
+            else:
+                assert o.finish_reason == "stop" and o.token_ids[-1] == EOS and not sp.ignore_eos
+                assert len(o.token_ids) <= sp.max_tokens
+    assert engine.get_stats().num_preemptions > 0
+    assert_clean(engine)
