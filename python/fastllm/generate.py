@@ -10,11 +10,13 @@ print one result each when all are done. Throughput (generated tokens/s) comes l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from typing import Optional
 
+from fastllm.bench.kv_report import format_kv_report, track_kv_peak
 from fastllm.sampling_params import SamplingParams
 
 
@@ -103,17 +105,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     start = time.perf_counter()
     num_tokens = 0
+    # --stats: the KV report is taken at the fullest step (a finished run holds no KV).
+    kv_peak = track_kv_peak(engine) if args.stats else contextlib.nullcontext()
     try:
-        if len(inputs) == 1:
-            num_tokens = _stream_one(engine, inputs[0], prompts[0], params, args.chat)
-        else:
-            outs = llm.generate(inputs, params, use_tqdm=sys.stderr.isatty())
-            for i, (prompt, out) in enumerate(zip(prompts, outs)):
-                completion = out.outputs[0]
-                num_tokens += len(completion.token_ids)
-                print(f"=== [{i}] {prompt}")
-                print(completion.text)
-                print(f"--- finish_reason={completion.finish_reason}, {len(completion.token_ids)} tokens")
+        with kv_peak as kv_tracker:
+            num_tokens = _run(llm, inputs, prompts, params, args.chat)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -124,7 +120,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / max(elapsed, 1e-9):.1f} tokens/s")
     if args.stats:
         print(engine.get_stats().format())
+        print(format_kv_report(kv_tracker.report()))
     return 0
+
+
+def _run(llm, inputs, prompts, params: SamplingParams, chat: bool) -> int:
+    """Stream a single prompt; print several prompts' results as they finish together."""
+    if len(inputs) == 1:
+        return _stream_one(llm.llm_engine, inputs[0], prompts[0], params, chat)
+    num_tokens = 0
+    outs = llm.generate(inputs, params, use_tqdm=sys.stderr.isatty())
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        completion = out.outputs[0]
+        num_tokens += len(completion.token_ids)
+        print(f"=== [{i}] {prompt}")
+        print(completion.text)
+        print(f"--- finish_reason={completion.finish_reason}, {len(completion.token_ids)} tokens")
+    return num_tokens
 
 
 def _stream_one(engine, prompt, prompt_text: str, params: SamplingParams, chat: bool) -> int:

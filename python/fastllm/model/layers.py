@@ -14,6 +14,7 @@ from torch import nn
 
 from fastllm import ops
 from fastllm.config import ModelConfig
+from fastllm.profiling import nvtx_range
 
 
 @dataclass
@@ -136,10 +137,11 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
         q, k = RotaryEmbedding.apply(cos_sin, q, k)
         k_cache, v_cache = kv_cache
-        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
-        ops.paged_attention(out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                            meta.query_start_loc, self.scale)
+        with nvtx_range("attention"):
+            ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            out = torch.empty_like(q)
+            ops.paged_attention(out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                meta.query_start_loc, self.scale)
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 

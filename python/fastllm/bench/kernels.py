@@ -1,0 +1,395 @@
+"""`python -m fastllm.bench kernels`: each fastllm kernel against the device's own ceilings
+and against torch, all measured in the same run.
+
+Cases (full size on a GPU; `--small`, automatic on a CPU, shrinks them):
+
+- paged decode attention, batch 64 x 4k context and batch 1 x 32k context, 32 q / 8 kv
+  heads, head_dim 128, block 16: bandwidth-bound, so judged by achieved GB/s.
+- paged prefill and extend (queries over a cached prefix, causal with offset): judged by
+  TFLOP/s against the bf16 GEMM ceiling.
+- fused_softmax: scale + causal mask + softmax over attention scores [H, q, k], and the
+  sampling variant (temperature + softmax over a 128k vocabulary).
+
+Metrics:
+  bandwidth = bytes the op must read + write (the minimum: GQA K/V once, not expanded;
+              every score once in, once out) / median time
+  bw_vs_copy = bandwidth / device-to-device copy bandwidth (fastllm.bench.hardware)
+  tflops = FLOPs of the attention's two matmuls (causal pairs only) / median time
+  speedup = peer median time / kernel median time (> 1: fastllm is faster)
+Peers: SDPA on contiguous K/V (GQA heads expanded, so it reads Hq/Hkv times the K/V
+bytes: `own_bandwidth_GBps` counts those), torch.softmax alone, and the three-op
+scale + masked_fill + softmax. Every kernel's (and SDPA's) output is checked against the
+float64 reference (fastllm.reference) before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fastllm import ops, reference
+from fastllm.bench.hardware import bench_copy, bench_gemm
+from fastllm.bench.runner import median, time_op, write_json
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_INDEX_BYTES = 4          # block_tables, seq_lens, query_start_loc are int32
+# Max |got - ref| / max |ref| allowed before timing (the issue's bf16 bound is 1e-2).
+_REL_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    name: str
+    num_seqs: int
+    seq_len: int          # tokens in the cache per sequence, this step's included
+    q_len: int            # queries per sequence (1 = decode; seq_len = prefill)
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 16
+
+    @property
+    def bound(self) -> str:
+        return "bandwidth" if self.q_len == 1 else "compute"
+
+
+@dataclass(frozen=True)
+class SoftmaxCase:
+    name: str
+    shape: tuple          # [..., rows, cols]; softmax over cols
+    scale: float
+    causal: bool          # attention scores (causal_offset 0) vs sampling logits
+    dtype: Optional[str] = None   # None: the run's --dtype
+
+
+GPU_ATTENTION = [
+    AttentionCase("decode_b64_ctx4k", num_seqs=64, seq_len=4096, q_len=1),
+    AttentionCase("decode_b1_ctx32k", num_seqs=1, seq_len=32768, q_len=1),
+    AttentionCase("prefill_b4_2k", num_seqs=4, seq_len=2048, q_len=2048),
+    AttentionCase("extend_b4_3k+1k", num_seqs=4, seq_len=4096, q_len=1024),
+]
+CPU_ATTENTION = [
+    AttentionCase("decode_b4_ctx512", num_seqs=4, seq_len=512, q_len=1),
+    AttentionCase("decode_b1_ctx2k", num_seqs=1, seq_len=2048, q_len=1),
+    AttentionCase("prefill_b2_128", num_seqs=2, seq_len=128, q_len=128),
+    AttentionCase("extend_b2_192+64", num_seqs=2, seq_len=256, q_len=64),
+]
+# Sampling logits stay float32 (the sampler's dtype) whatever the run's dtype.
+GPU_SOFTMAX = [
+    SoftmaxCase("softmax_attn_h32_2k", (32, 2048, 2048), scale=1 / math.sqrt(128), causal=True),
+    SoftmaxCase("softmax_sampling_b256_v128k", (256, 128256), scale=1 / 0.7, causal=False,
+                dtype="float32"),
+]
+CPU_SOFTMAX = [
+    SoftmaxCase("softmax_attn_h8_256", (8, 256, 256), scale=1 / math.sqrt(128), causal=True),
+    SoftmaxCase("softmax_sampling_b4_v128k", (4, 128256), scale=1 / 0.7, causal=False,
+                dtype="float32"),
+]
+
+
+# -- what each op must move / compute --------------------------------------------------------
+
+def paged_attention_bytes(num_seqs: int, seq_len: int, q_len: int, num_heads: int,
+                          num_kv_heads: int, head_dim: int, block_size: int,
+                          elem_bytes: int) -> int:
+    """Minimum bytes of one paged_attention call: every sequence's K and V rows read once
+    (num_kv_heads, not expanded to the query heads), queries read and outputs written once,
+    plus the block-table entries, seq_lens and query_start_loc it reads."""
+    for name, v in (("num_seqs", num_seqs), ("seq_len", seq_len), ("q_len", q_len),
+                    ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                    ("head_dim", head_dim), ("block_size", block_size), ("elem_bytes", elem_bytes)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if q_len > seq_len:
+        raise ValueError(f"q_len ({q_len}) cannot exceed seq_len ({seq_len})")
+    kv = 2 * num_seqs * seq_len * num_kv_heads * head_dim * elem_bytes
+    q_and_out = 2 * num_seqs * q_len * num_heads * head_dim * elem_bytes
+    blocks_per_seq = -(-seq_len // block_size)
+    metadata = (num_seqs * blocks_per_seq + num_seqs + num_seqs + 1) * _INDEX_BYTES
+    return kv + q_and_out + metadata
+
+
+def paged_attention_flops(num_seqs: int, seq_len: int, q_len: int, num_heads: int,
+                          head_dim: int) -> int:
+    """FLOPs of QK^T and PV over the causal pairs only: query i (0-based among the
+    q_len newest positions) sees seq_len - q_len + i + 1 keys; each pair is a dot product
+    of head_dim multiply-adds in each of the two matmuls (2 * 2 * head_dim FLOPs)."""
+    pairs = q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
+    return 4 * num_seqs * num_heads * head_dim * pairs
+
+
+def softmax_bytes(numel: int, elem_bytes: int) -> int:
+    """One read and one write of every element (what a fused kernel must do)."""
+    return 2 * numel * elem_bytes
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def make_attention_inputs(case: AttentionCase, dtype: torch.dtype, device, seed: int = 0) -> dict:
+    """Random paged K/V with each sequence's blocks scattered through the cache in shuffled
+    order (as after a long-running server's allocations), queries for its last q_len
+    positions. Block 0 is left unused (the null block)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    blocks_per_seq = -(-case.seq_len // case.block_size)
+    num_blocks = case.num_seqs * blocks_per_seq + 1
+    kv_shape = (num_blocks, case.block_size, case.num_kv_heads, case.head_dim)
+    k_cache = torch.randn(kv_shape, generator=gen, dtype=torch.float32).to(device, dtype)
+    v_cache = torch.randn(kv_shape, generator=gen, dtype=torch.float32).to(device, dtype)
+    perm = torch.randperm(num_blocks - 1, generator=gen) + 1
+    block_tables = perm.view(case.num_seqs, blocks_per_seq).to(device, torch.int32)
+    num_tokens = case.num_seqs * case.q_len
+    query = torch.randn(num_tokens, case.num_heads, case.head_dim, generator=gen,
+                        dtype=torch.float32).to(device, dtype)
+    seq_lens = torch.full((case.num_seqs,), case.seq_len, dtype=torch.int32, device=device)
+    query_start_loc = torch.arange(0, num_tokens + 1, case.q_len, dtype=torch.int32, device=device)
+    return dict(query=query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                seq_lens=seq_lens, query_start_loc=query_start_loc,
+                scale=1.0 / math.sqrt(case.head_dim))
+
+
+def contiguous_kv(inputs: dict, case: AttentionCase):
+    """The SDPA peer's inputs: q [B, H, q_len, D] and K/V gathered into [B, H, seq_len, D]
+    with the kv heads repeated for each query head of their group."""
+    group = case.num_heads // case.num_kv_heads
+    ks, vs = [], []
+    for s in range(case.num_seqs):
+        ks.append(reference.gather_kv(inputs["k_cache"], inputs["block_tables"][s], case.seq_len))
+        vs.append(reference.gather_kv(inputs["v_cache"], inputs["block_tables"][s], case.seq_len))
+    k = torch.stack(ks).repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+    v = torch.stack(vs).repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
+    q = inputs["query"].view(case.num_seqs, case.q_len, case.num_heads, case.head_dim)
+    return q.transpose(1, 2).contiguous(), k, v
+
+
+def sdpa_mask(case: AttentionCase):
+    """Causal aligned to the bottom right (queries are the newest positions)."""
+    if case.q_len == 1:
+        return None, False                     # one query sees everything
+    if case.q_len == case.seq_len:
+        return None, True
+    from torch.nn.attention.bias import causal_lower_right
+    return causal_lower_right(case.q_len, case.seq_len), False
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected|, in float64."""
+    got, expected = got.double(), expected.double()
+    denom = expected.abs().max().item()
+    return (got - expected).abs().max().item() / (denom if denom > 0 else 1.0)
+
+
+def check_close(what: str, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
+    err = relative_error(got, expected)
+    if not err <= _REL_TOL[dtype]:
+        raise AssertionError(f"{what}: output differs from the float64 reference "
+                             f"(relative error {err:.3g} > {_REL_TOL[dtype]:g}); not timing a wrong kernel")
+    return err
+
+
+# -- benches -----------------------------------------------------------------------------------
+
+def bench_attention(case: AttentionCase, dtype: torch.dtype, device, ceilings: dict,
+                    warmup: int, iters: int) -> dict:
+    device = torch.device(device)
+    x = make_attention_inputs(case, dtype, device)
+    out = torch.empty_like(x["query"])
+    args = (x["query"], x["k_cache"], x["v_cache"], x["block_tables"], x["seq_lens"],
+            x["query_start_loc"], x["scale"])
+
+    expected = torch.empty(out.shape, dtype=torch.float64, device=device)
+    reference.paged_attention(expected, x["query"].double(), x["k_cache"].double(),
+                              x["v_cache"].double(), *args[3:])
+    ops.paged_attention(out, *args)
+    err = check_close(f"paged_attention {case.name}", out, expected, dtype)
+
+    times, _ = time_op(lambda: ops.paged_attention(out, *args), device, warmup, iters)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    nbytes = paged_attention_bytes(case.num_seqs, case.seq_len, case.q_len, case.num_heads,
+                                   case.num_kv_heads, case.head_dim, case.block_size, elem)
+    flops = paged_attention_flops(case.num_seqs, case.seq_len, case.q_len, case.num_heads,
+                                  case.head_dim)
+    result = _metrics(median(times), nbytes, flops, ceilings)
+    result.update(name=case.name, op="paged_attention", bound=case.bound, dtype=_name(dtype),
+                  shape=dict(num_seqs=case.num_seqs, seq_len=case.seq_len, q_len=case.q_len,
+                             num_heads=case.num_heads, num_kv_heads=case.num_kv_heads,
+                             head_dim=case.head_dim, block_size=case.block_size),
+                  rel_error=err)
+
+    q, k, v = contiguous_kv(x, case)
+    mask, is_causal = sdpa_mask(case)
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=x["scale"])
+
+    sdpa_out = sdpa().transpose(1, 2).reshape(out.shape)
+    sdpa_err = check_close(f"SDPA peer {case.name}", sdpa_out, expected, dtype)
+    peer_times, _ = time_op(sdpa, device, warmup, iters)
+    own_bytes = (2 * q.numel() + k.numel() + v.numel()) * elem     # q in, out, expanded K/V
+    peer = _metrics(median(peer_times), nbytes, flops, ceilings)
+    peer.update(own_bytes=own_bytes, own_bandwidth_GBps=own_bytes / median(peer_times) / 1e9,
+                speedup=median(peer_times) / result["median_s"], rel_error=sdpa_err)
+    result["peers"] = {"sdpa_contiguous_gqa_expanded": peer}
+    return result
+
+
+def bench_softmax(case: SoftmaxCase, dtype: torch.dtype, device, ceilings: dict,
+                  warmup: int, iters: int) -> dict:
+    device = torch.device(device)
+    dtype = _DTYPES[case.dtype] if case.dtype else dtype
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    # Attention scores are O(sqrt(D)) before scaling; logits O(1..10).
+    spread = math.sqrt(128) if case.causal else 4.0
+    scores = (torch.randn(case.shape, generator=gen) * spread).to(device, dtype)
+    out = torch.empty_like(scores)
+    offset = 0 if case.causal else None
+
+    expected = torch.empty(scores.shape, dtype=torch.float64, device=device)
+    reference.fused_softmax(expected, scores.double(), case.scale, offset)
+    ops.fused_softmax(out, scores, case.scale, offset)
+    err = check_close(f"fused_softmax {case.name}", out, expected, dtype)
+
+    times, _ = time_op(lambda: ops.fused_softmax(out, scores, case.scale, offset),
+                       device, warmup, iters)
+    nbytes = softmax_bytes(scores.numel(), scores.element_size())
+    result = _metrics(median(times), nbytes, None, ceilings)
+    result.update(name=case.name, op="fused_softmax", bound="bandwidth", dtype=_name(dtype),
+                  shape=dict(shape=list(case.shape), scale=case.scale, causal=case.causal),
+                  rel_error=err)
+
+    peers = {"torch_softmax": lambda: torch.softmax(scores, dim=-1)}
+    if case.causal:
+        rows, cols = case.shape[-2], case.shape[-1]
+        mask = torch.ones(rows, cols, dtype=torch.bool, device=device).triu_(1)   # c > r
+
+        def three_ops():
+            return (scores * case.scale).masked_fill(mask, float("-inf")).softmax(dim=-1)
+        peers["torch_scale_mask_softmax"] = three_ops
+    else:
+        peers["torch_scale_softmax"] = lambda: torch.softmax(scores * case.scale, dim=-1)
+    result["peers"] = {}
+    for name, fn in peers.items():
+        peer_times, peer_out = time_op(fn, device, warmup, iters)
+        peer = _metrics(median(peer_times), nbytes, None, ceilings)
+        peer["speedup"] = median(peer_times) / result["median_s"]
+        if name != "torch_softmax":          # softmax alone computes something else
+            peer["rel_error"] = check_close(f"{name} peer {case.name}", peer_out, expected, dtype)
+        result["peers"][name] = peer
+    return result
+
+
+def _metrics(t: float, nbytes: int, flops: Optional[int], ceilings: dict) -> dict:
+    bw = nbytes / t / 1e9
+    m = {"median_s": t, "bytes": nbytes, "bandwidth_GBps": bw,
+         "bw_vs_copy": bw / ceilings["copy_GBps"]}
+    if flops is not None:
+        tflops = flops / t / 1e12
+        m.update(flops=flops, tflops=tflops, tflops_vs_gemm=tflops / ceilings["gemm_TFLOPs"])
+    return m
+
+
+def measure_ceilings(device, dtype: torch.dtype, small: bool, warmup: int, iters: int) -> dict:
+    """Copy bandwidth and GEMM TFLOP/s of this device, measured now."""
+    copy = bench_copy((16 << 20) if small else (1 << 30), device, warmup, iters)
+    n = 512 if small else 8192
+    gemm = bench_gemm(n, n, n, dtype, device, warmup, iters)
+    if not (copy["check_ok"] and gemm["check_ok"]):
+        raise AssertionError(f"ceiling measurement produced a wrong result: copy {copy['check_ok']}, "
+                             f"gemm {gemm['check_ok']}")
+    return {"copy_GBps": copy["value"], "copy_bytes": copy["bytes"],
+            "gemm_TFLOPs": gemm["value"], "gemm_shape": [n, n, n], "gemm_dtype": _name(dtype)}
+
+
+def run_kernels(device="auto", dtype: str = "auto", small: Optional[bool] = None,
+                warmup: Optional[int] = None, iters: Optional[int] = None,
+                only: Optional[list] = None) -> dict:
+    from fastllm.engine.llm_engine import resolve_device
+    device = resolve_device(device)
+    on_gpu = device.type == "cuda"
+    small = (not on_gpu) if small is None else small
+    if dtype == "auto":
+        dtype = "bfloat16" if on_gpu else "float32"
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(sorted(_DTYPES))} or auto")
+    torch_dtype = _DTYPES[dtype]
+    warmup = (5 if on_gpu else 1) if warmup is None else warmup
+    iters = (20 if on_gpu else 3) if iters is None else iters
+    attention = CPU_ATTENTION if small else GPU_ATTENTION
+    softmax = CPU_SOFTMAX if small else GPU_SOFTMAX
+    names = [c.name for c in attention + softmax]
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ValueError(f"--only: unknown case(s) {unknown}; cases: {', '.join(names)}")
+        attention = [c for c in attention if c.name in only]
+        softmax = [c for c in softmax if c.name in only]
+
+    ceilings = measure_ceilings(device, torch_dtype, small, warmup, iters)
+    results = []
+    with torch.no_grad():
+        for case in attention:
+            results.append(bench_attention(case, torch_dtype, device, ceilings, warmup, iters))
+            _release(device)
+        for case in softmax:
+            results.append(bench_softmax(case, torch_dtype, device, ceilings, warmup, iters))
+            _release(device)
+    return {"bench": "kernels", "device": _device_name(device), "torch": torch.__version__,
+            "native": ops.native_available(), "cuda_kernels": ops.cuda_available(),
+            "small": small, "dtype": dtype, "warmup": warmup, "iters": iters,
+            "ceilings": ceilings, "kernels": results}
+
+
+def format_results(result: dict) -> str:
+    c = result["ceilings"]
+    lines = [f"device {result['device']}  dtype {result['dtype']}  native {result['native']}  "
+             f"cuda kernels {result['cuda_kernels']}",
+             f"ceilings: copy {c['copy_GBps']:.1f} GB/s, GEMM {c['gemm_TFLOPs']:.2f} TFLOP/s",
+             f"{'case':<28} {'time':>10} {'GB/s':>9} {'vs copy':>8} {'TFLOP/s':>8}  peers (speedup)"]
+    for k in result["kernels"]:
+        tf = f"{k['tflops']:.2f}" if "tflops" in k else "-"
+        peers = ", ".join(f"{n} {p['speedup']:.2f}x" for n, p in k["peers"].items())
+        lines.append(f"{k['name']:<28} {k['median_s'] * 1e6:>8.1f}us {k['bandwidth_GBps']:>9.1f} "
+                     f"{k['bw_vs_copy']:>7.1%} {tf:>8}  {peers}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), "
+                        "float16, bfloat16 or float32 (sampling logits stay float32)")
+    parser.add_argument("--small", action="store_true", default=None,
+                        help="tiny shapes (automatic on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (5 GPU, 1 CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls; median reported (20 GPU, 3 CPU)")
+    parser.add_argument("--only", default=None, help="comma-separated case names")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> dict:
+    only = [s for s in args.only.split(",") if s] if args.only else None
+    result = run_kernels(args.device, args.dtype, args.small, args.warmup, args.iters, only)
+    print(format_results(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return result
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,85 @@
+"""Helpers the bench subcommands share: timing, progress bars, OOM detection, JSON out."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+
+
+def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: str = "it"):
+    """A tqdm bar on stderr when it is a terminal (disable=None), silent in logs and CI."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False)
+
+
+def time_op(fn: Callable[[], object], device: torch.device, warmup: int = 3,
+            iters: int = 10) -> tuple[list, object]:
+    """Seconds per call of fn, `iters` times after `warmup` calls, and fn's last result.
+
+    CUDA: each call between two CUDA events on the current stream (GPU time, no host
+    overhead once the queue is full). CPU: perf_counter around each call. The result is
+    returned so callers check it and nothing can be skipped as dead code."""
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    device = torch.device(device)
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            out = fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def is_oom(exc: BaseException) -> bool:
+    """A device or host allocation failure (as opposed to a bug)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def write_json(path: str, obj) -> str:
+    """Write obj as indented JSON (NaN/inf become null: strict JSON parsers reject them)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_finite(obj), f, indent=2)
+        f.write("\n")
+    return path
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def sync(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
