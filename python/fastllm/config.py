@@ -105,9 +105,9 @@ class ModelConfig:
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config.json not found in model directory {path!r}")
-        hf = _read_json(config_file)
+        hf = read_json(config_file)
         gen_file = os.path.join(path, "generation_config.json")
-        gen = _read_json(gen_file) if os.path.isfile(gen_file) else {}
+        gen = read_json(gen_file) if os.path.isfile(gen_file) else {}
         return cls.from_hf_dict(hf, gen, source=config_file)
 
     @classmethod
@@ -177,7 +177,8 @@ class ModelConfig:
         )
 
 
-def _read_json(path: str) -> dict:
+def read_json(path) -> dict:
+    """A JSON object from a file; ValueError naming the file when it is not one."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

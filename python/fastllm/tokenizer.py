@@ -19,17 +19,7 @@ from typing import Iterable, Optional, Union
 from tokenizers import Tokenizer as _Backend
 
 from fastllm.chat_template import render_chat_template
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+from fastllm.config import read_json as _read_json
 
 
 def _token_text(value) -> Optional[str]:
