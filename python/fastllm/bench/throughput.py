@@ -59,7 +59,8 @@ def make_requests(num_prompts: int, vocab_size: int, seed: int, input_len: int =
             return [fixed] * num_prompts
         lo, hi = span
         if not 1 <= lo <= hi:
-            raise ValueError(f"--{flag.replace('len', 'range')} must be MIN,MAX with 1 <= MIN <= MAX, got {span}")
+            raise ValueError(f"--{flag.replace('len', 'range')} must be MIN,MAX with "
+                             f"1 <= MIN <= MAX, got {span}")
         return [rng.randint(lo, hi) for _ in range(num_prompts)]
 
     in_lens = lengths(input_len, input_range, "input-len")
@@ -264,11 +265,15 @@ def run(args: argparse.Namespace) -> dict:
     result = run_throughput(loaded, prompts, output_lens, engine_config, hf_modes,
                             pick(args.hf_batch_size, 64, 4), preset_architecture(preset),
                             warmup=not args.no_warmup)
-    import transformers
+    try:        # only the HF baselines need transformers (a test dependency)
+        import transformers
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
     result.update(
         bench="throughput", model=loaded.name, device=_device_name(loaded.device),
         dtype=str(loaded.dtype).replace("torch.", ""), torch=torch.__version__,
-        transformers=transformers.__version__, num_prompts=num_prompts,
+        transformers=hf_version, num_prompts=num_prompts,
         random_lengths=bool(args.random_lengths),
         input_tokens=sum(len(p) for p in prompts), output_tokens=sum(output_lens),
         input_len_range=[min(map(len, prompts)), max(map(len, prompts))],
