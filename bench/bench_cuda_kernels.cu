@@ -63,13 +63,17 @@ void BM_PagedAttentionDecode(benchmark::State& state) {
   cudaMemcpy(tables, h_tables.data(), num_blocks * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(lens, h_lens.data(), S * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(qsl, h_qsl.data(), (S + 1) * 4, cudaMemcpyHostToDevice);
+  const size_t ws_bytes = fastllm::cuda::paged_attention_workspace_bytes(S, H, D, blocks_per_seq, BS);
+  void* workspace = nullptr;
+  if (ws_bytes) cudaMalloc(&workspace, ws_bytes);
   Timer timer;
   for (auto _ : state) {
     state.SetIterationTime(timer.seconds([&] {
       fastllm::cuda::paged_attention(fastllm::cuda::ScalarType::kBF16, out, q, kc, vc, tables, lens, qsl, S, S, H, Hkv,
-                                     D, BS, blocks_per_seq, 0.0884f, nullptr);
+                                     D, BS, blocks_per_seq, 0.0884f, workspace, ws_bytes, nullptr);
     }));
   }
+  cudaFree(workspace);
   state.SetBytesProcessed(state.iterations() * 2 * cache_elems * 2);
   for (void* p : {(void*)q, (void*)out, (void*)kc, (void*)vc, (void*)tables, (void*)lens, (void*)qsl}) cudaFree(p);
 }

@@ -151,3 +151,18 @@ def test_build_reports_no_gpu_here_consistently():
     info = ops.build_info()
     assert info["native"] is True
     assert ops.cuda_available() == (info["cuda"] and torch.cuda.is_available())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq_lens,q_lens", [([3000], [1]), ([1500, 700], [1, 3]), ([2100, 40], [5, 40])])
+def test_paged_attention_split_context_matches_float64(dtype, seq_lens, q_lens):
+    # Few CTAs and long contexts: the CUDA launcher splits the keys and merges partials.
+    q, kc, vc, bt, sl, qsl = make_paged_batch(seq_lens, q_lens, 8, 2, 128, 16, dtype, "cuda", seed=5)
+    assert ops._C.paged_attention_workspace_bytes(q.shape[0], 8, 128, bt.shape[1], 16) > 0
+    out = torch.empty_like(q)
+    ops.paged_attention(out, q, kc, vc, bt, sl, qsl, 128 ** -0.5)
+    ref = torch.empty(q.shape, dtype=torch.float64)
+    reference.paged_attention(ref, q.double().cpu(), kc.double().cpu(), vc.double().cpu(), bt.cpu(), sl.cpu(),
+                              qsl.cpu(), 128 ** -0.5)
+    assert rel_err(out.cpu(), ref) < TOL[dtype]

@@ -157,7 +157,7 @@ static void check_attention_metadata(const TensorView& query, const TensorView& 
 
 void paged_attention(const TensorView& out, const TensorView& query, const TensorView& k_cache,
                      const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
-                     const TensorView& query_start_loc, float scale, int64_t stream) {
+                     const TensorView& query_start_loc, float scale, const TensorView* workspace, int64_t stream) {
   query.check_rank(3).check_float().check_contiguous();
   const int64_t T = query.size(0), H = query.size(1), D = query.size(2);
   out.check_rank(3).check_dtype(query.dtype).check_contiguous().check_same_device(query);
@@ -195,16 +195,43 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
     throw ArgValueError("query: the CUDA paged_attention supports head_dim 64 and 128, got " + std::to_string(D));
   }
   for (const TensorView* t : {&out, &query, &k_cache, &v_cache}) check_aligned(*t);
+  const size_t needed = cuda::paged_attention_workspace_bytes(static_cast<int>(T), static_cast<int>(H),
+                                                              static_cast<int>(D), static_cast<int>(block_tables.size(1)),
+                                                              static_cast<int>(k_cache.size(1)));
+  size_t workspace_bytes = 0;
+  if (workspace != nullptr) {
+    workspace->check_dtype(DType::kF32).check_contiguous().check_same_device(query);
+    check_aligned(*workspace);
+    workspace_bytes = static_cast<size_t>(workspace->numel()) * sizeof(float);
+  }
+  if (workspace_bytes < needed) {
+    throw ArgValueError("workspace: needs " + std::to_string(needed) + " bytes (paged_attention_workspace_bytes), got " +
+                        std::to_string(workspace_bytes));
+  }
   check_cuda(cuda::paged_attention(scalar_type(query.dtype), out.data, query.data, k_cache.data, v_cache.data,
                                    block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
                                    query_start_loc.ptr<int32_t>(), static_cast<int>(T), static_cast<int>(S),
                                    static_cast<int>(H), static_cast<int>(Hkv), static_cast<int>(D),
                                    static_cast<int>(k_cache.size(1)), static_cast<int>(block_tables.size(1)), scale,
+                                   workspace != nullptr ? workspace->data : nullptr, workspace_bytes,
                                    reinterpret_cast<cudaStream_t>(stream)),
              "paged_attention");
 #else
   (void)stream;
+  (void)workspace;
   no_cuda_kernel("paged_attention");
+#endif
+}
+
+int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t max_blocks,
+                                        int64_t block_size) {
+#ifdef FASTLLM_WITH_CUDA
+  return static_cast<int64_t>(cuda::paged_attention_workspace_bytes(static_cast<int>(num_tokens), static_cast<int>(num_heads),
+                                                                    static_cast<int>(head_dim), static_cast<int>(max_blocks),
+                                                                    static_cast<int>(block_size)));
+#else
+  (void)num_tokens, (void)num_heads, (void)head_dim, (void)max_blocks, (void)block_size;
+  return 0;
 #endif
 }
 

@@ -8,10 +8,26 @@ namespace fastllm::cuda {
 
 bool paged_attention_supports(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-static int num_sms(cudaStream_t) {
+static int num_sms() {
   int device = 0, sms = 132;
   if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   return sms;
+}
+
+// The longest context any sequence can have is known on the host from the table width;
+// split it when the grid alone would leave SMs idle (batch 1 with a long context).
+static int num_splits(int num_tokens, int num_heads, int max_blocks, int block_size) {
+  const int max_keys = max_blocks * block_size;
+  const int ctas = num_tokens * num_heads;  // upper bound (HEADS = 1)
+  const int want = std::max(1, (4 * num_sms()) / std::max(1, ctas / 8));
+  return std::max(1, std::min((max_keys + 255) / 256, want));
+}
+
+size_t paged_attention_workspace_bytes(int num_tokens, int num_heads, int head_dim, int max_blocks,
+                                       int block_size) {
+  const int splits = num_splits(num_tokens, num_heads, max_blocks, block_size);
+  if (splits == 1) return 0;
+  return (size_t)num_tokens * num_heads * splits * (head_dim + 2) * sizeof(float);
 }
 
 template <typename T, int D, int HEADS>
@@ -45,41 +61,29 @@ cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, cons
                             const void* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
                             const int32_t* query_start_loc, int num_tokens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
-                            cudaStream_t stream) {
+                            void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   FASTLLM_NVTX_RANGE("paged_attention");
   if (num_tokens == 0) return cudaSuccess;
   if (!paged_attention_supports(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return cudaErrorInvalidValue;
   PagedAttentionParams p{out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                          nullptr, nullptr, nullptr, num_seqs, num_heads, num_kv_heads, block_size, max_blocks,
                          1, 0, scale};
-  // The longest context any sequence can have is known on the host from the table width;
-  // split it when the grid alone would leave SMs idle (batch 1 with a long context).
   const int max_keys = max_blocks * block_size;
-  const int ctas = num_tokens * num_heads;  // upper bound (HEADS = 1)
-  const int want = std::max(1, (4 * num_sms(stream)) / std::max(1, ctas / 8));
-  p.num_splits = std::max(1, std::min((max_keys + 255) / 256, want));
+  p.num_splits = num_splits(num_tokens, num_heads, max_blocks, block_size);
   p.keys_per_split = (max_keys + p.num_splits - 1) / p.num_splits;
-  void* workspace = nullptr;
   if (p.num_splits > 1) {
     const size_t rows = (size_t)num_tokens * num_heads * p.num_splits;
-    cudaError_t err = cudaMallocAsync(&workspace, rows * (head_dim + 2) * sizeof(float), stream);
-    if (err != cudaSuccess) return err;
+    if (workspace == nullptr || workspace_bytes < rows * (head_dim + 2) * sizeof(float)) return cudaErrorInvalidValue;
     p.split_acc = static_cast<float*>(workspace);
     p.split_max = p.split_acc + rows * head_dim;
     p.split_sum = p.split_max + rows;
   }
-  cudaError_t err;
   switch (dtype) {
-    case ScalarType::kF32: err = dispatch_dim<float>(p, head_dim, num_tokens, stream); break;
-    case ScalarType::kF16: err = dispatch_dim<__half>(p, head_dim, num_tokens, stream); break;
-    case ScalarType::kBF16: err = dispatch_dim<__nv_bfloat16>(p, head_dim, num_tokens, stream); break;
-    default: err = cudaErrorInvalidValue;
+    case ScalarType::kF32: return dispatch_dim<float>(p, head_dim, num_tokens, stream);
+    case ScalarType::kF16: return dispatch_dim<__half>(p, head_dim, num_tokens, stream);
+    case ScalarType::kBF16: return dispatch_dim<__nv_bfloat16>(p, head_dim, num_tokens, stream);
   }
-  if (workspace != nullptr) {
-    const cudaError_t free_err = cudaFreeAsync(workspace, stream);
-    if (err == cudaSuccess) err = free_err;
-  }
-  return err;
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace fastllm::cuda

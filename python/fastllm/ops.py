@@ -72,8 +72,14 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
                     query_start_loc, scale: float) -> None:
     """out[T, H, D] = causal attention of query[T, H, D] over each sequence's paged K/V."""
     if _native_for("paged_attention", query) and (query.is_cpu or query.shape[-1] in (64, 128)):
+        workspace = None
+        if query.is_cuda:  # split-context partials, from torch's caching allocator
+            nbytes = _C.paged_attention_workspace_bytes(query.shape[0], query.shape[1], query.shape[2],
+                                                        block_tables.shape[1], k_cache.shape[1])
+            if nbytes:
+                workspace = to_dlpack(torch.empty(nbytes // 4, dtype=torch.float32, device=query.device))
         _C.paged_attention(*_dl(out, query, k_cache, v_cache, block_tables, seq_lens,
-                                query_start_loc), float(scale), _stream(query))
+                                query_start_loc), float(scale), workspace, _stream(query))
     else:
         reference.paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
                                   query_start_loc, scale)

@@ -18,9 +18,13 @@ std::string cuda_archs();              // the archs compiled for ("" without CUD
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,
                        const TensorView& v_cache, const TensorView& slot_mapping, int64_t stream);
 
+// `workspace` (CUDA only, may be null when the size below is 0): a float32 buffer of at
+// least paged_attention_workspace_bytes(...) bytes for the split-context partial results.
 void paged_attention(const TensorView& out, const TensorView& query, const TensorView& k_cache,
                      const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
-                     const TensorView& query_start_loc, float scale, int64_t stream);
+                     const TensorView& query_start_loc, float scale, const TensorView* workspace, int64_t stream);
+int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t max_blocks,
+                                        int64_t block_size);
 
 void fused_softmax(const TensorView& out, const TensorView& scores, float scale, bool causal,
                    int64_t causal_offset, int64_t stream);

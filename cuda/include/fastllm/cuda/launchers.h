@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace fastllm::cuda {
@@ -19,13 +20,17 @@ cudaError_t reshape_and_cache(const void* key, const void* value, void* k_cache,
 
 // Causal paged attention (see paged_attention.cuh). head_dim 64 or 128; num_heads a
 // multiple of num_kv_heads. Long contexts with few CTAs are split across CTAs and merged
-// (flash-decoding); the split workspace comes from the stream-ordered allocator.
+// (flash-decoding); the splits' partial results live in a caller-owned workspace of
+// paged_attention_workspace_bytes(...) bytes (0 when no split is needed), so memory
+// stays with the caller's allocator (and CUDA graphs capture no allocation).
 bool paged_attention_supports(int head_dim);
+size_t paged_attention_workspace_bytes(int num_tokens, int num_heads, int head_dim, int max_blocks,
+                                       int block_size);
 cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, const void* k_cache,
                             const void* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
                             const int32_t* query_start_loc, int num_tokens, int num_seqs, int num_heads,
                             int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
-                            cudaStream_t stream);
+                            void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // softmax(scale * scores) by rows, causal when `causal` (see fused_softmax.cuh).
 cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, int64_t num_rows, int64_t num_cols,
