@@ -105,6 +105,16 @@ def test_hardware_cli_bad_shape_is_a_clear_error(capsys):
     assert "--gemm-shapes" in err and "'32x16' is not MxNxK" in err
 
 
+def test_hardware_cli_bad_device_is_a_clear_error(capsys, monkeypatch):
+    # The device rule is the loader's (one resolve_device for engine, bench and CLI).
+    from fastllm.bench.__main__ import main
+    assert main(["hardware", "--device", "gpu", "--skip", "gemm,copy,allreduce"]) == 2
+    assert "'gpu' is not a device" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["hardware", "--device", "cuda", "--skip", "gemm,copy,allreduce"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
 @pytest.mark.cuda
 def test_gemm_and_copy_on_gpu():
     dev = torch.device("cuda")

@@ -209,3 +209,25 @@ def _args(out, *argv):
     parser = argparse.ArgumentParser()
     sweep.add_arguments(parser)
     return parser.parse_args(["--out", str(out), *argv])
+
+
+def test_sweep_and_throughput_share_one_engine_loop(monkeypatch):
+    """sweep.run_requests is throughput.run_batch plus KV tracking: same requests, same
+    tokens; only finished outputs are built (FINAL_ONLY)."""
+    from fastllm.bench import throughput
+    loaded = models.load(random_weights="tiny", device="cpu", dtype="float32")
+    prompts = sweep.random_prompts(3, 6, loaded.config.vocab_size, seed=1)
+    from fastllm.config import EngineConfig
+    engine = models.make_engine(loaded, EngineConfig(block_size=4, num_kv_blocks=32))
+    calls = []
+    run_batch = throughput.run_batch
+    monkeypatch.setattr(sweep, "run_batch", lambda *a, **k: calls.append(a[1]) or run_batch(*a, **k))
+    built = []
+    make_output = engine._make_output
+    monkeypatch.setattr(engine, "_make_output", lambda g: built.append(g.request_id) or make_output(g))
+    point = sweep.run_requests(engine, prompts, 5, "p")
+    assert calls == [prompts] and len(built) == 3
+    assert point["output_tokens"] == 15 and point["kv_blocks_peak"] > 0
+    token_ids, _ = throughput.fastllm_generate(engine, prompts, [5] * 3, tag="t")
+    outs, _ = throughput.run_batch(engine, prompts, [5] * 3, tag="u")
+    assert [list(o.outputs[0].token_ids) for o in outs] == token_ids

@@ -107,3 +107,18 @@ def test_streaming_detokenizer_on_real_vocab(ours):
     deltas = [detok.add(t) for t in ids + [2]]     # ends with <|im_end|>, skipped
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) + detok.flush() == ours.decode(ids) == text
+
+
+def test_real_gguf_metadata_through_the_shared_reader(gguf_path, ours):
+    # One GGUF metadata reader (model.gguf_loader) serves the model config and the
+    # tokenizer; the model config carries no eos ids (the tokenizer's are checked above).
+    from fastllm.model.gguf_loader import config_from_gguf, open_gguf, read_metadata
+    reader = open_gguf(gguf_path)
+    config = config_from_gguf(reader, str(gguf_path))
+    assert (config.architecture, config.vocab_size, config.hidden_size, config.num_hidden_layers,
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim) == \
+        ("LlamaForCausalLM", 49152, 576, 30, 9, 3, 64)
+    assert config.tie_word_embeddings and not hasattr(config, "eos_token_ids")
+    meta = read_metadata(reader, prefixes=("tokenizer.ggml.",))
+    assert meta["tokenizer.ggml.model"] == "gpt2" and len(meta["tokenizer.ggml.tokens"]) == 49152
+    assert meta["tokenizer.ggml.tokens"][2] == "<|im_end|>" == ours.id_to_token(2)

@@ -68,3 +68,24 @@ def test_module_entry_point(path, expected):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Hello" + expected[1])
+
+
+def test_cli_sampling_params_go_through_llm_defaults(path, monkeypatch):
+    """One mapping of generation_config.json (LLM.default_sampling_params); the CLI adds
+    its flags on top and falls back to greedy / 128 tokens only where the checkpoint is silent."""
+    from fastllm.generate import build_parser, sampling_params
+    llm = LLM(path, device="cpu", num_kv_blocks=8)
+    config = llm.llm_engine.model_config
+    parse = build_parser().parse_args
+    monkeypatch.setattr(config, "generation_defaults", {})
+    sp = sampling_params(parse(["--prompt", "x"]), llm)
+    assert (sp.temperature, sp.max_tokens, sp.top_p) == (0.0, 128, 1.0)
+    assert llm.default_sampling_params() == SamplingParams()          # vLLM's own defaults
+    monkeypatch.setattr(config, "generation_defaults",
+                        {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 40, "repetition_penalty": 1.1})
+    sp = sampling_params(parse(["--prompt", "x"]), llm)
+    assert sp == llm.default_sampling_params() == llm.get_default_sampling_params()
+    assert (sp.temperature, sp.top_p, sp.max_tokens, sp.repetition_penalty) == (0.7, 0.9, 40, 1.1)
+    sp = sampling_params(parse(["--prompt", "x", "--temperature", "0.3", "--max-tokens", "5"]), llm)
+    assert (sp.temperature, sp.top_p, sp.max_tokens) == (0.3, 0.9, 5)
+    assert llm.default_sampling_params(max_tokens=3).max_tokens == 3

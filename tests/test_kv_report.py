@@ -1,10 +1,10 @@
-"""KV-cache efficiency report: hand-built cases, input checks, and a live engine."""
+"""KV-cache efficiency report (fastllm.engine.stats): hand-built cases, input checks,
+and a live engine."""
 import pytest
 import torch
 
 from fastllm.bench import models
-from fastllm.bench.kv_report import (engine_kv_report, format_kv_report, kv_bytes_per_token,
-                                     kv_cache_report)
+from fastllm.engine.stats import engine_kv_report, format_kv_report, kv_cache_report
 from fastllm.config import EngineConfig
 from fastllm.sampling_params import SamplingParams
 
@@ -57,11 +57,31 @@ def test_bad_input_names_the_field(kwargs, field):
         kv_cache_report(**kwargs)
 
 
-def test_bytes_per_token_llama3_8b():
-    # 32 layers x 8 KV heads x 128 dims x 2 (K and V) x 2 bytes (bf16) = 128 KiB per token.
-    assert kv_bytes_per_token(32, 8, 128, 2) == 131072
-    with pytest.raises(ValueError, match="head_dim"):
-        kv_bytes_per_token(32, 8, 0, 2)
+def test_shared_blocks_count_once():
+    # Two sequences of 20 tokens sharing their first block (16 tokens): 3 distinct blocks.
+    r = kv_cache_report([20, 20], block_size=16, max_model_len=64, block_fill=[16, 4, 4])
+    assert r["blocks_allocated"] == 3 and r["tokens_stored"] == 24 and r["logical_tokens"] == 40
+    assert r["block_utilization"] == 24 / 48
+    assert r["contiguous_utilization"] == 40 / 128 and r["memory_saving_x"] == 128 / 48
+    with pytest.raises(ValueError, match=r"block_fill\[1\]"):
+        kv_cache_report([20], block_size=16, max_model_len=64, block_fill=[16, 17])
+
+
+def test_bench_module_re_exports_the_engine_report():
+    from fastllm.bench import kv_report
+    from fastllm.engine import stats
+    assert kv_report.kv_cache_report is stats.kv_cache_report
+    assert kv_report.track_kv_peak is stats.track_kv_peak
+    assert not hasattr(kv_report, "kv_bytes_per_token")     # ModelRunner.kv_bytes_per_block is the one
+
+
+def test_generate_does_not_import_the_benchmarks():
+    import subprocess
+    import sys
+    code = ("import sys, fastllm.generate; "
+            "assert not any(m.startswith('fastllm.bench') for m in sys.modules), sorted(sys.modules)")
+    env_path = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "python")
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": env_path})
 
 
 def test_format_shows_the_numbers():
@@ -89,12 +109,34 @@ def test_engine_kv_report_matches_the_block_manager():
     assert report["max_model_len"] == 512 and report["block_size"] == 4
     # tiny preset: 2 layers x 2 KV heads x 16 dims x 2 x 4 bytes (float32).
     assert report["bytes_per_token"] == 2 * 2 * 16 * 2 * 4
+    assert report["bytes_per_token"] * 4 == engine.runner.kv_bytes_per_block()
+
+
+def test_engine_kv_report_counts_a_shared_prefix_once():
+    """Prefix-cached blocks held by several sequences: the report and the block manager
+    (EngineStats.kv_slot_utilization) give the same utilization."""
+    loaded = models.load(random_weights="tiny", device="cpu", dtype="float32")
+    engine = models.make_engine(loaded, EngineConfig(block_size=4, num_kv_blocks=64))
+    params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+    prefix = list(range(10, 22))                         # 3 full blocks
+    engine.add_request("first", prefix + [1], params)
+    engine.step()                                        # its prefix blocks are now cached
+    engine.add_request("second", prefix + [2, 3], params)
+    engine.step()
+    running = engine.scheduler.running
+    assert len(running) == 2 and running[0].block_table[:3] == running[1].block_table[:3]
+    report = engine_kv_report(engine)
+    distinct = {b for seq in running for b in seq.block_table}
+    assert report["blocks_allocated"] == len(distinct) < sum(len(s.block_table) for s in running)
+    assert report["block_utilization"] == pytest.approx(engine.block_manager.slot_utilization(running))
+    assert report["block_utilization"] == pytest.approx(engine.get_stats().kv_slot_utilization)
+    assert report["logical_tokens"] == sum(s.num_computed_tokens for s in running)
 
 
 def test_track_kv_peak_around_llm_generate():
     from checkpoints import cached_checkpoint
     from fastllm import LLM
-    from fastllm.bench.kv_report import track_kv_peak
+    from fastllm.engine.stats import track_kv_peak
     llm = LLM(str(cached_checkpoint("llama")), device="cpu", block_size=4, num_kv_blocks=64)
     engine = llm.llm_engine
     prompts = [[5 + i for i in range(n)] for n in (3, 6, 9)]

@@ -127,3 +127,17 @@ def test_stats_after_generate(llm):
     assert stats.prefix_cache_hit_rate > 0
     assert stats.requests and all(r.ttft is not None and r.ttft >= 0 for r in stats.requests)
     assert "prefix cache hit rate" in stats.format()
+
+
+def test_generate_builds_only_final_outputs(llm, monkeypatch):
+    """LLM.generate keeps only finished outputs, so the engine must not build one per
+    request per step (FINAL_ONLY); the caller's SamplingParams are left as they were."""
+    from fastllm.sampling_params import RequestOutputKind
+    engine = llm.llm_engine
+    built = []
+    make_output = engine._make_output
+    monkeypatch.setattr(engine, "_make_output", lambda g: built.append(g.request_id) or make_output(g))
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate([[5, 6, 7], [8, 9], [10]], sp, use_tqdm=False)
+    assert len(built) == 3 and [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]
+    assert sp.output_kind is RequestOutputKind.CUMULATIVE

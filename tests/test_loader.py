@@ -12,7 +12,7 @@ from checkpoints import (gguf_roundtrip, gguf_tensor_type, load_hf_model, write_
                          write_gguf)
 from fastllm.config import ModelConfig
 from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
-from fastllm.model.loader import load_model
+from fastllm.model.loader import load_for_engine, load_model, resolve_device, resolve_dtype
 
 PROMPTS = ([5, 17, 99, 3, 250, 41, 7], [300, 12], [9] * 3 + list(range(40, 70)))
 
@@ -54,7 +54,9 @@ def test_config_reads_hf_dir_and_generation_defaults(tmp_path):
             config.head_dim, config.vocab_size) == (64, 4, 2, 16, 384)
     assert config.attention_bias and not config.o_proj_bias and config.tie_word_embeddings
     assert config.rope_theta == 1e6 and config.rope_scaling is None
-    assert config.eos_token_ids == [2, 5] and config.bos_token_id == 1
+    assert config.bos_token_id == 1
+    # eos ids are the tokenizer's alone (test_eos_ids_come_from_the_tokenizer_only).
+    assert not hasattr(config, "eos_token_ids")
     assert config.generation_defaults == {"temperature": 0.7, "top_p": 0.9}
 
 
@@ -185,7 +187,120 @@ def test_dtype_bfloat16_and_auto(tmp_path):
         load_model(path, dtype="int8")
 
 
+# ------------------------------------------------------------------ dtype / device rules
+CUDA = torch.device("cuda")   # resolve_dtype only looks at the type: no GPU needed
+
+
+@pytest.mark.parametrize("checkpoint_dtype,on_cuda", [
+    ("float16", torch.float16), ("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
+    ("float32", torch.bfloat16), (None, torch.bfloat16)])
+def test_resolve_dtype_auto_rule(checkpoint_dtype, on_cuda):
+    # auto: bf16 on CUDA unless the checkpoint is fp16; fp32 on CPU whatever it says.
+    assert resolve_dtype("auto", CUDA, checkpoint_dtype) == on_cuda
+    assert resolve_dtype("auto", "cpu", checkpoint_dtype) == torch.float32
+
+
+def test_resolve_dtype_names_and_errors():
+    assert resolve_dtype("half", "cpu") == torch.float16
+    assert resolve_dtype("torch.bfloat16", CUDA, "float16") == torch.bfloat16  # explicit wins
+    assert resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="'int8'"):
+        resolve_dtype("int8", "cpu")
+    with pytest.raises(ValueError, match="torch.int8"):
+        resolve_dtype(torch.int8, "cpu")
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="'mps'"):
+        resolve_device("mps")
+    with pytest.raises(ValueError, match="'gpu' is not a device"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == CUDA
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_load_for_engine_and_its_users(tmp_path):
+    from fastllm.bench import models
+    from fastllm.config import EngineConfig
+    from fastllm.engine.llm_engine import LLMEngine
+    path = write_checkpoint(tmp_path, "llama", dtype="float16")   # config.json: float16
+    loaded = load_for_engine(path, dtype="auto", device="cpu")
+    assert loaded.device == torch.device("cpu") and loaded.dtype == torch.float32   # auto on CPU
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert loaded.config == ModelConfig.from_hf_dir(path)
+    # LLMEngine.from_pretrained and the benchmarks' loader resolve the same way.
+    engine = LLMEngine.from_pretrained(str(path), EngineConfig(num_kv_blocks=8, max_model_len=64),
+                                       dtype="bfloat16", device="cpu")
+    assert engine.dtype == torch.bfloat16 and engine.device == torch.device("cpu")
+    assert all(p.dtype == torch.bfloat16 for p in engine.runner.model.parameters())
+    bench = models.load(model=str(path), device="cpu", dtype="auto")
+    assert (bench.device, bench.dtype, bench.config) == (loaded.device, loaded.dtype, loaded.config)
+    assert torch.equal(bench.model.lm_head.weight, loaded.model.lm_head.weight)
+    with pytest.raises(ValueError, match="dtype"):
+        load_for_engine(path, dtype="int4", device="cpu")
+
+
+def test_eos_ids_come_from_the_tokenizer_only(tmp_path):
+    from fastllm.config import EngineConfig
+    from fastllm.engine.llm_engine import LLMEngine
+    from fastllm.sampling_params import SamplingParams
+    from fastllm.tokenizer import Tokenizer
+    # config.json eos 2, generation_config.json eos [2, 5]: the tokenizer holds both.
+    path = write_checkpoint(tmp_path, "llama", generation={"eos_token_id": [2, 5]})
+    hf_tok = Tokenizer.from_pretrained(path)
+    assert hf_tok.eos_token_ids == [2, 5]
+    model, config = load_model(path)
+
+    def generate(eos_ids):
+        """Greedy tokens for one prompt from an engine whose tokenizer ends on eos_ids."""
+        tok = Tokenizer(hf_tok.backend, extra_eos_token_ids=eos_ids)
+        engine = LLMEngine(model, config, EngineConfig(num_kv_blocks=8, max_model_len=64), tok,
+                           device="cpu", dtype=torch.float32)
+        engine.add_request("r", [5, 17, 99, 3], SamplingParams(temperature=0, max_tokens=6))
+        outs = [o for _ in range(20) if engine.has_unfinished_requests() for o in engine.step()]
+        return outs[-1].outputs[0]
+
+    free = generate([])             # no eos: the model's own greedy tokens, all 6
+    assert len(free.token_ids) == 6 and free.finish_reason == "length"
+    # The tokenizer's ids end it: stop on the last token that first appears late.
+    stop_at = max(i for i, t in enumerate(free.token_ids) if t not in free.token_ids[:i])
+    out = generate([free.token_ids[stop_at]])
+    assert out.token_ids == free.token_ids[:stop_at + 1] and out.finish_reason == "stop"
+
+
 # ------------------------------------------------------------------ GGUF
+def test_gguf_metadata_reader(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from fastllm.model.gguf_loader import field_value, open_gguf, read_metadata
+    file = tmp_path / "meta.gguf"
+    w = gguf.GGUFWriter(str(file), "llama")
+    w.add_uint32("llama.block_count", 3)
+    w.add_float32("llama.rope.freq_base", 0.5)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_array("llama.attention.head_count_kv", [4, 4, 2])
+    # A vocabulary piece that is half of a UTF-8 character: U+FFFD, not an error.
+    w.add_array("tokenizer.ggml.tokens", ["a", "世".encode()[:2], "é"])
+    w.add_array("tokenizer.ggml.scores", [0.25, -1.5, 2.0])
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    reader = open_gguf(file)
+    assert read_metadata(reader, prefixes=("tokenizer.",)) == {
+        "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["a", "\ufffd", "é"], "tokenizer.ggml.scores": [0.25, -1.5, 2.0]}
+    meta = read_metadata(reader)
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 3
+    assert meta["llama.rope.freq_base"] == 0.5
+    assert field_value(reader.get_field("llama.attention.head_count_kv")) == [4, 4, 2]
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        open_gguf(tmp_path / "nope.gguf")
+
+
 GGUF_CASES = [("llama", "F32"), ("llama", "F16"), ("llama", "Q8_0"), ("llama-tied", "mixed"),
               ("qwen2", "F32"), ("qwen2", "Q4_0")]
 
@@ -207,7 +322,7 @@ def test_gguf_matches_transformers(tmp_path, arch, tensor_type):
     assert config.architecture == hf_config["architectures"][0]
     assert config.tie_word_embeddings == hf_config["tie_word_embeddings"]
     assert (config.num_key_value_heads, config.vocab_size) == (hf_config["num_key_value_heads"], 384)
-    assert config.eos_token_ids == [2] and config.bos_token_id == 1
+    assert config.bos_token_id == 1 and not hasattr(config, "eos_token_ids")
 
     hf = load_hf_model(hf_path)
     ours = prefill_logits(model, config)

@@ -13,7 +13,11 @@ def _batch(params, prompts=None, outputs=None, eos=(), generators=None):
     prompts = prompts if prompts is not None else [[] for _ in range(n)]
     outputs = outputs if outputs is not None else [[] for _ in range(n)]
     gens = generators if generators is not None else [make_generator(p, "cpu") for p in params]
-    return SamplingBatch.from_requests(params, gens, prompts, outputs, "cpu", eos_token_ids=eos)
+    if eos:
+        params = [p.clone() for p in params]
+        for p in params:
+            p.update_from_tokenizer(eos)     # what the engine does: all_stop_token_ids
+    return SamplingBatch.from_requests(params, gens, prompts, outputs, "cpu", vocab_size=V)
 
 
 def _sample_many(row_logits, params, draws=2000, seed=0):
@@ -198,9 +202,6 @@ def test_min_tokens_blocks_stop_tokens():
 
 
 def test_bad_inputs():
-    batch = _batch([SamplingParams(temperature=0, presence_penalty=1.0)], outputs=[[V + 3]])
-    with pytest.raises(ValueError, match="output_token_ids"):
-        Sampler()(torch.zeros(1, V), batch)
     with pytest.raises(ValueError, match="logits"):
         Sampler()(torch.zeros(2, V), _batch([SamplingParams()]))
     with pytest.raises(ValueError, match="prompt_token_ids"):
@@ -226,3 +227,76 @@ def test_on_cuda_matches_rules():
     reference = torch.log_softmax(logits[0].double(), dim=-1)
     torch.testing.assert_close(first.top_logprobs[0].double(), reference.topk(3).values,
                                atol=1e-5, rtol=0)
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+def _mixed_batch(num_rows=6, penalties=True):
+    params = [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3, V + 10]),
+              SamplingParams(top_k=4, temperature=0.8, seed=1),
+              SamplingParams(top_p=0.7, temperature=1.3, logprobs=2),
+              SamplingParams(min_p=0.2, temperature=0.8),
+              SamplingParams(top_k=9, top_p=0.9, temperature=0.8),
+              SamplingParams(temperature=0.8,
+                             repetition_penalty=1.2 if penalties else 1.0,
+                             presence_penalty=0.5 if penalties else 0.0)][:num_rows]
+    if not penalties:
+        params[0] = SamplingParams(temperature=0)
+    return params, _batch(params, prompts=[[1, 2]] * len(params), outputs=[[4]] * len(params))
+
+
+def test_sampler_never_reads_the_device_back():
+    """On a GPU every host read of a tensor value (int(), bool(), .item(), a boolean mask's
+    nonzero) stalls the step; the sampler must leave the one sync to its caller."""
+    params, batch = _mixed_batch()
+    assert batch.max_top_k == 9 and batch.shared_temperature is None
+    assert batch.banned_tokens[1].tolist() == [3]           # id beyond the vocab dropped on the host
+    logits = torch.randn(len(params), V)
+    with _OpRecorder() as rec:
+        out = Sampler()(logits, batch)
+    host_reads = [f for f, _ in rec.ops if f.__name__.startswith(("_local_scalar_dense", "nonzero", "item"))]
+    assert host_reads == []
+    assert int(out.sampled_token_ids[0]) != 3 and int(out.sampled_token_ids[1]) in logits[1].topk(4).indices
+
+
+def test_shared_temperature_is_found_on_the_host():
+    batch = _batch([SamplingParams(temperature=0.5), SamplingParams(temperature=0),
+                    SamplingParams(temperature=0.5, top_k=3)])
+    assert batch.shared_temperature == 0.5 and batch.max_top_k == 3
+    assert _batch([SamplingParams(temperature=0)]).shared_temperature is None
+
+
+def test_logits_are_copied_only_when_written():
+    """No [S, V] copy of float32 logits unless the min_tokens ban or a penalty writes into
+    them; when they do, the caller's tensor is left as it was."""
+    _, plain = _mixed_batch(penalties=False)
+    logits = torch.randn(6, V)
+    with _OpRecorder() as rec:
+        Sampler()(logits, plain)
+    copies = [f for f, shape in rec.ops if shape == (6, V) and f.__name__.startswith(
+        ("_to_copy", "clone", "copy_"))]
+    assert copies == []
+    _, penalized = _mixed_batch()
+    before = logits.clone()
+    Sampler()(logits, penalized)
+    assert torch.equal(logits, before)
+
+
+def test_rows_without_penalties_need_no_token_lists():
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, presence_penalty=2.0)]
+    logits = torch.zeros(2, V)
+    logits[:, 5] = 1.0
+    logits[:, 6] = 0.5
+    batch = SamplingBatch.from_requests(params, [None, None], [None, [9]], [None, [5]], "cpu",
+                                        num_output_tokens=[0, 1])
+    # Row 1 saw 5 once: 1.0 - 2.0 < 0.5, so it picks 6; row 0 is untouched.
+    assert Sampler()(logits, batch).sampled_token_ids.tolist() == [5, 6]

@@ -42,6 +42,19 @@ def reference_generate(prompt, max_tokens, ignore_eos=False, stop_token_ids=(), 
     return out
 
 
+NEWLINE = 10      # FakeTokenizer: decodes to "\n"; every other id to one letter
+
+
+class FakeTokenizer:
+    """Just what the engine needs: eos ids (the tokenizer is their only source) and
+    decode() for the incremental detokenizer. Token t is one character."""
+    eos_token_ids = [EOS]
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return "".join("\n" if t == NEWLINE else chr(ord("a") + t % 26) for t in ids
+                       if not (skip_special_tokens and t == EOS))
+
+
 class FakeModel:
     def __init__(self):
         self.tokens_fed = 0
@@ -65,14 +78,13 @@ class FakeModel:
         return logits
 
 
-def make_engine(**kw):
+def make_engine(model=None, **kw):
     model_config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=8,
                                intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-                               num_key_value_heads=1, head_dim=2, max_position_embeddings=512,
-                               eos_token_ids=[EOS])
+                               num_key_value_heads=1, head_dim=2, max_position_embeddings=512)
     kw.setdefault("block_size", 4)
     kw.setdefault("num_kv_blocks", 64)
-    return LLMEngine(FakeModel(), model_config, EngineConfig(**kw), None,
+    return LLMEngine(model or FakeModel(), model_config, EngineConfig(**kw), FakeTokenizer(),
                      device=torch.device("cpu"), dtype=torch.float32)
 
 
@@ -340,3 +352,206 @@ def test_stress_500_random_requests_small_cache():
                 assert len(o.token_ids) <= sp.max_tokens
     assert engine.get_stats().num_preemptions > 0
     assert_clean(engine)
+
+
+# -- review fixes: over-long prompts, failed steps, block moves, streaming, outputs ------------
+
+def test_prompt_without_room_is_rejected_with_max_tokens_none():
+    """max_tokens=None means "up to max_model_len": a prompt that already fills it must be
+    refused at add time, not crash the engine later."""
+    engine = make_engine(max_model_len=32)
+    engine.add_request("ok", [5, 6, 7], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for n in (32, 40):
+        with pytest.raises(ValueError, match="max_model_len"):
+            engine.add_request(f"long{n}", [5] * n, SamplingParams(max_tokens=None))
+    prompt = list(range(3, 34))                    # 31 tokens: room for exactly one more
+    engine.add_request("fits", prompt, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+    assert engine.scheduler.max_new_tokens(engine.scheduler.groups["fits"]) == 1
+    out = run_all(engine)
+    assert set(out) == {"ok", "fits"}
+    assert out["ok"].outputs[0].token_ids == reference_generate([5, 6, 7], 10, ignore_eos=True)
+    assert out["fits"].outputs[0].token_ids == reference_generate(prompt, 1, ignore_eos=True)
+    assert out["fits"].outputs[0].finish_reason == "length"
+    assert_clean(engine)
+
+
+class FailingModel(FakeModel):
+    def __init__(self):
+        super().__init__()
+        self.fail = False
+
+    def __call__(self, *args):
+        if self.fail:
+            raise RuntimeError("device fell over")
+        return super().__call__(*args)
+
+
+def test_failed_step_frees_its_requests_and_the_engine_goes_on():
+    model = FailingModel()
+    engine = make_engine(model=model, max_model_len=64)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("a", list(range(3, 12)), sp)
+    engine.add_request("b", [5, 6], sp)
+    engine.step()
+    model.fail = True
+    with pytest.raises(RuntimeError, match="fell over"):
+        engine.step()
+    assert_clean(engine)                           # no blocks held, nothing queued
+    model.fail = False
+    engine.add_request("c", [7, 8, 9], sp)
+    out = run_all(engine)
+    assert set(out) == {"c"}
+    assert out["c"].outputs[0].token_ids == reference_generate([7, 8, 9], 8, ignore_eos=True)
+    assert_clean(engine)
+
+
+def test_scheduler_only_describes_block_moves():
+    """The scheduler never calls the runner: swap-outs, swap-ins and fork copies travel in
+    SchedulerOutput, and the runner applies them (outputs still match the reference)."""
+    import inspect
+    from fastllm.engine import scheduler as scheduler_module
+    params = inspect.signature(scheduler_module.Scheduler).parameters
+    assert "runner" not in params and "cache_ops" not in params
+    assert "self.cache_ops" not in inspect.getsource(scheduler_module)
+
+    engine = make_engine(max_num_batched_tokens=8, num_kv_blocks=24, swap_space=0.001,
+                         max_model_len=96, enable_prefix_caching=False)
+    outputs = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: outputs.append(schedule()) or outputs[-1]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = {"old": list(range(5, 45)), "new": list(range(3, 15))}
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, sp)
+    engine.add_request("fork", [4, 5, 6], SamplingParams(n=2, temperature=0, max_tokens=3,
+                                                         ignore_eos=True))
+    out = run_all(engine)
+    for rid, p in prompts.items():
+        assert out[rid].outputs[0].token_ids == reference_generate(p, 40, ignore_eos=True)
+    swapped_out = [pair for o in outputs for pair in o.blocks_to_swap_out]
+    swapped_in = [pair for o in outputs for pair in o.blocks_to_swap_in]
+    assert swapped_out and sorted(c for _, c in swapped_out) == sorted(c for c, _ in swapped_in)
+    # The fork's partial last block (3 tokens of a 4-token block) is copied once.
+    assert sum(len(o.blocks_to_copy) for o in outputs) == 1
+    assert_clean(engine)
+
+
+class ScriptedModel(FakeModel):
+    """Output i of every sequence is SCRIPT[i] (the prompt has PROMPT_LEN tokens)."""
+    PROMPT_LEN = 3
+    SCRIPT = [0, NEWLINE, NEWLINE, 1, 3]            # "a", "\n", "\n", "b", "d"
+
+    def __call__(self, input_ids, positions, kv_caches, meta):
+        super().__call__(input_ids, positions, kv_caches, meta)
+        logits = torch.zeros(len(meta.seq_lens), VOCAB)
+        for s, seq_len in enumerate(meta.seq_lens.tolist()):
+            logits[s, self.SCRIPT[seq_len - self.PROMPT_LEN]] = 10.0
+        return logits
+
+
+@pytest.mark.parametrize("stop, final", [("\n\n", "a"), ("\nb", "a\n"), ("zz", "a\n\nbd")])
+def test_streamed_text_never_includes_a_stop_string_cut_later(stop, final):
+    """"\n" arrives one step before the "\n" that completes the stop string: the stream
+    must not have sent it, so the deltas concatenate to the final text, and every
+    cumulative output is a prefix of the final one."""
+    from fastllm.sampling_params import RequestOutputKind
+    engine = make_engine(model=ScriptedModel(), max_model_len=64)
+    prompt = [5, 6, 7]
+    engine.add_request("delta", prompt, SamplingParams(temperature=0, max_tokens=5, stop=stop,
+                                                       ignore_eos=True), delta=True)
+    engine.add_request("cumulative", prompt, SamplingParams(
+        temperature=0, max_tokens=5, stop=stop, ignore_eos=True,
+        output_kind=RequestOutputKind.CUMULATIVE))
+    deltas, cumulative, last = [], [], {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            last[o.request_id] = o
+            (deltas if o.request_id == "delta" else cumulative).append(o.outputs[0].text)
+    assert last["delta"].finished and last["cumulative"].outputs[0].text == final
+    assert "".join(deltas) == final
+    assert all(final.startswith(text) for text in cumulative)
+    reason = "length" if stop == "zz" else "stop"
+    assert last["delta"].outputs[0].finish_reason == reason
+    assert_clean(engine)
+
+
+def test_final_only_builds_one_output_per_request(monkeypatch):
+    from fastllm.sampling_params import RequestOutputKind
+    engine = make_engine(max_model_len=64)
+    built = []
+    make_output = engine._make_output
+    monkeypatch.setattr(engine, "_make_output", lambda g: built.append(g.request_id) or make_output(g))
+    prompts = random_prompts(6, random.Random(11))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=6,
+                                                     output_kind=RequestOutputKind.FINAL_ONLY))
+    seen = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            assert o.finished
+            seen.append(o.request_id)
+            assert o.outputs[0].token_ids == reference_generate(prompts[int(o.request_id)], 6)
+    assert sorted(seen) == sorted(built) == sorted(str(i) for i in range(6))
+    assert_clean(engine)
+
+
+def test_runner_stages_the_batch_in_one_buffer():
+    """prepare() writes every index tensor into one host buffer copied at once: the
+    int64 tensors are views of the same storage."""
+    engine = make_engine(max_model_len=64)
+    engine.add_request("a", list(range(3, 12)), SamplingParams(max_tokens=3))
+    engine.add_request("b", [5, 6], SamplingParams(max_tokens=3))
+    engine.step()
+    sched = engine.scheduler.schedule()
+    input_ids, positions, meta = engine.runner.prepare(sched)
+    storage = input_ids.untyped_storage().data_ptr()
+    assert positions.untyped_storage().data_ptr() == storage
+    assert meta.slot_mapping.untyped_storage().data_ptr() == storage
+    seqs = [s.seq for s in sched.scheduled]
+    assert input_ids.tolist() == [s.token_ids[-1] for s in seqs]
+    assert positions.tolist() == [s.num_tokens - 1 for s in seqs]
+    bs = engine.block_manager.block_size
+    assert meta.slot_mapping.tolist() == [engine.block_manager.slot(s, s.num_tokens - 1) for s in seqs]
+    assert meta.seq_lens.dtype == torch.int32 and meta.seq_lens.tolist() == [s.num_tokens for s in seqs]
+    assert meta.query_start_loc.tolist() == [0, 1, 2]
+    assert meta.block_tables.dtype == torch.int32
+    assert meta.block_tables[0, :len(seqs[0].block_table)].tolist() == seqs[0].block_table
+    assert bs == 4
+
+
+def test_penalty_inputs_only_for_penalized_rows(monkeypatch):
+    from fastllm.engine import model_runner
+    calls = []
+    original = model_runner.SamplingBatch.from_requests
+
+    def spy(params, gens, prompts, outputs, *args, **kwargs):
+        calls.append((list(params), list(prompts), list(outputs)))
+        return original(params, gens, prompts, outputs, *args, **kwargs)
+    monkeypatch.setattr(model_runner.SamplingBatch, "from_requests", spy)
+    engine = make_engine(max_model_len=64)
+    engine.add_request("plain", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.add_request("pen", [8, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                     repetition_penalty=1.5))
+    group = engine.scheduler.groups["pen"]
+    run_all(engine)
+    assert len(calls) == 4
+    for params, prompts, outputs in calls:
+        for p, prompt, output in zip(params, prompts, outputs):
+            if p.repetition_penalty == 1.0:
+                assert prompt is None and output is None
+            else:
+                assert prompt is group.prompt_token_tensor          # made once, reused
+                assert output is not None
+
+
+def test_kv_sizing_profiles_the_sampler_at_max_num_seqs(monkeypatch):
+    """A decode step samples max_num_seqs rows of the whole vocab with top-p / top-k:
+    the GPU profile must include that peak."""
+    engine = make_engine(max_num_seqs=7)
+    runner = engine.runner
+    seen = []
+    monkeypatch.setattr(runner, "sampler", lambda logits, batch: seen.append((logits.shape, batch)))
+    runner._profile_sampler()
+    (shape, batch), = seen
+    assert tuple(shape) == (7, VOCAB)
+    assert batch.top_p is not None and batch.top_k is not None and not batch.all_greedy

@@ -166,6 +166,34 @@ def test_special_token_flags(sentencepiece_gguf, byte_level_gguf, hf_dir):
     assert hf.eos_token_ids == [2, 3]  # tokenizer eos + generation_config eos ids
 
 
+def test_eos_ids_from_generation_config_and_config_json(hf_dir, tmp_path):
+    # The tokenizer is the engine's only source of eos ids, so it reads both files
+    # (ModelConfig reads none): tokenizer eos 2, generation_config [4, 2], config.json 3.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((hf_dir / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 3}))
+    assert Tokenizer.from_pretrained(tmp_path).eos_token_ids == [2, 3]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [4, 2]}))
+    assert Tokenizer.from_pretrained(tmp_path).eos_token_ids == [2, 4, 3]
+
+
+def test_gguf_eos_id_whose_text_is_not_a_vocabulary_entry(tmp_path):
+    # A byte-level GGUF whose eos (id 2) is a control token spelled outside the byte
+    # alphabet (a raw space): it is not added as a special token, so its text maps to no
+    # id; the id itself must still end generation. <|eot|> (id 3) is the eot id.
+    tokens = ["<|endoftext|>", "<s>", "</s> x", "<|eot|>"] + [
+        c for c in map(chr, range(33, 127))] + ["Ġ", "ab"]
+    types = [3, 3, 3, 3] + [1] * (len(tokens) - 4)
+    path = tmp_path / "eos.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2"); w.add_token_list(tokens); w.add_token_types(types)
+    w.add_token_merges(["a b"]); w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_eot_token_id(3)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    tok = Tokenizer.from_pretrained(path)
+    assert tok.eos_token_id is None          # "</s> x" is not a token of the backend
+    assert tok.eos_token_ids == [2, 3, 0]    # eos and eot by id, then llama.cpp's EOG <|endoftext|>
+
+
 def test_chat_template_errors(hf_dir):
     tok = Tokenizer.from_pretrained(hf_dir)
     with pytest.raises(ValueError, match="bad role tool"):

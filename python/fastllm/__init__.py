@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "fastllm.llm",
     "SamplingParams": "fastllm.sampling_params",
+    "RequestOutputKind": "fastllm.sampling_params",
     "RequestOutput": "fastllm.outputs",
     "CompletionOutput": "fastllm.outputs",
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 # HF `architectures[0]` values the Llama-family model implements.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -48,8 +48,9 @@ class ModelConfig:
     attention_bias: bool = False      # bias on q/k/v projections (always on for Qwen2)
     o_proj_bias: bool = False         # Llama's attention_bias also biases o_proj; Qwen2's does not
     mlp_bias: bool = False
+    # Informational (e.g. for a transformers config of the same shape). The ids that end
+    # generation are the tokenizer's (Tokenizer.eos_token_ids), not read here.
     bos_token_id: Optional[int] = None
-    eos_token_ids: list = field(default_factory=list)
     pad_token_id: Optional[int] = None
     # Mistral v0.1 attends over a 4096-token window; attention here is full, so the
     # engine must keep max_model_len <= sliding_window when it is set.
@@ -147,8 +148,6 @@ class ModelConfig:
             sliding_window = None  # Qwen2 carries a window size but disables it by default
 
         bos = generation.get("bos_token_id", hf.get("bos_token_id"))
-        eos_token_ids = _as_id_list(hf.get("eos_token_id")) + _as_id_list(generation.get("eos_token_id"))
-        eos_token_ids = list(dict.fromkeys(eos_token_ids))  # dedupe, keep order
         dtype = hf.get("dtype", hf.get("torch_dtype"))
         return cls(
             architecture=architecture,
@@ -168,7 +167,6 @@ class ModelConfig:
             o_proj_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             bos_token_id=bos,
-            eos_token_ids=eos_token_ids,
             pad_token_id=hf.get("pad_token_id"),
             sliding_window=sliding_window,
             dtype=str(dtype) if dtype is not None else None,
@@ -187,12 +185,6 @@ def read_json(path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
-
-
-def _as_id_list(value: Any) -> list:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:

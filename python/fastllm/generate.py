@@ -16,8 +16,11 @@ import sys
 import time
 from typing import Optional
 
-from fastllm.bench.kv_report import format_kv_report, track_kv_peak
+from fastllm.engine.stats import format_kv_report, track_kv_peak
 from fastllm.sampling_params import SamplingParams
+
+# Where neither a flag nor the checkpoint's generation_config.json says otherwise.
+CLI_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,17 +69,14 @@ def read_prompts(args, parser) -> list[str]:
 
 
 def sampling_params(args, llm) -> SamplingParams:
-    """Flags first, then the checkpoint's generation_config.json, then greedy / 128 tokens."""
-    gen = llm.llm_engine.model_config.generation_defaults or {}
-
-    def pick(flag, key, fallback):
-        return flag if flag is not None else gen.get(key, fallback)
-
-    return SamplingParams(max_tokens=pick(args.max_tokens, "max_new_tokens", 128),
-                          temperature=pick(args.temperature, "temperature", 0.0),
-                          top_p=pick(args.top_p, "top_p", 1.0), top_k=pick(args.top_k, "top_k", -1),
-                          min_p=gen.get("min_p", 0.0),
-                          repetition_penalty=gen.get("repetition_penalty", 1.0))
+    """Flags first, then the checkpoint's generation_config.json (LLM.default_sampling_params),
+    then CLI_DEFAULTS (greedy, 128 tokens)."""
+    flags = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+             "top_p": args.top_p, "top_k": args.top_k}
+    checkpoint = llm.generation_defaults()
+    overrides = {k: v for k, v in CLI_DEFAULTS.items() if k not in checkpoint}
+    overrides.update((k, v) for k, v in flags.items() if v is not None)
+    return llm.default_sampling_params(**overrides)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

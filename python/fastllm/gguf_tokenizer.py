@@ -74,24 +74,10 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _read_metadata(path: Path) -> dict:
-    try:
-        from gguf import GGUFReader
-    except ImportError as e:  # a runtime dependency, but say what is missing
-        raise RuntimeError("reading a GGUF tokenizer needs the 'gguf' package (pip install gguf)") from e
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
-    meta = {}
-    for key, f in reader.fields.items():
-        if not (key.startswith("tokenizer.") or key == "general.architecture"):
-            continue
-        try:
-            meta[key] = f.contents()
-        except UnicodeDecodeError:
-            # A token that is not valid UTF-8 on its own: keep it readable, do not fail.
-            meta[key] = [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
-    return meta
+    """The tokenizer.* metadata (and general.architecture), parsed by the model loader's
+    one GGUF metadata reader."""
+    from fastllm.model.gguf_loader import open_gguf, read_metadata
+    return read_metadata(open_gguf(path), prefixes=("tokenizer.", "general.architecture"))
 
 
 def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -201,8 +187,11 @@ def load_gguf_tokenizer(path) -> GGUFTokenizerData:
     if user:
         backend.add_tokens(user)
 
+    # The single source of the ids that end generation (the model config reads none):
+    # eos by id (its text may not be in a byte-level vocabulary), eot/eom, and the
+    # control tokens llama.cpp treats as end of generation.
     extra_eos = []
-    for key in ("eot_token_id", "eom_token_id"):
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
         if meta.get(f"tokenizer.ggml.{key}") is not None:
             extra_eos.append(int(meta[f"tokenizer.ggml.{key}"]))
     extra_eos += [i for i, (t, ty) in enumerate(zip(tokens, types))

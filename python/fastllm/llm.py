@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from typing import Optional, Sequence, Union
@@ -14,7 +15,7 @@ from typing import Optional, Sequence, Union
 from fastllm.config import EngineConfig
 from fastllm.engine.llm_engine import LLMEngine
 from fastllm.outputs import RequestOutput
-from fastllm.sampling_params import SamplingParams
+from fastllm.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = Union[str, list[int]]
 
@@ -49,13 +50,20 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
-    def default_sampling_params(self) -> SamplingParams:
-        """SamplingParams() with the checkpoint's generation_config.json defaults, as vLLM
-        applies them (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)."""
+    def generation_defaults(self) -> dict:
+        """The checkpoint's generation_config.json sampling defaults, under SamplingParams'
+        names (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens)."""
         defaults = dict(self.llm_engine.model_config.generation_defaults or {})
         if "max_new_tokens" in defaults:
             defaults["max_tokens"] = defaults.pop("max_new_tokens")
-        return SamplingParams(**defaults)
+        return defaults
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams() with the checkpoint's generation_config.json defaults, as vLLM
+        applies them, then `overrides` (any SamplingParams field) on top."""
+        return SamplingParams(**{**self.generation_defaults(), **overrides})
+
+    get_default_sampling_params = default_sampling_params     # vLLM's name
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
@@ -97,11 +105,16 @@ class LLM:
 
     def _run(self, prompts, params, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
+        # Only finished outputs are kept, so the engine builds nothing per step.
+        final_only: dict[int, SamplingParams] = {}
+        for sp in params:
+            if id(sp) not in final_only:
+                final_only[id(sp)] = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
         ids = []
         try:
             for prompt, sp in zip(prompts, params):
                 rid = str(next(self._request_counter))
-                engine.add_request(rid, prompt, sp)
+                engine.add_request(rid, prompt, final_only[id(sp)])
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)       # leave the engine clean for the next call

@@ -15,6 +15,13 @@ from typing import Optional, Union
 _SAMPLING_EPS = 1e-5
 
 
+class RequestOutputKind(enum.Enum):
+    """What LLMEngine.step() returns for a request (vLLM's names)."""
+    CUMULATIVE = 0    # every step it produced something: everything so far
+    DELTA = 1         # every step it produced something: only what is new (streaming)
+    FINAL_ONLY = 2    # once, when it finishes (LLM.generate: nothing built per step)
+
+
 class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1        # drawn from the engine's global generator (LLM(seed=...))
@@ -48,6 +55,7 @@ class SamplingParams:
     logprobs: Optional[int] = None    # top-N logprobs per sampled token (plus the chosen one)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled from the tokenizer by the engine (not a user knob), as vLLM's
     # _all_stop_token_ids: eos ids (unless ignore_eos) + stop_token_ids.
     all_stop_token_ids: set = field(default_factory=set, init=False, repr=False, compare=False)
@@ -106,6 +114,8 @@ class SamplingParams:
             fail("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be a list of non-negative integers")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            fail("output_kind", "must be a RequestOutputKind")
 
     @property
     def sampling_type(self) -> SamplingType:
@@ -125,6 +135,15 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+    @property
+    def output_text_buffer_length(self) -> int:
+        """Characters a streamed output holds back until the request finishes: a stop
+        string may be completed by a later token and then cut from the text, so its
+        first len(stop) - 1 characters must not reach the client early."""
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self.stop) - 1
 
     def update_from_tokenizer(self, eos_token_ids) -> None:
         """Let the engine add the model's eos ids to the stop set (not when ignore_eos)."""

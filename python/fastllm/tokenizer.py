@@ -12,7 +12,6 @@ file follow one rule. Streaming decode lives in `fastllm.detokenizer`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -127,12 +126,13 @@ class Tokenizer:
         elif (path / "chat_template.json").is_file():
             chat_template = _read_json(path / "chat_template.json").get("chat_template", chat_template)
 
-        # Generation stops on the tokenizer's eos and on every eos the generation config
-        # lists (Llama 3 Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
-        gen_path = path / "generation_config.json"
-        if not gen_path.is_file():
-            gen_path = path / "config.json"
-        extra_eos = _id_list(_read_json(gen_path).get("eos_token_id")) if gen_path.is_file() else []
+        # The single source of the ids that end generation (ModelConfig reads none): the
+        # tokenizer's eos, every eos generation_config.json lists (Llama 3 Instruct:
+        # <|end_of_text|>, <|eom_id|>, <|eot_id|>) and config.json's.
+        extra_eos = []
+        for name in ("generation_config.json", "config.json"):
+            if (path / name).is_file():
+                extra_eos += _id_list(_read_json(path / name).get("eos_token_id"))
 
         return cls(backend, bos_token=bos, eos_token=eos, unk_token=_token_text(config.get("unk_token")),
                    pad_token=_token_text(config.get("pad_token")), add_bos_token=add_bos,
@@ -151,8 +151,9 @@ class Tokenizer:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Ids that end generation: the tokenizer's eos, the generation config's eos
-        ids and (GGUF) the end-of-generation tokens llama.cpp recognises."""
+        """Ids that end generation, the engine's only source of them: the tokenizer's
+        eos, the eos ids of generation_config.json and config.json and (GGUF) eos/eot/eom
+        and the end-of-generation tokens llama.cpp recognises."""
         return list(self._eos_token_ids)
 
     @property

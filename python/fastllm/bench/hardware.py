@@ -233,7 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = _resolve_device(args.device)
+    from fastllm.model.loader import resolve_device
+    device = resolve_device(args.device)
     d = dict(GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)
     shapes = _parse_shapes(args.gemm_shapes) if args.gemm_shapes else d["gemm_shapes"]
     dtypes = [_parse_dtype(s) for s in _split(args.dtypes)] if args.dtypes else \
@@ -286,20 +287,6 @@ def run(args: argparse.Namespace) -> dict:
 def format_result(res: dict) -> str:
     flag = "" if res.get("check_ok", True) else "  WRONG RESULT: do not trust this figure"
     return f"{res['label']:<44} {res['value']:>10.3f} {res['unit']:<8} [{res['formula']}]{flag}"
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} but torch sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return device
 
 
 def _describe(device: torch.device) -> str:

@@ -51,7 +51,7 @@ def hf_config_from_model_config(config: ModelConfig, architecture: Optional[str]
                   max_position_embeddings=config.max_position_embeddings,
                   tie_word_embeddings=config.tie_word_embeddings, hidden_act="silu",
                   bos_token_id=config.bos_token_id,
-                  eos_token_id=(config.eos_token_ids or [None])[0],
+                  eos_token_id=None,   # baselines never stop early (see _no_eos)
                   pad_token_id=config.pad_token_id)
     if config.rope_scaling:
         kwargs["rope_scaling"] = dict(config.rope_scaling)

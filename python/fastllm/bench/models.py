@@ -55,24 +55,21 @@ class LoadedModel:
 def load(model: Optional[str] = None, random_weights: Optional[str] = None,
          device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
     """Exactly one of `model` (HF directory or .gguf) and `random_weights` (a preset name)."""
-    from fastllm.engine.llm_engine import resolve_device, resolve_dtype
+    from fastllm.model.loader import load_for_engine, resolve_device, resolve_dtype
     if (model is None) == (random_weights is None):
         raise ValueError("give exactly one of --model PATH and --random-weights PRESET")
-    dev = resolve_device(device)
     if random_weights is not None:
         if random_weights not in RANDOM_PRESETS:
             raise ValueError(f"--random-weights {random_weights!r} is not a preset; "
                              f"choose from {', '.join(RANDOM_PRESETS)}")
+        dev = resolve_device(device)
         config = ModelConfig(architecture="LlamaForCausalLM", **RANDOM_PRESETS[random_weights])
-        torch_dtype = resolve_dtype(dtype, dev, None)
+        torch_dtype = resolve_dtype(dtype, dev)
         return LoadedModel(random_model(config, torch_dtype, dev, seed), config, dev, torch_dtype,
                            f"random:{random_weights}")
-    from fastllm.model.loader import load_model
     if not os.path.exists(model):
         raise ValueError(f"--model {model!r} does not exist")
-    checkpoint_dtype = ModelConfig.from_hf_dir(model).dtype if os.path.isdir(model) else None
-    torch_dtype = resolve_dtype(dtype, dev, checkpoint_dtype)
-    net, config = load_model(model, dtype=torch_dtype, device=dev)
+    net, config, dev, torch_dtype = load_for_engine(model, dtype=dtype, device=device)
     return LoadedModel(net, config, dev, torch_dtype, model)
 
 

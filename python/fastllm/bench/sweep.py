@@ -13,7 +13,7 @@ Three sweeps (pick with --sweeps; all by default), each request a random-token p
 - max-num-seqs: one engine per --max-num-seqs value, --num-prompts requests each.
 
 Every point records throughput, KV blocks (total and peak in use), preemptions and the
-KV-cache efficiency at its fullest step (fastllm.bench.kv_report). A point that runs out
+KV-cache efficiency at its fullest step (fastllm.engine.stats.KVPeakTracker). A point that runs out
 of memory, or whose configuration the engine refuses (a ValueError such as a KV cache
 too small for one request), is recorded with its error instead of ending the sweep.
 Output: OUT/sweep.json and OUT/<sweep>.png.
@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from typing import Optional, Sequence
 
 import torch
 
 from fastllm.bench import models
-from fastllm.bench.kv_report import KVPeakTracker, format_kv_report
 from fastllm.bench.runner import is_oom, progress, write_json
+from fastllm.bench.throughput import run_batch
 from fastllm.config import EngineConfig
+from fastllm.engine.stats import KVPeakTracker, format_kv_report
 from fastllm.profiling import maybe_profile, nvtx_range
-from fastllm.sampling_params import SamplingParams
 
 SWEEPS = ("batching", "memory", "max-num-seqs")
 
@@ -74,29 +73,19 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list:
 
 
 def run_requests(engine, prompts: list, output_len: int, tag: str) -> dict:
-    """Submit every prompt at once, step the engine until all finish, and measure.
-    The KV report is the one of the step with the most blocks in use."""
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    """Submit every prompt at once, step the engine until all finish (throughput.run_batch),
+    and measure. The KV report is the one of the step with the most blocks in use."""
     stats0 = engine.get_stats()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", prompt, params)
     kv = KVPeakTracker(engine)
-    output_tokens, ttfts, finished = 0, [], 0
     bar = progress(None, desc=tag, total=len(prompts), unit="req")
-    t0 = time.perf_counter()
-    while engine.has_unfinished_requests():
-        outputs = engine.step()
-        kv.observe()
-        for out in outputs:
-            if out.finished:
-                finished += 1
-                bar.update(1)
-                output_tokens += sum(len(c.token_ids) for c in out.outputs)
-                m = out.metrics
-                if m is not None and m.first_token_time is not None:
-                    ttfts.append(m.first_token_time - m.arrival_time)
-    elapsed = time.perf_counter() - t0 - kv.overhead_s     # engine time only
+    outputs, elapsed = run_batch(engine, prompts, [output_len] * len(prompts), tag,
+                                 after_step=kv.observe, on_finished=lambda _: bar.update(1))
+    elapsed -= kv.overhead_s                                # engine time only
     bar.close()
+    finished = len(outputs)
+    output_tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    ttfts = [out.metrics.first_token_time - out.metrics.arrival_time for out in outputs
+             if out.metrics is not None and out.metrics.first_token_time is not None]
     stats = engine.get_stats()
     prompt_tokens = sum(len(p) for p in prompts)
     return {

@@ -27,7 +27,7 @@ import argparse
 import os
 import random
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -37,7 +37,7 @@ from fastllm.bench.hf_baseline import (HFUnavailable, agreement, hf_config_from_
                                        hf_static_generate)
 from fastllm.bench.runner import sync, write_json
 from fastllm.config import EngineConfig
-from fastllm.sampling_params import SamplingParams
+from fastllm.sampling_params import RequestOutputKind, SamplingParams
 
 HF_MODES = ("static", "continuous")
 
@@ -69,22 +69,38 @@ def make_requests(num_prompts: int, vocab_size: int, seed: int, input_len: int =
     return prompts, out_lens
 
 
-def fastllm_generate(engine, prompts: list, output_lens: list, tag: str = "bench") -> tuple[list, float]:
-    """Every request submitted at once, greedy with ignore_eos, stepped to completion
-    (LLM.generate's loop). -> (generated token ids per prompt, elapsed seconds)."""
+def run_batch(engine, prompts: list, output_lens: list, tag: str = "bench",
+              after_step: Optional[Callable[[], None]] = None,
+              on_finished: Optional[Callable[[object], None]] = None) -> tuple[list, float]:
+    """The benchmarks' engine loop (LLM.generate's): every request submitted at once,
+    greedy with ignore_eos, final outputs only, stepped to completion. after_step() runs
+    after every step (inside the timed region: callers subtract its own cost);
+    on_finished(output) as each request finishes.
+    -> (RequestOutput per prompt, in order; elapsed seconds)."""
     results = {}
     sync(engine.device)
     t0 = time.perf_counter()
     for i, (prompt, n) in enumerate(zip(prompts, output_lens)):
         engine.add_request(f"{tag}-{i}", prompt,
-                           SamplingParams(max_tokens=int(n), ignore_eos=True, temperature=0.0))
+                           SamplingParams(max_tokens=int(n), ignore_eos=True, temperature=0.0,
+                                          output_kind=RequestOutputKind.FINAL_ONLY))
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                results[out.request_id] = list(out.outputs[0].token_ids)
+                results[out.request_id] = out
+                if on_finished is not None:
+                    on_finished(out)
+        if after_step is not None:
+            after_step()
     sync(engine.device)
     elapsed = time.perf_counter() - t0
     return [results[f"{tag}-{i}"] for i in range(len(prompts))], elapsed
+
+
+def fastllm_generate(engine, prompts: list, output_lens: list, tag: str = "bench") -> tuple[list, float]:
+    """run_batch -> (generated token ids per prompt, elapsed seconds)."""
+    outputs, elapsed = run_batch(engine, prompts, output_lens, tag)
+    return [list(out.outputs[0].token_ids) for out in outputs], elapsed
 
 
 def summarize(outputs: list, output_lens: list, elapsed: float) -> dict:

@@ -152,12 +152,18 @@ class BlockManager:
         self._block_tokens.clear()
 
     # -- stats -----------------------------------------------------------------------
-    def slot_utilization(self, seqs) -> float:
-        """Tokens stored / slots in the blocks these sequences hold (shared blocks once)."""
+    def block_fill(self, seqs) -> dict[int, int]:
+        """block id -> tokens stored in it, over the blocks these sequences hold; a block
+        shared by several sequences (prefix caching, forks) appears once."""
         filled: dict[int, int] = {}
         bs = self.block_size
         for seq in seqs:
             for i, block_id in enumerate(seq.block_table):
                 n = min(bs, max(0, seq.num_computed_tokens - i * bs))
                 filled[block_id] = max(filled.get(block_id, 0), n)
-        return sum(filled.values()) / (len(filled) * bs) if filled else 0.0
+        return filled
+
+    def slot_utilization(self, seqs) -> float:
+        """Tokens stored / slots in the blocks these sequences hold (shared blocks once)."""
+        filled = self.block_fill(seqs)
+        return sum(filled.values()) / (len(filled) * self.block_size) if filled else 0.0

@@ -5,16 +5,16 @@
     while engine.has_unfinished_requests():
         for out in engine.step(): ...
 
-step() = Scheduler.schedule() -> ModelRunner.execute() -> mark computed -> append the
-sampled tokens, fork n > 1 samples, detokenize, check stops -> RequestOutputs of every
-request that produced something (cumulative, or only the new part for requests added
-with delta=True, for streaming).
+step() = Scheduler.schedule() -> ModelRunner.execute() (block moves, forward, sample)
+-> mark computed -> append the sampled tokens, fork n > 1 samples, detokenize, check
+stops -> RequestOutputs, as each request's SamplingParams.output_kind asks: CUMULATIVE
+(everything so far, every step it produced something), DELTA (only the new part, for
+streaming; delta=True in add_request) or FINAL_ONLY (once, when it finishes).
 """
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from typing import Optional, Union
 
@@ -27,42 +27,16 @@ from fastllm.engine.model_runner import ModelRunner, SampledToken
 from fastllm.engine.scheduler import Scheduler
 from fastllm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from fastllm.engine.stats import EngineStats, request_latency
+# resolve_device / resolve_dtype live in the loader; re-exported for existing callers.
+from fastllm.model.loader import resolve_device, resolve_dtype  # noqa: F401
 from fastllm.model.sampler import make_generator
 from fastllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fastllm.profiling import nvtx_range
-from fastllm.sampling_params import SamplingParams
+from fastllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _MAX_LATENCY_RECORDS = 10_000
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but torch sees no CUDA GPU; use device='cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {str(device)!r}")
-    return device
-
-
-def resolve_dtype(dtype, device: torch.device, checkpoint_dtype: Optional[str]) -> torch.dtype:
-    """'auto': the checkpoint's half-precision dtype (bf16 when it names none) on GPU,
-    float32 on CPU (half precision on CPU is slow and loses the HF-parity guarantee)."""
-    from fastllm.model.loader import _DTYPES
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).lower().replace("torch.", "")
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        ckpt = _DTYPES.get(str(checkpoint_dtype).replace("torch.", ""))
-        return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use auto, float32, float16 or bfloat16")
-    return _DTYPES[name]
 
 
 class LLMEngine:
@@ -74,14 +48,15 @@ class LLMEngine:
         self.device = torch.device(device)
         self.dtype = dtype
         engine_config.resolve_max_model_len(model_config)
-        eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
-        self.eos_token_ids = list(dict.fromkeys(eos + list(model_config.eos_token_ids or [])))
+        # The tokenizer is the only source of the ids that end generation.
+        self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else []
         torch.manual_seed(engine_config.seed)    # unseeded random sampling draws from here
         self.runner = ModelRunner(model, model_config, engine_config, device=self.device,
-                                  dtype=dtype, eos_token_ids=self.eos_token_ids)
+                                  dtype=dtype)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching)
-        self.scheduler = Scheduler(engine_config, self.block_manager, cache_ops=self.runner)
+        self.scheduler = Scheduler(engine_config, self.block_manager,
+                                   num_swap_blocks=self.runner.num_swap_blocks)
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.finished_latencies: collections.deque = collections.deque(maxlen=_MAX_LATENCY_RECORDS)
@@ -90,19 +65,14 @@ class LLMEngine:
     def from_pretrained(cls, model: str, engine_config: Optional[EngineConfig] = None,
                         dtype="auto", device="auto", tokenizer=None) -> "LLMEngine":
         """Load `model` (HF directory or .gguf file) and its tokenizer."""
-        from fastllm.config import ModelConfig
-        from fastllm.model.loader import load_model
+        from fastllm.model.loader import load_for_engine
         engine_config = engine_config or EngineConfig()
-        device = resolve_device(device)
-        checkpoint_dtype = None
-        if os.path.isdir(model):
-            checkpoint_dtype = ModelConfig.from_hf_dir(model).dtype
-        torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype)
-        net, model_config = load_model(model, dtype=torch_dtype, device=device)
+        loaded = load_for_engine(model, dtype=dtype, device=device)
         if tokenizer is None:
             from fastllm.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_pretrained(model)
-        return cls(net, model_config, engine_config, tokenizer, device=device, dtype=torch_dtype)
+        return cls(loaded.model, loaded.config, engine_config, tokenizer,
+                   device=loaded.device, dtype=loaded.dtype)
 
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int], None],
@@ -110,7 +80,8 @@ class LLMEngine:
                     prompt_token_ids: Optional[list[int]] = None,
                     arrival_time: Optional[float] = None, delta: bool = False) -> None:
         """Queue a request. `prompt` is text (needs a tokenizer) or a list of token ids.
-        delta=True: this request's outputs carry only the text/tokens new since the last one.
+        delta=True: shorthand for output_kind=RequestOutputKind.DELTA (only the text/tokens
+        new since the last output).
         Raises ValueError for a request that could never run (too long, bigger than the cache)."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -135,8 +106,9 @@ class LLMEngine:
                                  f"in [0, {vocab}) (the model's vocab_size)")
         params = params.clone()
         params.update_from_tokenizer(self.eos_token_ids)
+        if delta:
+            params.output_kind = RequestOutputKind.DELTA
         group = SequenceGroup(str(request_id), text, prompt_token_ids, params, arrival_time)
-        group.delta = delta
         group.generator = make_generator(params, self.device)
         self.scheduler.add(group)
 
@@ -163,9 +135,25 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.group.first_scheduled_time is None:
                 s.seq.group.first_scheduled_time = now
-        results = self.runner.execute(sched)
+        try:
+            results = self.runner.execute(sched)
+        except BaseException:
+            # Drop the requests of the failed step (their KV is in an unknown state) so
+            # the engine stays usable for the others, then let the caller see the error.
+            self._abort_step(sched)
+            raise
+        if not sched.scheduled:          # only block moves this step
+            return []
         with nvtx_range("update"):
             return self._update(sched, results)
+
+    def _abort_step(self, sched) -> None:
+        ids = {s.seq.request_id for s in sched.scheduled}
+        # Swapped out in this step: the copy to CPU may not have happened.
+        ids.update(seq.request_id for seq in sched.preempted if seq.status is SequenceStatus.SWAPPED)
+        if ids:
+            logger.error("step failed: aborting requests %s", sorted(ids))
+            self.abort_request(sorted(ids))
 
     def _update(self, sched, results) -> list[RequestOutput]:
         self.scheduler.mark_computed(sched)
@@ -187,8 +175,10 @@ class LLMEngine:
                 self._check_stop(each)
         outputs = []
         for group in touched.values():
-            outputs.append(self._make_output(group))
-            if group.is_finished:
+            finished = group.is_finished
+            if finished or group.sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._make_output(group))
+            if finished:
                 group.finish_time = now
                 self.scheduler.retire(group)
                 self.finished_latencies.append(request_latency(group))
@@ -258,29 +248,37 @@ class LLMEngine:
         if seq.detokenizer is None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.group.prompt_token_ids,
                                                      seq.params.skip_special_tokens)
-        pending = seq.output_token_ids[len(seq.detokenizer.output_token_ids):]
-        if not add_last:
-            pending = pending[:-1]
-        if not pending:
+        detok = seq.detokenizer
+        # Counters, not list copies: this runs for every sampled token.
+        start = seq.prompt_len + len(detok.token_ids) - detok.num_context_tokens
+        end = seq.num_tokens if add_last else seq.num_tokens - 1
+        if start >= end:
             return 0
-        new = seq.detokenizer.add(pending)
+        new = detok.add(seq.token_ids[start:end])
         seq.output_text += new
         return len(new)
 
     # -- outputs -------------------------------------------------------------------------
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
         completions = []
+        params = group.sampling_params
         for seq in sorted(group.seqs, key=lambda s: s.index):
-            token_ids, text = seq.output_token_ids, seq.output_text
-            logprobs = seq.logprobs
-            if group.delta:
+            # A running sequence's last characters may be the start of a stop string that
+            # a later token completes (and that is then cut): hold them back until then.
+            num_chars = len(seq.output_text)
+            if not seq.status.is_finished:
+                num_chars = max(0, num_chars - params.output_text_buffer_length)
+            t0 = c0 = 0
+            if params.output_kind is RequestOutputKind.DELTA:
                 t0, c0 = group.num_returned_tokens[seq.index], group.num_returned_chars[seq.index]
-                group.num_returned_tokens[seq.index] = len(token_ids)
-                group.num_returned_chars[seq.index] = len(text)
-                token_ids, text = token_ids[t0:], text[c0:]
-                logprobs = logprobs[t0:] if logprobs is not None else None
+                num_chars = max(num_chars, c0)
+                group.num_returned_tokens[seq.index] = seq.num_output_tokens
+                group.num_returned_chars[seq.index] = num_chars
+            token_ids = seq.token_ids[seq.prompt_len + t0:]
+            text = seq.output_text[c0:num_chars]
+            logprobs = seq.logprobs[t0:] if seq.logprobs is not None else None
             completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(token_ids),
+                index=seq.index, text=text, token_ids=token_ids,
                 cumulative_logprob=seq.cumulative_logprob, logprobs=logprobs,
                 finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason))
         metrics = RequestMetrics(

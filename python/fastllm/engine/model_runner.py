@@ -7,6 +7,10 @@ model sees one super-sequence of T = sum(q_i) tokens (seeds/001):
   query_start_loc [S+1] int32
 and returns the logits of each sequence's last query token, [S, V]. Only rows whose
 known tokens are all computed after this step are sampled (a mid-prefill chunk is not).
+
+Before the forward pass the runner applies the scheduler's block moves (it is the only
+one that touches KV tensors): fork copies, swap-outs to the preallocated (pinned, on a
+GPU) CPU swap space, swap-ins back.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
 from fastllm.model.sampler import Sampler, SamplingBatch
 from fastllm.outputs import Logprob
 from fastllm.profiling import nvtx_range
+from fastllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +46,29 @@ class SampledToken:
 
 class ModelRunner:
     def __init__(self, model, model_config, engine_config, *,
-                 device: torch.device, dtype: torch.dtype, eos_token_ids=()):
+                 device: torch.device, dtype: torch.dtype):
         self.model = model
         self.model_config = model_config
         self.config = engine_config
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = engine_config.block_size
-        self.eos_token_ids = list(eos_token_ids)
         self.sampler = Sampler()
         self.num_kv_blocks = engine_config.num_kv_blocks or self._auto_num_blocks()
         self.kv_caches = allocate_kv_caches(model_config, self.num_kv_blocks, self.block_size,
                                             dtype=dtype, device=self.device)
+        # CPU swap space: swap_space GiB of blocks, made once (pinned on a GPU, so swaps
+        # are asynchronous copies); the scheduler hands out its block ids.
+        self.num_swap_blocks = int(engine_config.swap_space * (1 << 30)) // self.kv_bytes_per_block()
+        pin = self.device.type == "cuda"
+        self.swap_caches = [
+            (torch.empty((self.num_swap_blocks,) + k.shape[1:], dtype=dtype, pin_memory=pin),
+             torch.empty((self.num_swap_blocks,) + v.shape[1:], dtype=dtype, pin_memory=pin))
+            for k, v in self.kv_caches] if self.num_swap_blocks else []
+        # Host staging for prepare(): one int64 buffer, pinned on a GPU and reused; the
+        # event marks when the last copy out of it is done (before it is overwritten).
+        self._staging: Optional[torch.Tensor] = None
+        self._staging_copied: Optional[torch.cuda.Event] = None
 
     # -- KV cache sizing ---------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -100,6 +116,7 @@ class ModelRunner:
                                          device=self.device))
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         self.model(ids, positions, caches, meta)
+        self._profile_sampler()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del caches
@@ -113,62 +130,117 @@ class ModelRunner:
                     num, self.block_size, num * per_block / (1 << 30), peak / (1 << 30))
         return num
 
-    # -- CacheOps for the scheduler ------------------------------------------------------
-    def swap_out(self, block_ids: list[int]):
-        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        pin = self.device.type == "cuda"
-        saved = []
-        for k, v in self.kv_caches:
-            k_cpu, v_cpu = k.index_select(0, idx).cpu(), v.index_select(0, idx).cpu()
-            saved.append((k_cpu.pin_memory(), v_cpu.pin_memory()) if pin else (k_cpu, v_cpu))
-        return saved
+    def _profile_sampler(self) -> None:
+        """A decode step's sampler peak: [max_num_seqs, V] float32 logits, probabilities
+        and the top-p sort (values + indices), far above what the profiled forward's few
+        logits rows need (~1 GB at 256 rows x 128k vocab)."""
+        num_rows = self.config.max_num_seqs
+        logits = torch.randn(num_rows, self.model_config.vocab_size, dtype=torch.float32,
+                             device=self.device)
+        params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=50)] * num_rows
+        batch = SamplingBatch.from_requests(params, [None] * num_rows, [None] * num_rows,
+                                            [None] * num_rows, self.device,
+                                            num_output_tokens=[0] * num_rows)
+        self.sampler(logits, batch)
 
-    def swap_in(self, saved, block_ids: list[int]) -> None:
-        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        for (k, v), (k_cpu, v_cpu) in zip(self.kv_caches, saved):
-            k.index_copy_(0, idx, k_cpu.to(self.device, non_blocking=True))
-            v.index_copy_(0, idx, v_cpu.to(self.device, non_blocking=True))
-
-    def copy_block(self, src: int, dst: int) -> None:
-        for k, v in self.kv_caches:
-            k[dst].copy_(k[src])
-            v[dst].copy_(v[src])
+    # -- block moves the scheduler asked for ---------------------------------------------
+    def apply_cache_ops(self, out: SchedulerOutput) -> None:
+        """Fork copies first: they were decided after the last step, so their source is
+        intact now and a child swapped out in this step must carry the copied block.
+        Then swap-outs (they read blocks this step's forward may overwrite), then swap-ins.
+        All copies are queued on the device's stream, ahead of the forward pass."""
+        if out.blocks_to_copy:
+            src = torch.tensor([s for s, _ in out.blocks_to_copy], dtype=torch.int64, device=self.device)
+            dst = torch.tensor([d for _, d in out.blocks_to_copy], dtype=torch.int64, device=self.device)
+            for k, v in self.kv_caches:
+                k.index_copy_(0, dst, k.index_select(0, src))
+                v.index_copy_(0, dst, v.index_select(0, src))
+        non_blocking = self.device.type == "cuda"
+        for gpu, cpu, n in _runs(out.blocks_to_swap_out):
+            for (k, v), (k_swap, v_swap) in zip(self.kv_caches, self.swap_caches):
+                k_swap[cpu:cpu + n].copy_(k[gpu:gpu + n], non_blocking=non_blocking)
+                v_swap[cpu:cpu + n].copy_(v[gpu:gpu + n], non_blocking=non_blocking)
+        for cpu, gpu, n in _runs(out.blocks_to_swap_in):
+            for (k, v), (k_swap, v_swap) in zip(self.kv_caches, self.swap_caches):
+                k[gpu:gpu + n].copy_(k_swap[cpu:cpu + n], non_blocking=non_blocking)
+                v[gpu:gpu + n].copy_(v_swap[cpu:cpu + n], non_blocking=non_blocking)
 
     # -- the step ------------------------------------------------------------------------
+    def _host_buffer(self, num: int) -> tuple[np.ndarray, torch.Tensor]:
+        """An int64 host buffer of `num` elements (numpy view, torch view of the same memory)."""
+        if self.device.type != "cuda":
+            buf = np.empty(num, dtype=np.int64)       # fresh: the CPU tensors alias it
+            return buf, torch.from_numpy(buf)
+        if self._staging is None or self._staging.numel() < num:
+            self._staging = torch.empty(max(num, 2 * (0 if self._staging is None else
+                                                      self._staging.numel())),
+                                        dtype=torch.int64, pin_memory=True)
+            self._staging_copied = None
+        elif self._staging_copied is not None:
+            self._staging_copied.synchronize()       # last step's copy has left the buffer
+        host = self._staging[:num]
+        return host.numpy(), host
+
     def prepare(self, out: SchedulerOutput) -> tuple:
-        """(input_ids, positions, AttentionMetadata) for the scheduled mix."""
+        """(input_ids, positions, AttentionMetadata) for the scheduled mix. Everything is
+        written into one int64 host buffer, laid out as
+            input_ids [T] | positions [T] | slot_mapping [T] | seq_lens [S] |
+            query_start_loc [S+1] | block_tables [S * max_blocks]
+        and copied to the device at once; the tensors are views of the device copy (the
+        int32 ones cast there)."""
         bs = self.block_size
         scheduled = out.scheduled
         num_seqs = len(scheduled)
+        num_tokens = sum(s.num_tokens for s in scheduled)
         max_blocks = max(len(s.seq.block_table) for s in scheduled)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        ids, pos, slots, seq_lens = [], [], [], np.empty(num_seqs, dtype=np.int32)
-        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
+        t3, s1 = 3 * num_tokens, 3 * num_tokens + num_seqs
+        total = s1 + num_seqs + 1 + num_seqs * max_blocks
+        buf, host = self._host_buffer(total)
+        ids, pos, slots = buf[:num_tokens], buf[num_tokens:2 * num_tokens], buf[2 * num_tokens:t3]
+        seq_lens, query_start_loc = buf[t3:s1], buf[s1:s1 + num_seqs + 1]
+        block_tables = buf[s1 + num_seqs + 1:total].reshape(num_seqs, max_blocks)
+        block_tables.fill(0)
+        query_start_loc[0] = 0
+        t = 0
         for i, s in enumerate(scheduled):
-            seq = s.seq
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_tokens
-            table = np.asarray(seq.block_table, dtype=np.int64)
+            seq, q = s.seq, s.num_tokens
+            start = seq.num_computed_tokens
+            table = seq.block_table
             block_tables[i, :len(table)] = table
-            p = np.arange(start, end, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            seq_lens[i] = end
-            query_start_loc[i + 1] = query_start_loc[i] + s.num_tokens
-
-        def dev(a, dtype):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).to(self.device, non_blocking=True)
-
-        meta = AttentionMetadata(slot_mapping=dev(np.concatenate(slots), torch.int64),
-                                 block_tables=dev(block_tables, torch.int32),
-                                 seq_lens=dev(seq_lens, torch.int32),
-                                 query_start_loc=dev(query_start_loc, torch.int32))
-        return dev(np.concatenate(ids), torch.int64), dev(np.concatenate(pos), torch.int64), meta
+            if q == 1:                                   # decode: no numpy temporaries
+                ids[t] = seq.token_ids[start]
+                pos[t] = start
+                slots[t] = table[start // bs] * bs + start % bs
+            else:
+                p = np.arange(start, start + q, dtype=np.int64)
+                ids[t:t + q] = seq.token_ids[start:start + q]
+                pos[t:t + q] = p
+                slots[t:t + q] = block_tables[i, p // bs] * bs + p % bs
+            t += q
+            seq_lens[i] = start + q
+            query_start_loc[i + 1] = t
+        if self.device.type == "cuda":
+            dev = host.to(self.device, non_blocking=True)
+            self._staging_copied = torch.cuda.Event()
+            self._staging_copied.record()
+        else:
+            dev = host
+        meta = AttentionMetadata(
+            slot_mapping=dev[2 * num_tokens:t3],
+            block_tables=dev[s1 + num_seqs + 1:total].view(num_seqs, max_blocks).to(torch.int32),
+            seq_lens=dev[t3:s1].to(torch.int32),
+            query_start_loc=dev[s1:s1 + num_seqs + 1].to(torch.int32))
+        return dev[:num_tokens], dev[num_tokens:2 * num_tokens], meta
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[list[SampledToken]]:
         """Forward the scheduled tokens; per scheduled sequence, its sampled tokens
-        (num_samples of them: 0 mid-prefill, n when a group forks)."""
+        (num_samples of them: 0 mid-prefill, n when a group forks). The scheduler's block
+        moves are applied first."""
+        with nvtx_range("cache_ops"):
+            self.apply_cache_ops(out)
+        if not out.scheduled:
+            return []
         with nvtx_range("prepare"):
             input_ids, positions, meta = self.prepare(out)
         with nvtx_range("forward"):
@@ -177,20 +249,31 @@ class ModelRunner:
             return self._sample(out, logits)
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> list[list[SampledToken]]:
-        rows, params, gens, prompts, outputs = [], [], [], [], []
+        rows, params, gens, prompts, outputs, num_outputs = [], [], [], [], [], []
         for i, s in enumerate(out.scheduled):
+            if not s.num_samples:
+                continue
             seq = s.seq
+            group = seq.group
+            p = group.sampling_params
+            # Token lists only for the penalties (most requests have none): the prompt's
+            # tensor is made once per request, the outputs are read as they are now.
+            penalized = p.has_penalties
+            prompt = group.prompt_token_tensor if penalized and p.repetition_penalty != 1.0 else None
+            output = seq.output_token_ids if penalized else None
             for _ in range(s.num_samples):
                 rows.append(i)
-                params.append(seq.params)
-                gens.append(seq.group.generator)
-                prompts.append(seq.group.prompt_token_ids)
-                outputs.append(seq.output_token_ids)
+                params.append(p)
+                gens.append(group.generator)
+                prompts.append(prompt)
+                outputs.append(output)
+                num_outputs.append(seq.num_output_tokens)
         results: list[list[SampledToken]] = [[] for _ in out.scheduled]
         if not rows:
             return results
         batch = SamplingBatch.from_requests(params, gens, prompts, outputs, device=self.device,
-                                            eos_token_ids=self.eos_token_ids)
+                                            num_output_tokens=num_outputs,
+                                            vocab_size=logits.shape[1])
         if rows != list(range(logits.shape[0])):      # some rows mid-prefill, or a fork
             logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64, device=logits.device))
         sampled = self.sampler(logits, batch)
@@ -211,6 +294,19 @@ class ModelRunner:
                 tok.top_logprobs = top
             results[i].append(tok)
         return results
+
+
+def _runs(pairs: list[tuple[int, int]]):
+    """(a, b, n) for each run of pairs where both ids go up by one: one copy per run
+    instead of one per block."""
+    i = 0
+    while i < len(pairs):
+        a, b = pairs[i]
+        n = 1
+        while i + n < len(pairs) and pairs[i + n] == (a + n, b + n):
+            n += 1
+        yield a, b, n
+        i += n
 
 
 def _available_ram() -> int:

@@ -7,6 +7,10 @@ admitted FCFS, their prompt chunked to what is left of the budget when chunked p
 on. When the KV cache runs out, the most recently arrived running sequence is preempted:
 by recompute (its blocks are freed and it goes back to the head of the waiting queue) or,
 with swap_space > 0, by copying its KV to CPU memory until blocks free up again.
+
+The scheduler only decides: the block moves (swap out, swap in, fork copies) go out in
+SchedulerOutput and the ModelRunner carries them out before its forward pass, so data
+flows one way (engine -> scheduler -> block manager; engine -> runner -> sampler).
 """
 from __future__ import annotations
 
@@ -14,21 +18,12 @@ import bisect
 import collections
 import logging
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Optional
 
 from fastllm.engine.block_manager import BlockManager
 from fastllm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 logger = logging.getLogger(__name__)
-
-
-class CacheOps(Protocol):
-    """What the scheduler needs from whoever owns the KV tensors (the ModelRunner)."""
-
-    def swap_out(self, block_ids: list[int]): ...          # -> handle holding a CPU copy
-    def swap_in(self, handle, block_ids: list[int]) -> None: ...
-    def copy_block(self, src: int, dst: int) -> None: ...
-    def kv_bytes_per_block(self) -> int: ...
 
 
 @dataclass
@@ -43,17 +38,26 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     num_batched_tokens: int = 0
     preempted: list[Sequence] = field(default_factory=list)
+    # Block moves for the runner, applied before the forward pass (see ModelRunner.apply_cache_ops):
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (GPU block, CPU block)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)   # (CPU block, GPU block)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)      # (src, dst): forks since the last step
+
+    @property
+    def has_cache_ops(self) -> bool:
+        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.has_cache_ops
 
 
 class Scheduler:
-    def __init__(self, config, block_manager: BlockManager, cache_ops: Optional[CacheOps] = None):
+    def __init__(self, config, block_manager: BlockManager, num_swap_blocks: int = 0):
+        """num_swap_blocks: blocks of CPU swap space (ModelRunner.num_swap_blocks); 0 = always
+        preempt by recompute."""
         self.config = config
         self.block_manager = block_manager
-        self.cache_ops = cache_ops
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []       # sorted by Sequence.sort_key (arrival order)
         self.swapped: collections.deque[Sequence] = collections.deque()
@@ -62,10 +66,13 @@ class Scheduler:
         self.num_swaps_out = 0
         self.num_prefill_tokens_computed = 0    # prompt (and recomputed) tokens fed to the model
         self.num_decode_tokens_computed = 0
-        self.num_swap_blocks = 0
-        self.num_swap_blocks_used = 0
-        if config.swap_space and cache_ops is not None:
-            self.num_swap_blocks = int(config.swap_space * (1 << 30)) // max(1, cache_ops.kv_bytes_per_block())
+        self.num_swap_blocks = num_swap_blocks
+        self.free_swap_blocks: list[int] = list(range(num_swap_blocks - 1, -1, -1))
+        self._pending_copies: list[tuple[int, int]] = []   # fork copies for the next step
+
+    @property
+    def num_swap_blocks_used(self) -> int:
+        return self.num_swap_blocks - len(self.free_swap_blocks)
 
     # -- queue management --------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
@@ -75,6 +82,10 @@ class Scheduler:
             raise ValueError(f"request_id {group.request_id!r} is already in flight")
         if group.prompt_len == 0:
             raise ValueError(f"request {group.request_id!r}: prompt is empty")
+        if group.prompt_len >= cfg.max_model_len:
+            raise ValueError(
+                f"request {group.request_id!r}: prompt ({group.prompt_len} tokens) leaves no room "
+                f"to generate within max_model_len={cfg.max_model_len}")
         max_tokens = self.max_new_tokens(group)
         total = group.prompt_len + max_tokens
         if total > cfg.max_model_len:
@@ -96,7 +107,9 @@ class Scheduler:
 
     def max_new_tokens(self, group: SequenceGroup) -> int:
         max_tokens = getattr(group.sampling_params, "max_tokens", None)
-        return self.config.max_model_len - group.prompt_len if max_tokens is None else max_tokens
+        if max_tokens is None:
+            return max(0, self.config.max_model_len - group.prompt_len)
+        return max_tokens
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -127,10 +140,12 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(seq)
         n = len(seq.block_table)
-        if self.cache_ops is not None and n and self.num_swap_blocks - self.num_swap_blocks_used >= n:
-            # (runner's CPU copy, number of blocks it holds)
-            seq.swapped_kv = (self.cache_ops.swap_out(seq.block_table), n)
-            self.num_swap_blocks_used += n
+        if n and len(self.free_swap_blocks) >= n:
+            # The GPU blocks are free for this very step: the runner copies them out
+            # before the forward pass writes anything.
+            cpu_blocks = [self.free_swap_blocks.pop() for _ in range(n)]
+            out.blocks_to_swap_out.extend(zip(seq.block_table, cpu_blocks))
+            seq.swapped_kv = cpu_blocks
             self.num_swaps_out += 1
             self.block_manager.free(seq)
             seq.status = SequenceStatus.SWAPPED
@@ -150,26 +165,25 @@ class Scheduler:
                 "max_num_batched_tokens%s.", seq.request_id, how, self.num_preemptions,
                 "" if self.num_swap_blocks else ", or set swap_space")
 
-    def _swap_in(self, seq: Sequence) -> bool:
-        handle, n_saved = seq.swapped_kv
-        if n_saved > self.block_manager.num_free_blocks:
+    def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        cpu_blocks = seq.swapped_kv
+        if len(cpu_blocks) > self.block_manager.num_free_blocks:
             return False
-        block_ids = [self.block_manager.allocator.allocate() for _ in range(n_saved)]
-        self.cache_ops.swap_in(handle, block_ids)
+        block_ids = [self.block_manager.allocator.allocate() for _ in cpu_blocks]
+        out.blocks_to_swap_in.extend(zip(cpu_blocks, block_ids))
         seq.block_table = block_ids
         seq.num_registered_blocks = 0   # re-offered to the prefix cache on the next commit
         seq.swapped_kv = None
-        self.num_swap_blocks_used -= n_saved
+        # Reusable from the next step on: swap-outs only happen in steps that preempt,
+        # and those return before any swap-in, so no step both reads and writes them.
+        self.free_swap_blocks.extend(cpu_blocks)
         return True
-
-    @staticmethod
-    def blocks_of_handle(seq: Sequence) -> int:
-        return seq.swapped_kv[1] if seq.swapped_kv is not None else 0
 
     # -- the step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         cfg, bm = self.config, self.block_manager
-        out = SchedulerOutput()
+        out = SchedulerOutput(blocks_to_copy=self._pending_copies)
+        self._pending_copies = []
         budget = cfg.max_num_batched_tokens
 
         def add(seq: Sequence, n: int) -> None:
@@ -202,7 +216,7 @@ class Scheduler:
             if bm.blocks_for_tokens(seq.num_computed_tokens + n) > bm.num_free_blocks:
                 break
             self.swapped.popleft()
-            self._swap_in(seq)
+            self._swap_in(seq, out)
             bm.allocate_slots(seq, n)
             self._insert_running(seq)
             add(seq, n)
@@ -260,7 +274,7 @@ class Scheduler:
                 copy = False
             if copy is not False:
                 if copy is not None:
-                    self.cache_ops.copy_block(*copy)
+                    self._pending_copies.append(copy)     # the runner copies it next step
                 self._insert_running(child)
                 return
         child.block_hashes = list(parent.block_hashes)
@@ -274,7 +288,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         if seq.swapped_kv is not None:
-            self.num_swap_blocks_used -= self.blocks_of_handle(seq)
+            self.free_swap_blocks.extend(seq.swapped_kv)
             seq.swapped_kv = None
 
     def abort(self, request_id: str) -> Optional[SequenceGroup]:

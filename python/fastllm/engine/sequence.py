@@ -57,7 +57,7 @@ class Sequence:
         self.num_tokens_fed = 0                  # tokens this sequence fed to the model, all steps
         self.status = SequenceStatus.WAITING
         self.stop_reason = None                  # the stop string or token id that finished it
-        self.swapped_kv = None                   # handle from the runner while SWAPPED
+        self.swapped_kv: Optional[list[int]] = None   # CPU swap block ids while SWAPPED
         self.output_text = ""                   # detokenized output (stop string trimmed)
         self.detokenizer = None                  # incremental detokenizer state, engine's
         self.cumulative_logprob = None
@@ -138,13 +138,22 @@ class SequenceGroup:
         self.finish_time: Optional[float] = None
         self.first_scheduled_time: Optional[float] = None
         self.generator = None         # torch.Generator shared by the samples when seeded
-        self.delta = False            # stream only what is new since the last output
         self.num_returned_tokens = [0] * self.n    # per sample, for delta outputs
         self.num_returned_chars = [0] * self.n
+        self._prompt_token_tensor = None
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def prompt_token_tensor(self):
+        """The prompt as a [prompt_len] int64 CPU tensor, made once (penalties read it
+        every step)."""
+        if self._prompt_token_tensor is None:
+            import torch
+            self._prompt_token_tensor = torch.tensor(self.prompt_token_ids, dtype=torch.int64)
+        return self._prompt_token_tensor
 
     @property
     def is_finished(self) -> bool:

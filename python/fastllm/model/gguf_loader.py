@@ -8,6 +8,7 @@ model applies HF-style RoPE to both sources. Qwen2 GGUFs keep HF's layout.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -46,10 +47,10 @@ def load_gguf_model(path: str, dtype="auto", device="cpu"):
     from fastllm.model.layers import rope_inv_freq
     from fastllm.model.loader import build_empty_model, load_weights, resolve_dtype
 
-    reader = _open(path)
+    reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     device = torch.device(device)
-    model = build_empty_model(config, resolve_dtype(dtype, config), device)
+    model = build_empty_model(config, resolve_dtype(dtype, device), device)
     load_weights(model, _iter_hf_tensors(reader, config, path), source=path)
     rope_freqs = _find_tensor(reader, "rope_freqs.weight")
     if rope_freqs is not None:
@@ -60,7 +61,8 @@ def load_gguf_model(path: str, dtype="auto", device="cpu"):
 
 
 def config_from_gguf(reader, path: str = "<gguf>") -> ModelConfig:
-    """ModelConfig from GGUF metadata ({arch}.* hyperparameters, tokenizer.ggml.* ids)."""
+    """ModelConfig from GGUF metadata ({arch}.* hyperparameters). Token ids (bos, eos,
+    end-of-generation) are the tokenizer's business: fastllm.gguf_tokenizer reads them."""
     arch = _value(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"{path}: general.architecture {arch!r} is not supported; "
@@ -98,7 +100,6 @@ def config_from_gguf(reader, path: str = "<gguf>") -> ModelConfig:
     if embed is None:
         raise ValueError(f"{path}: missing tensor 'token_embd.weight'")
     vocab_size = int(embed.shape[1])  # ggml order: ne[0] = hidden, ne[1] = vocab
-    eos_ids = [_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return ModelConfig(
         architecture=architecture,
         vocab_size=vocab_size,
@@ -115,7 +116,6 @@ def config_from_gguf(reader, path: str = "<gguf>") -> ModelConfig:
         tie_word_embeddings=_find_tensor(reader, "output.weight") is None,
         attention_bias=architecture == "Qwen2ForCausalLM",
         bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=list(dict.fromkeys(int(i) for i in eos_ids if i is not None)),
         pad_token_id=_value(reader, "tokenizer.ggml.padding_token_id"),
     )
 
@@ -169,17 +169,28 @@ def _dequantize(tensor, path: str) -> np.ndarray:
     return values.reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
-def _open(path: str):
+def open_gguf(path):
+    """A GGUFReader on `path` (memory-mapped); errors name the file."""
+    path = os.fspath(path)
     try:
         from gguf import GGUFReader
     except ImportError as e:
-        raise ImportError("loading GGUF files needs the 'gguf' package (pip install gguf)") from e
+        raise ImportError("reading GGUF files needs the 'gguf' package (pip install gguf)") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+    stat = os.stat(path)
     try:
-        return GGUFReader(path, "r")
+        return _read_gguf(path, stat.st_mtime_ns, stat.st_size)
     except Exception as e:
         raise ValueError(f"{path}: corrupt or unreadable GGUF file ({e})") from e
+
+
+@functools.lru_cache(maxsize=2)
+def _read_gguf(path: str, mtime_ns: int, size: int):
+    # Parsing a GGUF's index takes seconds; the model and the tokenizer both read the same
+    # file at load, so the (memory-mapped, read-only) reader is shared while unchanged.
+    from gguf import GGUFReader
+    return GGUFReader(path, "r")
 
 
 def _find_tensor(reader, name: str):
@@ -190,17 +201,29 @@ def _find_tensor(reader, name: str):
 
 
 def _value(reader, key: str, default=None):
-    """A metadata value as a Python str/int/float/bool/list, or `default` when absent."""
-    from gguf import GGUFValueType
+    """A metadata value (see field_value), or `default` when absent."""
     field = reader.get_field(key)
-    if field is None:
-        return default
+    return default if field is None else field_value(field)
+
+
+def field_value(field):
+    """A GGUF metadata field as a Python str/int/float/bool, or a list of them for an
+    array. Strings are UTF-8; one that is not valid on its own (a vocabulary piece cut
+    inside a character) is decoded with U+FFFD rather than failing."""
+    from gguf import GGUFValueType
 
     def decode(part, value_type):
         if value_type == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        return part.tolist()[0]
+            return [bytes(part).decode("utf-8", errors="replace")]
+        return part.tolist()
 
     if field.types[0] == GGUFValueType.ARRAY:
-        return [decode(field.parts[i], field.types[-1]) for i in field.data]
-    return decode(field.parts[field.data[0]], field.types[0])
+        return [v for i in field.data for v in decode(field.parts[i], field.types[-1])]
+    return decode(field.parts[field.data[0]], field.types[0])[0]
+
+
+def read_metadata(reader, prefixes: tuple = ()) -> dict:
+    """{key: value} of every metadata field (only those whose key starts with one of
+    `prefixes`, when given)."""
+    return {key: field_value(f) for key, f in reader.fields.items()
+            if not prefixes or key.startswith(prefixes)}

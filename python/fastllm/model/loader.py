@@ -1,4 +1,5 @@
-"""Load a model: a Hugging Face directory (config.json + safetensors) or a GGUF file.
+"""Load a model: a Hugging Face directory (config.json + safetensors) or a GGUF file,
+and the one place "auto" devices and dtypes are resolved (resolve_device, resolve_dtype).
 
 Weights stream one tensor at a time (safetensors `safe_open` memory-maps the file)
 straight into parameters created on the meta device and materialised once on the
@@ -9,7 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
 import torch
 
@@ -21,20 +22,36 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Checkpoint entries that are not weights (old Llama conversions store rope buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+class LoadedForEngine(NamedTuple):
+    model: torch.nn.Module
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_for_engine(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = "auto",
+                    device: Union[str, torch.device, None] = "auto") -> LoadedForEngine:
+    """What an engine (LLMEngine.from_pretrained, the benchmarks) runs: the model on the
+    resolved device in the resolved dtype (see resolve_device / resolve_dtype)."""
+    device = resolve_device(device)
+    model, config = load_model(path, dtype=dtype, device=device)
+    return LoadedForEngine(model, config, device, next(model.parameters()).dtype)
+
+
 def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = torch.float32,
-               device: Union[str, torch.device] = "cpu"):
+               device: Union[str, torch.device, None] = "cpu"):
     """-> (model in eval mode, ModelConfig). `path`: an HF model directory or a .gguf file.
-    dtype may be a torch dtype, a name ("bfloat16", ...) or "auto" (the checkpoint's own
-    dtype from config.json; float32 when it names none, e.g. GGUF)."""
+    dtype: a torch dtype, a name ("bfloat16", ...) or "auto" (see resolve_dtype)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
-    device = torch.device(device)
+    device = resolve_device(device)
     if os.path.isfile(path):
         if not _is_gguf(path):
             raise ValueError(f"model file {path!r} is not a GGUF file (expected a .gguf file "
@@ -44,19 +61,42 @@ def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = t
 
     config = ModelConfig.from_hf_dir(path)
     files = safetensors_files(path)
-    model = build_empty_model(config, resolve_dtype(dtype, config), device)
+    model = build_empty_model(config, resolve_dtype(dtype, device, config.dtype), device)
     load_weights(model, _iter_safetensors(files, device), source=path)
     return model, config
 
 
-def resolve_dtype(dtype: Union[torch.dtype, str], config: ModelConfig) -> torch.dtype:
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """'auto' (or None): the GPU when torch sees one, else the CPU; else 'cpu' or 'cuda[:N]'."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {str(device)!r} is not a device ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but torch sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+def resolve_dtype(dtype: Union[torch.dtype, str], device: Union[str, torch.device],
+                  checkpoint_dtype: Optional[str] = None) -> torch.dtype:
+    """A torch dtype from a dtype or its name. 'auto': on CUDA the checkpoint's half
+    precision (float16 when config.json says float16, else bfloat16, also for GGUF and
+    float32 checkpoints); float32 on CPU (half precision there is slow and loses the
+    parity with transformers in float32)."""
     if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in _SUPPORTED_DTYPES:
             raise ValueError(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
         return dtype
     name = str(dtype).lower().replace("torch.", "")
     if name == "auto":
-        return _DTYPES.get(str(config.dtype).replace("torch.", ""), torch.float32)
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        ckpt = _DTYPES.get(str(checkpoint_dtype).lower().replace("torch.", ""))
+        return torch.float16 if ckpt == torch.float16 else torch.bfloat16
     if name not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use auto, float32, float16 or bfloat16")
     return _DTYPES[name]
