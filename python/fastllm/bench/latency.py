@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from fastllm.bench import models
-from fastllm.bench.runner import write_json
+from fastllm.bench.runner import add_engine_arguments, write_json
 from fastllm.bench.throughput import add_model_arguments, load_model, make_requests
 from fastllm.config import EngineConfig
 from fastllm.sampling_params import SamplingParams
@@ -122,10 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests in flight in the load scenario (32 GPU, 4 CPU)")
     parser.add_argument("--num-load-requests", type=int, default=None,
                         help="requests in the load scenario (4 x concurrency by default)")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    add_engine_arguments(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
 
 

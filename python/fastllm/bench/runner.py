@@ -11,6 +11,15 @@ from typing import Callable, Iterable, Optional
 import torch
 
 
+def add_engine_arguments(parser) -> None:
+    """The engine knobs every bench that runs LLMEngine takes."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+
+
 def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: str = "it"):
     """A tqdm bar on stderr when it is a terminal (disable=None), silent in logs and CI."""
     from tqdm.auto import tqdm

@@ -35,7 +35,7 @@ from fastllm.bench import models
 from fastllm.bench.hf_baseline import (HFUnavailable, agreement, hf_config_from_model_config,
                                        hf_continuous_generate, hf_model_sharing_weights,
                                        hf_static_generate)
-from fastllm.bench.runner import sync, write_json
+from fastllm.bench.runner import add_engine_arguments, sync, write_json
 from fastllm.config import EngineConfig
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -248,10 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-modes", default=",".join(HF_MODES),
                         help="comma-separated transformers baselines: static, continuous")
     parser.add_argument("--skip-hf", action="store_true", help="run fastllm alone")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    add_engine_arguments(parser)
     parser.add_argument("--no-warmup", action="store_true", help="time the first (cold) run too")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
 
