@@ -13,7 +13,7 @@ namespace fastllm::cpu {
 template <typename T>
 void fused_softmax(T* out, const T* scores, int64_t num_rows, int64_t num_cols,
                    int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset) {
-  parallel_for(num_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(num_cols, 1)), [&](int64_t begin, int64_t end) {
+  parallel_for(num_rows, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(num_cols, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> row(num_cols);
     for (int64_t r = begin; r < end; ++r) {
       const T* x = scores + r * num_cols;

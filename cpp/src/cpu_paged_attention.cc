@@ -1,6 +1,7 @@
 // One work item per (query token, head): an online softmax over the keys it may see,
 // read through the block table. Query i of a sequence with q_len queries and seq_len
 // cached tokens sits at position seq_len - q_len + i and sees keys [0, that position].
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -22,7 +23,16 @@ void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,
   const int64_t D = s.head_dim, group = s.num_heads / s.num_kv_heads;
   const int64_t kv_row = s.num_kv_heads * D;  // elements per cached token
 
-  parallel_for(s.num_tokens * s.num_heads, 4, [&](int64_t begin, int64_t end) {
+  // Threads pay off only past ~100 us of work per chunk (starting one costs tens of us):
+  // decode over a short context runs inline, long contexts and prefills spread out.
+  int64_t total_keys = 0;
+  for (int64_t seq = 0; seq < s.num_seqs; ++seq) {
+    const int64_t q_len = query_start_loc[seq + 1] - query_start_loc[seq];
+    total_keys += q_len * (seq_lens[seq] - q_len) + q_len * (q_len + 1) / 2;
+  }
+  const int64_t flops_per_item = std::max<int64_t>(1, 4 * D * total_keys / std::max<int64_t>(1, s.num_tokens));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / flops_per_item);
+  parallel_for(s.num_tokens * s.num_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(D), acc(D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / s.num_heads, h = item % s.num_heads, kvh = h / group;
