@@ -1,9 +1,12 @@
-// One work item per (query token, head): an online softmax over the keys it may see,
-// read through the block table. Query i of a sequence with q_len queries and seq_len
-// cached tokens sits at position seq_len - q_len + i and sees keys [0, that position].
+// One work item per (query token, KV head): the GQA group's query heads walk the keys
+// the token may see in tiles of kTile rows, so each K/V row is read and converted once
+// for the whole group. Per head an online softmax (running max m, sum l, acc[D]) is
+// rescaled once per tile. Query i of a sequence with q_len queries and seq_len cached
+// tokens sits at position seq_len - q_len + i and sees keys [0, that position].
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fastllm/cpu/float16.h"
@@ -12,57 +15,90 @@
 
 namespace fastllm::cpu {
 
+namespace {
+constexpr int64_t kTile = 32;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+}  // namespace
+
 template <typename T>
 void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,
                      const int32_t* block_tables, const int32_t* seq_lens,
                      const int32_t* query_start_loc, const PagedAttentionShape& s, float scale) {
   std::vector<int32_t> seq_of_token(s.num_tokens);
+  int64_t total_keys = 0;  // sum over query tokens of the keys each sees
   for (int64_t seq = 0; seq < s.num_seqs; ++seq) {
+    const int64_t q_len = query_start_loc[seq + 1] - query_start_loc[seq];
     for (int32_t t = query_start_loc[seq]; t < query_start_loc[seq + 1]; ++t) seq_of_token[t] = static_cast<int32_t>(seq);
+    total_keys += q_len * (seq_lens[seq] - q_len) + q_len * (q_len + 1) / 2;
   }
   const int64_t D = s.head_dim, group = s.num_heads / s.num_kv_heads;
   const int64_t kv_row = s.num_kv_heads * D;  // elements per cached token
-
   // Threads pay off only past ~100 us of work per chunk (starting one costs tens of us):
   // decode over a short context runs inline, long contexts and prefills spread out.
-  int64_t total_keys = 0;
-  for (int64_t seq = 0; seq < s.num_seqs; ++seq) {
-    const int64_t q_len = query_start_loc[seq + 1] - query_start_loc[seq];
-    total_keys += q_len * (seq_lens[seq] - q_len) + q_len * (q_len + 1) / 2;
-  }
-  const int64_t flops_per_item = std::max<int64_t>(1, 4 * D * total_keys / std::max<int64_t>(1, s.num_tokens));
+  const int64_t flops_per_item = std::max<int64_t>(1, 4 * D * group * total_keys / std::max<int64_t>(1, s.num_tokens));
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / flops_per_item);
-  parallel_for(s.num_tokens * s.num_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(D), acc(D);
+
+  parallel_for(s.num_tokens * s.num_kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(group * D), acc(group * D), k(kTile * D), v(kTile * D), scores(kTile), m(group), l(group);
+    const float* k_rows[kTile];
+    const float* v_rows[kTile];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / s.num_heads, h = item % s.num_heads, kvh = h / group;
+      const int64_t t = item / s.num_kv_heads, kvh = item % s.num_kv_heads;
       const int64_t seq = seq_of_token[t];
       const int64_t q_len = query_start_loc[seq + 1] - query_start_loc[seq];
       const int64_t num_keys = seq_lens[seq] - q_len + (t - query_start_loc[seq]) + 1;
       const int32_t* table = block_tables + seq * s.max_blocks_per_seq;
-      const T* q_row = query + (t * s.num_heads + h) * D;
-      for (int64_t d = 0; d < D; ++d) { q[d] = to_float(q_row[d]) * scale; acc[d] = 0.f; }
+      const T* q_rows = query + (t * s.num_heads + kvh * group) * D;  // the group's heads are adjacent
+      for (int64_t i = 0; i < group * D; ++i) { q[i] = to_float(q_rows[i]) * scale; acc[i] = 0.f; }
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
 
-      float running_max = -std::numeric_limits<float>::infinity(), denom = 0.f;
-      for (int64_t j = 0; j < num_keys; ++j) {
-        const int64_t slot = static_cast<int64_t>(table[j / s.block_size]) * s.block_size + j % s.block_size;
-        const T* k = k_cache + slot * kv_row + kvh * D;
-        const T* v = v_cache + slot * kv_row + kvh * D;
-        float score = 0.f;
-        for (int64_t d = 0; d < D; ++d) score += q[d] * to_float(k[d]);
-        if (score > running_max) {  // rescale what was accumulated under the old max
-          const float correction = std::exp(running_max - score);
-          denom *= correction;
-          for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
-          running_max = score;
+      for (int64_t j0 = 0; j0 < num_keys; j0 += kTile) {
+        const int64_t n = std::min(kTile, num_keys - j0);
+        for (int64_t jj = 0; jj < n; ++jj) {  // the tile's K/V rows as float: in place for fp32
+          const int64_t j = j0 + jj;
+          const int64_t slot = static_cast<int64_t>(table[j / s.block_size]) * s.block_size + j % s.block_size;
+          const T* k_src = k_cache + slot * kv_row + kvh * D;
+          const T* v_src = v_cache + slot * kv_row + kvh * D;
+          if constexpr (std::is_same_v<T, float>) {
+            k_rows[jj] = k_src;
+            v_rows[jj] = v_src;
+          } else {
+            for (int64_t d = 0; d < D; ++d) { k[jj * D + d] = to_float(k_src[d]); v[jj * D + d] = to_float(v_src[d]); }
+            k_rows[jj] = k.data() + jj * D;
+            v_rows[jj] = v.data() + jj * D;
+          }
         }
-        const float p = std::exp(score - running_max);
-        denom += p;
-        for (int64_t d = 0; d < D; ++d) acc[d] += p * to_float(v[d]);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = q.data() + g * D;
+          float tile_max = kNegInf;
+          for (int64_t jj = 0; jj < n; ++jj) {
+            const float* kj = k_rows[jj];
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; ++d) dot += qg[d] * kj[d];
+            scores[jj] = dot;
+            tile_max = std::max(tile_max, dot);
+          }
+          const float new_max = std::max(m[g], tile_max);
+          const float correction = m[g] == kNegInf ? 0.f : std::exp(m[g] - new_max);
+          float* ag = acc.data() + g * D;
+          l[g] *= correction;
+          for (int64_t d = 0; d < D; ++d) ag[d] *= correction;
+          for (int64_t jj = 0; jj < n; ++jj) {
+            const float p = std::exp(scores[jj] - new_max);
+            l[g] += p;
+            const float* vj = v_rows[jj];
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * vj[d];
+          }
+          m[g] = new_max;
+        }
       }
-      T* o = out + (t * s.num_heads + h) * D;
-      const float inv = denom > 0.f ? 1.f / denom : 0.f;
-      for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(acc[d] * inv);
+      T* o = out + (t * s.num_heads + kvh * group) * D;
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        for (int64_t d = 0; d < D; ++d) o[g * D + d] = from_float<T>(acc[g * D + d] * inv);
+      }
     }
   });
 }
