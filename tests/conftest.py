@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -10,3 +12,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    """The default model's GGUF (SmolLM2-135M-Instruct), fetched once into the cache.
+    Skips when it cannot be fetched (no network), except under CI, where that fails."""
+    from fastllm.model import default_model
+    try:
+        return default_model.default_model_path()
+    except RuntimeError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"default model unavailable: {e}")

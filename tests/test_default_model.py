@@ -52,16 +52,6 @@ def test_offline_failure_is_clear(tmp_path, monkeypatch):
 
 # -- the real model --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def gguf_path():
-    try:
-        return default_model.default_model_path()
-    except RuntimeError as e:
-        if os.environ.get("CI"):   # CI has network: a failed fetch there is a failure
-            raise
-        pytest.skip(f"default model unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def ours(gguf_path):
     return Tokenizer.from_pretrained(gguf_path)
 

@@ -1,0 +1,53 @@
+"""The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end: fastllm's greedy
+tokens against transformers loading the same GGUF (gguf_file=, dequantized to float32),
+and the CLI's answer to the README's first command."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fastllm import LLM, SamplingParams  # noqa: E402
+from fastllm import generate  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def llm(gguf_path):
+    return LLM(str(gguf_path), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf(gguf_path):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    return model.eval(), tok
+
+
+@pytest.mark.slow
+def test_greedy_tokens_match_transformers(llm, hf):
+    model, hf_tok = hf
+    chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prompts = [hf_tok(p)["input_ids"] for p in PROMPTS] + [chat]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    eos = set(llm.get_tokenizer().eos_token_ids)
+    for ids, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)[0, len(ids):]
+        ours = out.outputs[0].token_ids
+        assert ours == ref.tolist()[:len(ours)], (ids, ours, ref.tolist())
+        assert len(ours) == MAX_TOKENS or ours[-1] in eos  # stopped only at the length limit or an eos
+    assert "Paris" in outs[0].outputs[0].text and "Paris" in outs[-1].outputs[0].text
+
+
+@pytest.mark.slow
+def test_readme_command_says_paris(gguf_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTLLM_CACHE", str(gguf_path.parent))  # the default model, already cached
+    assert generate.main(["--prompt", "The capital of France is", "--max-tokens", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is") and "Paris" in out
