@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if command -v apt-get >/dev/null && ! dpkg -s libgtest-dev libbenchmark-dev >/dev/null 2>&1; then
+if command -v apt-get >/dev/null && ! dpkg -s libgtest-dev libbenchmark-dev cmake ninja-build >/dev/null 2>&1; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends libgtest-dev libbenchmark-dev cmake ninja-build
