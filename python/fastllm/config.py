@@ -219,8 +219,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     swap_space: float = 0                  # GiB of CPU memory for preempted KV; 0 = recompute
-    enforce_eager: bool = False            # accepted for vLLM compatibility; always eager today
+    enforce_eager: bool = False            # True: never capture CUDA graphs (decode steps run eagerly)
     seed: int = 0
+    # Decode CUDA graphs use block tables of ceil(min(max_model_len, this) / block_size)
+    # columns; a step with a longer sequence runs eagerly (vLLM's name and default).
+    max_seq_len_to_capture: int = 8192
 
     def __post_init__(self):
         def positive_int(name):
@@ -228,7 +231,7 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
 
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_seq_len_to_capture"):
             positive_int(name)
         for name in ("num_kv_blocks", "max_model_len"):
             if getattr(self, name) is not None:

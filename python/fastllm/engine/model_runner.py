@@ -11,6 +11,10 @@ known tokens are all computed after this step are sampled (a mid-prefill chunk i
 Before the forward pass the runner applies the scheduler's block moves (it is the only
 one that touches KV tensors): fork copies, swap-outs to the preallocated (pinned, on a
 GPU) CPU swap space, swap-ins back.
+
+On a GPU, steps that feed one token per sequence (decodes) replay a CUDA graph captured
+at start-up for the smallest batch-size bucket that fits (fastllm.engine.cuda_graphs);
+enforce_eager=True, the CPU, or a failed capture keep every step eager.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fastllm.engine import cuda_graphs
 from fastllm.engine.scheduler import SchedulerOutput
 from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
 from fastllm.model.sampler import Sampler, SamplingBatch
@@ -69,6 +74,10 @@ class ModelRunner:
         # event marks when the last copy out of it is done (before it is overwritten).
         self._staging: Optional[torch.Tensor] = None
         self._staging_copied: Optional[torch.cuda.Event] = None
+        # Decode CUDA graphs, captured once the KV caches exist (they read and write them);
+        # None = every step runs eagerly.
+        self.graph_runner = cuda_graphs.build_decode_graphs(
+            model, self.kv_caches, model_config, engine_config, self.device)
 
     # -- KV cache sizing ---------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -244,7 +253,10 @@ class ModelRunner:
         with nvtx_range("prepare"):
             input_ids, positions, meta = self.prepare(out)
         with nvtx_range("forward"):
-            logits = self.model(input_ids, positions, self.kv_caches, meta)  # [S, V]
+            if self.graph_runner is not None and self.graph_runner.can_run(input_ids, meta):
+                logits = self.graph_runner.run(input_ids, positions, meta)     # [S, V]
+            else:
+                logits = self.model(input_ids, positions, self.kv_caches, meta)  # [S, V]
         with nvtx_range("sample"):
             return self._sample(out, logits)
 
