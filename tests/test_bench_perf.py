@@ -202,3 +202,21 @@ def test_latency_bench_percentiles(tmp_path):
         assert s["ttft"]["max_s"] <= s["e2e"]["max_s"]
         assert s["output_tok_s"] == pytest.approx(n * 5 / s["elapsed_s"])
         assert math.isclose(s["decode_tok_s_per_request"], 1 / s["itl"]["mean_s"])
+
+
+@pytest.mark.parametrize("name, runner", [("throughput", "run_throughput"), ("latency", "run_latency")])
+def test_enforce_eager_flag_reaches_the_engine_config(name, runner, monkeypatch):
+    module = importlib.import_module(f"fastllm.bench.{name}")
+    configs = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(loaded, *args, **kwargs):
+        configs.append(next(a for a in args if type(a).__name__ == "EngineConfig"))
+        raise Stop
+    monkeypatch.setattr(module, runner, capture)
+    for argv, eager in (([], False), (["--enforce-eager"], True)):
+        with pytest.raises(Stop):
+            run_bench(name, ["--random-weights", "tiny", "--device", "cpu", *argv])
+        assert configs[-1].enforce_eager is eager

@@ -231,3 +231,20 @@ def test_sweep_and_throughput_share_one_engine_loop(monkeypatch):
     token_ids, _ = throughput.fastllm_generate(engine, prompts, [5] * 3, tag="t")
     outs, _ = throughput.run_batch(engine, prompts, [5] * 3, tag="u")
     assert [list(o.outputs[0].token_ids) for o in outs] == token_ids
+
+
+def test_sweep_enforce_eager_flag_reaches_every_engine(tmp_path, monkeypatch):
+    configs = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(loaded, cfg):
+        configs.append(cfg)
+        raise Stop
+    monkeypatch.setattr(sweep.models, "make_engine", capture)
+    for argv, eager in (([], False), (["--enforce-eager"], True)):
+        with pytest.raises(Stop):
+            sweep.run(_args(tmp_path / "out", "--random-weights", "--device", "cpu",
+                            "--sweeps", "batching", *argv))
+        assert configs[-1].enforce_eager is eager

@@ -89,3 +89,17 @@ def test_cli_sampling_params_go_through_llm_defaults(path, monkeypatch):
     sp = sampling_params(parse(["--prompt", "x", "--temperature", "0.3", "--max-tokens", "5"]), llm)
     assert (sp.temperature, sp.top_p, sp.max_tokens) == (0.3, 0.9, 5)
     assert llm.default_sampling_params(max_tokens=3).max_tokens == 3
+
+
+def test_enforce_eager_flag_reaches_the_engine(monkeypatch, capsys):
+    import fastllm.llm
+    seen = []
+
+    def fake_llm(model, **kwargs):
+        seen.append(kwargs)
+        raise ValueError("stop here")
+    monkeypatch.setattr(fastllm.llm, "LLM", fake_llm)
+    assert main(["--prompt", "x", "--device", "cpu"]) == 2
+    assert main(["--prompt", "x", "--device", "cpu", "--enforce-eager"]) == 2
+    assert [kw["enforce_eager"] for kw in seen] == [False, True]
+    assert "stop here" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastllm.bench import models
+from fastllm.engine import stats
 from fastllm.engine.stats import engine_kv_report, format_kv_report, kv_cache_report
 from fastllm.config import EngineConfig
 from fastllm.sampling_params import SamplingParams
@@ -152,3 +153,44 @@ def test_track_kv_peak_around_llm_generate():
     assert report["block_utilization"] == 27 / 32
     assert report["preemptions"] == 0
     assert report["prefix_queries"] == 3 + 6 + 9    # every admitted prompt token is looked up
+
+
+def test_kv_peak_tracker_builds_the_report_only_at_a_new_peak(monkeypatch):
+    """Steady-state steps (same number of blocks in use) only read a counter: the
+    O(blocks) report is built at the step a new peak is reached."""
+    loaded = models.load(random_weights="tiny", device="cpu", dtype="float32")
+    engine = models.make_engine(loaded, EngineConfig(block_size=16, num_kv_blocks=16))
+    built = []
+    original = stats.engine_kv_report
+    monkeypatch.setattr(stats, "engine_kv_report", lambda e: built.append(e) or original(e))
+    tracker = stats.KVPeakTracker(engine)
+    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
+    num_steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        tracker.observe()
+        num_steps += 1
+    # 3 + 7 computed tokens fit one block of 16 in every step: one peak, one report
+    # (plus the tracker's starting counters).
+    assert num_steps == 8 and tracker.peak_blocks == 1
+    assert len(built) == 2
+    assert tracker.peak["num_seqs"] == 1 and tracker.peak["blocks_allocated"] == 1
+
+
+def test_track_kv_peak_nests():
+    loaded = models.load(random_weights="tiny", device="cpu", dtype="float32")
+    engine = models.make_engine(loaded, EngineConfig(block_size=4, num_kv_blocks=32))
+    params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+    with stats.track_kv_peak(engine) as outer:
+        engine.add_request("a", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, ignore_eos=True,
+                                                                temperature=0.0))
+        engine.step()
+        with stats.track_kv_peak(engine) as inner:
+            engine.step()
+        assert "step" in vars(engine)              # the outer wrapper is back
+        engine.add_request("b", list(range(20, 29)), params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert "step" not in vars(engine)
+    assert inner.peak_blocks == 2                  # "a" alone: 6 tokens in 2 blocks
+    assert outer.peak_blocks == 2 + 3              # then "a" (7) and "b" (9) together

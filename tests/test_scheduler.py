@@ -9,6 +9,7 @@ Python reference that knows nothing about paging. Fast enough for hundreds of re
 """
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -519,15 +520,18 @@ def test_runner_stages_the_batch_in_one_buffer():
     assert bs == 4
 
 
-def test_penalty_inputs_only_for_penalized_rows(monkeypatch):
+def test_penalty_inputs_only_for_penalized_rows_and_the_prompt_goes_up_once(monkeypatch):
+    """Token lists only for penalized rows; a repetition-penalty prompt is uploaded the
+    first time it is needed and then passed as the group's cached device tensor."""
     from fastllm.engine import model_runner
     calls = []
-    original = model_runner.SamplingBatch.from_requests
+    original = model_runner.SamplingBatch.stage
 
     def spy(params, gens, prompts, outputs, *args, **kwargs):
-        calls.append((list(params), list(prompts), list(outputs)))
-        return original(params, gens, prompts, outputs, *args, **kwargs)
-    monkeypatch.setattr(model_runner.SamplingBatch, "from_requests", spy)
+        staged = original(params, gens, prompts, outputs, *args, **kwargs)
+        calls.append((list(params), list(prompts), list(outputs), dict(staged.arrays)))
+        return staged
+    monkeypatch.setattr(model_runner.SamplingBatch, "stage", staticmethod(spy))
     engine = make_engine(max_model_len=64)
     engine.add_request("plain", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     engine.add_request("pen", [8, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
@@ -535,18 +539,75 @@ def test_penalty_inputs_only_for_penalized_rows(monkeypatch):
     group = engine.scheduler.groups["pen"]
     run_all(engine)
     assert len(calls) == 4
-    for params, prompts, outputs in calls:
+    uploaded_prompt_ids = []
+    for step, (params, prompts, outputs, arrays) in enumerate(calls):
+        uploaded_prompt_ids += arrays.get("new_prompt_ids", np.empty(0, np.int64)).tolist()
         for p, prompt, output in zip(params, prompts, outputs):
             if p.repetition_penalty == 1.0:
                 assert prompt is None and output is None
             else:
-                assert prompt is group.prompt_token_tensor          # made once, reused
                 assert output is not None
+                if step == 0:
+                    assert prompt == [8, 9]
+                else:
+                    assert prompt is group.device_prompt_tokens       # made once, reused
+                    assert prompt.tolist() == [8, 9]
+    assert uploaded_prompt_ids == [8, 9]
 
 
-def test_kv_sizing_profiles_the_sampler_at_max_num_seqs(monkeypatch):
-    """A decode step samples max_num_seqs rows of the whole vocab with top-p / top-k:
-    the GPU profile must include that peak."""
+def test_sampling_batch_is_built_before_the_forward_in_one_upload(monkeypatch):
+    """The step's sampling batch depends only on the schedule: it is built (and uploaded
+    as views of one buffer) before the model runs, so its host work overlaps the forward."""
+    from fastllm.engine import model_runner
+    events = []
+    original = model_runner.SamplingBatch.stage
+    monkeypatch.setattr(model_runner.SamplingBatch, "stage", staticmethod(
+        lambda *a, **k: events.append("batch") or original(*a, **k)))
+
+    class RecordingModel(FakeModel):
+        def __call__(self, *args):
+            events.append("forward")
+            return super().__call__(*args)
+    engine = make_engine(model=RecordingModel(), max_model_len=64, max_num_batched_tokens=8)
+    batches = []
+    sampler = engine.runner.sampler
+    engine.runner.sampler = lambda logits, batch: batches.append(batch) or sampler(logits, batch)
+    prompt = list(range(3, 15))                        # 12 tokens: a mid-prefill chunk first
+    sp = SamplingParams(temperature=0.8, top_p=0.9, top_k=5, min_p=0.01, seed=1, max_tokens=3,
+                        ignore_eos=True, presence_penalty=0.5, repetition_penalty=1.2, min_tokens=2)
+    engine.add_request("a", prompt, sp)
+    run_all(engine)
+    # Step 1 is mid-prefill (nothing sampled); every later step builds before it forwards.
+    assert events == ["forward", "batch", "forward", "batch", "forward", "batch", "forward"]
+    for batch in batches:
+        tensors = [batch.is_greedy, batch.temperature, batch.top_k, batch.top_p, batch.min_p,
+                   batch.presence_penalty, *batch.output_tokens]
+        storages = {t.untyped_storage().data_ptr() for t in tensors}
+        assert len(storages) == 1
+
+
+def test_a_step_samples_at_most_max_num_seqs_rows_at_once():
+    """n > 1 prompts completing together sample n rows each: the runner splits them into
+    chunks of max_num_seqs rows (what the sampler's memory was profiled for)."""
+    engine = make_engine(max_model_len=64, max_num_seqs=3)
+    shapes = []
+    sampler = engine.runner.sampler
+    engine.runner.sampler = lambda logits, batch: shapes.append(tuple(logits.shape)) or sampler(logits, batch)
+    prompts = {"x": [4, 5, 6], "y": [7, 8, 9, 10]}
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, SamplingParams(n=2, temperature=0, max_tokens=3, ignore_eos=True))
+    out = run_all(engine)
+    assert shapes[0] == (3, VOCAB) and shapes[1] == (1, VOCAB)    # 4 rows in the first step
+    assert max(s[0] for s in shapes) <= 3
+    for rid, p in prompts.items():
+        ref = reference_generate(p, 3, ignore_eos=True)
+        assert [c.token_ids for c in out[rid].outputs] == [ref, ref]
+    assert_clean(engine)
+
+
+def test_kv_sizing_profiles_the_sampler_at_its_peak(monkeypatch):
+    """The GPU profile samples max_num_seqs rows of the whole vocab with every filter,
+    penalty and logprobs on, over non-empty token lists: a real step's peak."""
     engine = make_engine(max_num_seqs=7)
     runner = engine.runner
     seen = []
@@ -554,4 +615,129 @@ def test_kv_sizing_profiles_the_sampler_at_max_num_seqs(monkeypatch):
     runner._profile_sampler()
     (shape, batch), = seen
     assert tuple(shape) == (7, VOCAB)
-    assert batch.top_p is not None and batch.top_k is not None and not batch.all_greedy
+    assert batch.top_p is not None and batch.top_k is not None and batch.min_p is not None
+    assert not batch.all_greedy and batch.max_num_logprobs == 20
+    for penalty in (batch.presence_penalty, batch.frequency_penalty, batch.repetition_penalty):
+        assert penalty is not None and bool((penalty != 0).all())
+    assert bool((batch.repetition_penalty != 1).all())
+    for rows, ids in (batch.prompt_tokens, batch.output_tokens):
+        assert sorted(set(rows.tolist())) == list(range(7)) and len(ids) >= 7
+
+
+def test_the_seed_does_not_depend_on_the_startup_profile(monkeypatch):
+    """torch.manual_seed(seed) runs after the runner is built: the KV profile (here run
+    on CPU as on a GPU) draws as many random numbers as max_num_seqs asks for, and must
+    not change the unseeded samples."""
+    from fastllm.engine.model_runner import ModelRunner
+
+    def profiled(self):
+        self._profile_sampler()
+        return 64
+    monkeypatch.setattr(ModelRunner, "_auto_num_blocks", profiled)
+    samples = []
+    for max_num_seqs in (3, 5):
+        engine = make_engine(num_kv_blocks=None, max_num_seqs=max_num_seqs, max_model_len=64, seed=11)
+        for i in range(3):
+            engine.add_request(str(i), [5 + i, 6, 7], SamplingParams(temperature=50.0, max_tokens=8,
+                                                                     ignore_eos=True))
+        out = run_all(engine)
+        samples.append([out[str(i)].outputs[0].token_ids for i in range(3)])
+    assert samples[0] == samples[1]
+    assert len({t for seq in samples[0] for t in seq}) > 5        # really random draws
+
+
+def test_swap_space_is_one_tensor_with_per_layer_views():
+    model_config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=8,
+                               intermediate_size=8, num_hidden_layers=3, num_attention_heads=2,
+                               num_key_value_heads=2, head_dim=4, max_position_embeddings=512)
+    engine = LLMEngine(FakeModel(), model_config,
+                       EngineConfig(block_size=4, num_kv_blocks=16, swap_space=0.0001),
+                       FakeTokenizer(), device=torch.device("cpu"), dtype=torch.float32)
+    runner = engine.runner
+    n = runner.num_swap_blocks
+    assert n == int(0.0001 * (1 << 30)) // runner.kv_bytes_per_block() > 0
+    assert tuple(runner.swap_tensor.shape) == (3, 2, n) + tuple(runner.kv_caches[0][0].shape[1:])
+    assert len(runner.swap_caches) == 3
+    base = runner.swap_tensor.untyped_storage().data_ptr()
+    for layer, (k, v) in enumerate(runner.swap_caches):
+        assert k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() == base
+        assert k.data_ptr() == runner.swap_tensor[layer, 0].data_ptr()
+        assert v.data_ptr() == runner.swap_tensor[layer, 1].data_ptr()
+        assert k.shape == (n,) + runner.kv_caches[layer][0].shape[1:]
+
+
+def test_failed_block_moves_abort_a_forked_child_that_was_not_scheduled(monkeypatch):
+    """The fork copy of a child's last block fails with the step; the child is not in the
+    step (say the budget ran out before it) but must not run on with a garbage block."""
+    engine = make_engine(max_model_len=64, enable_prefix_caching=False)
+    engine.add_request("fork", [4, 5, 6], SamplingParams(n=2, temperature=0, max_tokens=6,
+                                                         ignore_eos=True))
+    engine.add_request("other", [7, 8], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    engine.step()                                    # prefill: "fork" forks, a copy is pending
+    schedule = engine.scheduler.schedule
+
+    def without_the_fork():
+        out = schedule()
+        out.scheduled = [s for s in out.scheduled if s.seq.request_id != "fork"]
+        return out
+    monkeypatch.setattr(engine.scheduler, "schedule", without_the_fork)
+    apply = engine.runner.apply_cache_ops
+
+    def failing(out):
+        if out.blocks_to_copy:
+            raise RuntimeError("copy failed")
+        apply(out)
+    monkeypatch.setattr(engine.runner, "apply_cache_ops", failing)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        engine.step()
+    assert_clean(engine)
+
+
+def test_a_failed_update_aborts_and_frees_everything(monkeypatch):
+    engine = make_engine(max_model_len=64)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("a", list(range(3, 12)), sp)
+    engine.add_request("b", [5, 6], SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()
+    check_stop = engine._check_stop
+    calls = []
+
+    def failing(seq):
+        calls.append(seq)
+        if len(calls) == 2:                          # halfway through the step's update
+            raise RuntimeError("detokenizer fell over")
+        check_stop(seq)
+    monkeypatch.setattr(engine, "_check_stop", failing)
+    with pytest.raises(RuntimeError, match="fell over"):
+        engine.step()
+    assert_clean(engine)
+    monkeypatch.setattr(engine, "_check_stop", check_stop)
+    engine.add_request("c", [7, 8, 9], sp)
+    out = run_all(engine)
+    assert out["c"].outputs[0].token_ids == reference_generate([7, 8, 9], 8, ignore_eos=True)
+    assert_clean(engine)
+
+
+def test_a_too_short_block_table_raises_instead_of_writing_block_0():
+    engine = make_engine(max_model_len=64)
+    engine.add_request("long", list(range(3, 15)), SamplingParams(max_tokens=2))    # 3 blocks
+    engine.add_request("short", [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=2))  # 2 blocks
+    sched = engine.scheduler.schedule()
+    short = sched.scheduled[1].seq
+    assert short.request_id == "short" and len(short.block_table) == 2
+    short.block_table = short.block_table[:1]        # a bug: positions 4, 5 have no block
+    with pytest.raises(RuntimeError, match="block_table has 1 blocks"):
+        engine.runner.prepare(sched)
+
+
+def test_swap_in_without_blocks_is_an_error_not_a_silent_overrun(monkeypatch):
+    engine = make_engine(num_kv_blocks=12, swap_space=0.001, max_model_len=48)
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(str(i), [3 + i] * 10, sp)
+    allocate = engine.block_manager.allocate_slots
+    monkeypatch.setattr(engine.block_manager, "allocate_slots", lambda seq, n: (
+        False if seq.status is SequenceStatus.SWAPPED else allocate(seq, n)))
+    with pytest.raises(RuntimeError, match="swapped-in"):
+        run_all(engine)
+    assert engine.scheduler.num_swaps_out > 0

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swap-space", type=float, default=0, help="GiB of CPU memory for preempted KV")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly (no CUDA graphs for decode steps)")
     return p
 
 
@@ -93,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=not args.no_prefix_caching,
                   enable_chunked_prefill=not args.no_chunked_prefill,
-                  swap_space=args.swap_space, seed=args.seed)
+                  swap_space=args.swap_space, enforce_eager=args.enforce_eager, seed=args.seed)
         params = sampling_params(args, llm)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

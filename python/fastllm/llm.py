@@ -30,7 +30,7 @@ class LLM:
                  enforce_eager: bool = False, seed: int = 0, tokenizer=None):
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: the offline LLM runs on "
-                             f"one device; use `python -m fastllm.serve --tensor-parallel-size N`")
+                             f"one device (tensor parallelism is not implemented yet)")
         if model is None:
             from fastllm.model.default_model import default_model_path
             model = default_model_path()

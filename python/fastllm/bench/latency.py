@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> dict:
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs,
                                  max_num_batched_tokens=args.max_num_batched_tokens,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 num_kv_blocks=args.num_kv_blocks, seed=args.seed)
+                                 num_kv_blocks=args.num_kv_blocks,
+                                 enforce_eager=args.enforce_eager, seed=args.seed)
     scenarios = run_latency(loaded, engine_config, input_len, output_len, num_requests,
                             concurrency, num_load, args.seed)
     result = {"bench": "latency", "model": loaded.name,

@@ -18,6 +18,8 @@ def add_engine_arguments(parser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly (no CUDA graphs for decode steps)")
 
 
 def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: str = "it"):

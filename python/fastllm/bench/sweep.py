@@ -253,6 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, help="fixed KV cache size (overrides memory sizing)")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every step eagerly (no CUDA graphs for decode steps)")
     parser.add_argument("--gpu-memory-utilization-base", type=float, default=0.9,
                         help="gpu_memory_utilization of the batching and max-num-seqs sweeps")
     parser.add_argument("--saturation-gain", type=float, default=0.10,
@@ -278,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
     base = dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 gpu_memory_utilization=args.gpu_memory_utilization_base,
                 max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                seed=args.seed)
+                enforce_eager=args.enforce_eager, seed=args.seed)
     EngineConfig(**base)          # bad base flags fail here, before any point runs
     os.makedirs(args.out, exist_ok=True)
     print(f"fastllm.bench sweep: {loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}), "

@@ -274,7 +274,8 @@ def run(args: argparse.Namespace) -> dict:
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs,
                                  max_num_batched_tokens=args.max_num_batched_tokens,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 num_kv_blocks=args.num_kv_blocks, seed=args.seed)
+                                 num_kv_blocks=args.num_kv_blocks,
+                                 enforce_eager=args.enforce_eager, seed=args.seed)
     result = run_throughput(loaded, prompts, output_lens, engine_config, hf_modes,
                             pick(args.hf_batch_size, 64, 4), preset_architecture(preset),
                             warmup=not args.no_warmup)

@@ -50,9 +50,11 @@ class LLMEngine:
         engine_config.resolve_max_model_len(model_config)
         # The tokenizer is the only source of the ids that end generation.
         self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else []
-        torch.manual_seed(engine_config.seed)    # unseeded random sampling draws from here
         self.runner = ModelRunner(model, model_config, engine_config, device=self.device,
                                   dtype=dtype)
+        # Unseeded random sampling draws from here. Seeded after the runner: its KV
+        # profile and graph capture draw random numbers, as many as the config asks for.
+        torch.manual_seed(engine_config.seed)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(engine_config, self.block_manager,
@@ -135,22 +137,38 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.group.first_scheduled_time is None:
                 s.seq.group.first_scheduled_time = now
+        # A failed step drops its requests (their KV or token state is unknown) so the
+        # engine stays usable for the others, then lets the caller see the error.
         try:
             results = self.runner.execute(sched)
         except BaseException:
-            # Drop the requests of the failed step (their KV is in an unknown state) so
-            # the engine stays usable for the others, then let the caller see the error.
-            self._abort_step(sched)
+            self._abort_step(sched, cache_ops_failed=True)
             raise
         if not sched.scheduled:          # only block moves this step
             return []
-        with nvtx_range("update"):
-            return self._update(sched, results)
+        try:
+            with nvtx_range("update"):
+                return self._update(sched, results)
+        except BaseException:
+            self._abort_step(sched, cache_ops_failed=False)
+            raise
 
-    def _abort_step(self, sched) -> None:
+    def _abort_step(self, sched, cache_ops_failed: bool) -> None:
+        """Abort the step's scheduled requests; when execute() failed (block moves maybe
+        half done), also those whose KV a block move of this step was to fill."""
         ids = {s.seq.request_id for s in sched.scheduled}
-        # Swapped out in this step: the copy to CPU may not have happened.
-        ids.update(seq.request_id for seq in sched.preempted if seq.status is SequenceStatus.SWAPPED)
+        if cache_ops_failed:
+            # Swapped out in this step: the copy to CPU may not have happened.
+            ids.update(seq.request_id for seq in sched.preempted
+                       if seq.status is SequenceStatus.SWAPPED)
+            # A forked child's last block is a copy made in this step; the child may not
+            # be scheduled this step, and would run on with a garbage block.
+            copied_to = {dst for _, dst in sched.blocks_to_copy}
+            if copied_to:
+                for group in self.scheduler.groups.values():
+                    if any(copied_to.intersection(seq.block_table) for seq in group.seqs
+                           if not seq.status.is_finished):
+                        ids.add(group.request_id)
         if ids:
             logger.error("step failed: aborting requests %s", sorted(ids))
             self.abort_request(sorted(ids))

@@ -10,7 +10,10 @@ known tokens are all computed after this step are sampled (a mid-prefill chunk i
 
 Before the forward pass the runner applies the scheduler's block moves (it is the only
 one that touches KV tensors): fork copies, swap-outs to the preallocated (pinned, on a
-GPU) CPU swap space, swap-ins back.
+GPU) CPU swap space, swap-ins back. The step's index tensors and its sampling batch are
+built on the host and uploaded from pinned staging buffers (fastllm.engine.staging)
+before the forward pass is launched, so on a GPU the only wait per step is reading back
+the sampled ids.
 
 On a GPU, steps that feed one token per sequence (decodes) replay a CUDA graph captured
 at start-up for the smallest batch-size bucket that fits (fastllm.engine.cuda_graphs);
@@ -28,8 +31,9 @@ import torch
 
 from fastllm.engine import cuda_graphs
 from fastllm.engine.scheduler import SchedulerOutput
+from fastllm.engine.staging import StagingBuffer
 from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
-from fastllm.model.sampler import Sampler, SamplingBatch
+from fastllm.model.sampler import Sampler, SamplingBatch, StagedBatch
 from fastllm.outputs import Logprob
 from fastllm.profiling import nvtx_range
 from fastllm.sampling_params import SamplingParams
@@ -40,6 +44,23 @@ logger = logging.getLogger(__name__)
 # sequences, but no more than this share of available RAM (and this many bytes).
 _CPU_KV_RAM_FRACTION = 0.25
 _CPU_KV_MAX_BYTES = 2 << 30
+
+
+# The sampler profile's requests: every filter, penalty and logprobs on (the most
+# [rows, vocab] temporaries a step can hold), with this many output / prompt tokens each.
+_PROFILE_PARAMS = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05,
+                                 repetition_penalty=1.1, presence_penalty=0.5,
+                                 frequency_penalty=0.5, logprobs=20)
+_PROFILE_TOKENS = 16
+
+
+@dataclass
+class SamplingStep:
+    """A step's sampling, built before its forward pass (see ModelRunner.prepare_sampling)."""
+    rows: list[int]                       # per sampled row: its scheduled sequence's index
+    params: list[SamplingParams]          # per sampled row
+    row_index: Optional[torch.Tensor]     # [R] int64 logits rows to sample; None: all, in order
+    chunks: list[tuple[int, int, SamplingBatch]]   # (start, end, batch), <= max_num_seqs rows each
 
 
 @dataclass
@@ -65,15 +86,22 @@ class ModelRunner:
         # CPU swap space: swap_space GiB of blocks, made once (pinned on a GPU, so swaps
         # are asynchronous copies); the scheduler hands out its block ids.
         self.num_swap_blocks = int(engine_config.swap_space * (1 << 30)) // self.kv_bytes_per_block()
-        pin = self.device.type == "cuda"
-        self.swap_caches = [
-            (torch.empty((self.num_swap_blocks,) + k.shape[1:], dtype=dtype, pin_memory=pin),
-             torch.empty((self.num_swap_blocks,) + v.shape[1:], dtype=dtype, pin_memory=pin))
-            for k, v in self.kv_caches] if self.num_swap_blocks else []
-        # Host staging for prepare(): one int64 buffer, pinned on a GPU and reused; the
-        # event marks when the last copy out of it is done (before it is overwritten).
-        self._staging: Optional[torch.Tensor] = None
-        self._staging_copied: Optional[torch.cuda.Event] = None
+        # One tensor [L, 2 (K, V), num_swap_blocks, *block shape] with per-layer views:
+        # one pinned allocation instead of 2L, each of which torch's pinned allocator
+        # would round up to a power of two on its own.
+        self.swap_tensor: Optional[torch.Tensor] = None
+        self.swap_caches: list = []
+        if self.num_swap_blocks:
+            block_shape = tuple(self.kv_caches[0][0].shape[1:])
+            self.swap_tensor = torch.empty(
+                (len(self.kv_caches), 2, self.num_swap_blocks) + block_shape, dtype=dtype,
+                pin_memory=self.device.type == "cuda")
+            self.swap_caches = [(layer[0], layer[1]) for layer in self.swap_tensor]
+        # Host staging (pinned on a GPU, reused): one buffer per upload of a step, so none
+        # is overwritten before its copy has left it.
+        self._copy_staging = StagingBuffer(self.device)       # fork copies' block ids
+        self._index_staging = StagingBuffer(self.device)      # prepare()'s index tensors
+        self._sampling_staging = StagingBuffer(self.device)   # the sampling batch
         # Decode CUDA graphs, captured once the KV caches exist (they read and write them);
         # None = every step runs eagerly.
         self.graph_runner = cuda_graphs.build_decode_graphs(
@@ -140,16 +168,18 @@ class ModelRunner:
         return num
 
     def _profile_sampler(self) -> None:
-        """A decode step's sampler peak: [max_num_seqs, V] float32 logits, probabilities
-        and the top-p sort (values + indices), far above what the profiled forward's few
-        logits rows need (~1 GB at 256 rows x 128k vocab)."""
+        """The sampler's peak at the most rows a step samples (max_num_seqs: _sample
+        splits bigger steps): [rows, V] float32 logits and their clone, raw logprobs and
+        the rank mask, penalty counts / seen masks / expanded penalty and the torch.where
+        temporaries, probabilities and the top-p sort -- far above what the profiled
+        forward's few logits rows need (GBs at 256 rows x 128k vocab)."""
         num_rows = self.config.max_num_seqs
-        logits = torch.randn(num_rows, self.model_config.vocab_size, dtype=torch.float32,
-                             device=self.device)
-        params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=50)] * num_rows
-        batch = SamplingBatch.from_requests(params, [None] * num_rows, [None] * num_rows,
-                                            [None] * num_rows, self.device,
-                                            num_output_tokens=[0] * num_rows)
+        vocab = self.model_config.vocab_size
+        logits = torch.randn(num_rows, vocab, dtype=torch.float32, device=self.device)
+        tokens = [t % vocab for t in range(_PROFILE_TOKENS)]
+        batch = SamplingBatch.from_requests(
+            [_PROFILE_PARAMS] * num_rows, [None] * num_rows, [tokens] * num_rows,
+            [tokens] * num_rows, self.device, vocab_size=vocab)
         self.sampler(logits, batch)
 
     # -- block moves the scheduler asked for ---------------------------------------------
@@ -159,8 +189,9 @@ class ModelRunner:
         Then swap-outs (they read blocks this step's forward may overwrite), then swap-ins.
         All copies are queued on the device's stream, ahead of the forward pass."""
         if out.blocks_to_copy:
-            src = torch.tensor([s for s, _ in out.blocks_to_copy], dtype=torch.int64, device=self.device)
-            dst = torch.tensor([d for _, d in out.blocks_to_copy], dtype=torch.int64, device=self.device)
+            pairs = np.asarray(out.blocks_to_copy, dtype=np.int64)        # [C, 2] (src, dst)
+            ids = self._copy_staging.pack({"src": pairs[:, 0], "dst": pairs[:, 1]})
+            src, dst = ids["src"], ids["dst"]
             for k, v in self.kv_caches:
                 k.index_copy_(0, dst, k.index_select(0, src))
                 v.index_copy_(0, dst, v.index_select(0, src))
@@ -175,21 +206,6 @@ class ModelRunner:
                 v[gpu:gpu + n].copy_(v_swap[cpu:cpu + n], non_blocking=non_blocking)
 
     # -- the step ------------------------------------------------------------------------
-    def _host_buffer(self, num: int) -> tuple[np.ndarray, torch.Tensor]:
-        """An int64 host buffer of `num` elements (numpy view, torch view of the same memory)."""
-        if self.device.type != "cuda":
-            buf = np.empty(num, dtype=np.int64)       # fresh: the CPU tensors alias it
-            return buf, torch.from_numpy(buf)
-        if self._staging is None or self._staging.numel() < num:
-            self._staging = torch.empty(max(num, 2 * (0 if self._staging is None else
-                                                      self._staging.numel())),
-                                        dtype=torch.int64, pin_memory=True)
-            self._staging_copied = None
-        elif self._staging_copied is not None:
-            self._staging_copied.synchronize()       # last step's copy has left the buffer
-        host = self._staging[:num]
-        return host.numpy(), host
-
     def prepare(self, out: SchedulerOutput) -> tuple:
         """(input_ids, positions, AttentionMetadata) for the scheduled mix. Everything is
         written into one int64 host buffer, laid out as
@@ -204,7 +220,8 @@ class ModelRunner:
         max_blocks = max(len(s.seq.block_table) for s in scheduled)
         t3, s1 = 3 * num_tokens, 3 * num_tokens + num_seqs
         total = s1 + num_seqs + 1 + num_seqs * max_blocks
-        buf, host = self._host_buffer(total)
+        host = self._index_staging.host(8 * total).view(torch.int64)
+        buf = host.numpy()
         ids, pos, slots = buf[:num_tokens], buf[num_tokens:2 * num_tokens], buf[2 * num_tokens:t3]
         seq_lens, query_start_loc = buf[t3:s1], buf[s1:s1 + num_seqs + 1]
         block_tables = buf[s1 + num_seqs + 1:total].reshape(num_seqs, max_blocks)
@@ -215,6 +232,13 @@ class ModelRunner:
             seq, q = s.seq, s.num_tokens
             start = seq.num_computed_tokens
             table = seq.block_table
+            if len(table) * bs < start + q:
+                # Indexing the zero-padded row would silently write block 0 (another
+                # sequence's KV): a scheduler bug must fail loudly instead.
+                raise RuntimeError(
+                    f"sequence {seq.seq_id} (request {seq.request_id!r}): block_table has "
+                    f"{len(table)} blocks of {bs} tokens, too few for positions "
+                    f"[{start}, {start + q})")
             block_tables[i, :len(table)] = table
             if q == 1:                                   # decode: no numpy temporaries
                 ids[t] = seq.token_ids[start]
@@ -224,16 +248,11 @@ class ModelRunner:
                 p = np.arange(start, start + q, dtype=np.int64)
                 ids[t:t + q] = seq.token_ids[start:start + q]
                 pos[t:t + q] = p
-                slots[t:t + q] = block_tables[i, p // bs] * bs + p % bs
+                slots[t:t + q] = np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs
             t += q
             seq_lens[i] = start + q
             query_start_loc[i + 1] = t
-        if self.device.type == "cuda":
-            dev = host.to(self.device, non_blocking=True)
-            self._staging_copied = torch.cuda.Event()
-            self._staging_copied.record()
-        else:
-            dev = host
+        dev = self._index_staging.upload(host)
         meta = AttentionMetadata(
             slot_mapping=dev[2 * num_tokens:t3],
             block_tables=dev[s1 + num_seqs + 1:total].view(num_seqs, max_blocks).to(torch.int32),
@@ -252,15 +271,22 @@ class ModelRunner:
             return []
         with nvtx_range("prepare"):
             input_ids, positions, meta = self.prepare(out)
+            # Before the forward pass: it depends only on the schedule, and building it
+            # (pinned, non-blocking uploads) never waits for the device.
+            sampling = self.prepare_sampling(out)
         with nvtx_range("forward"):
             if self.graph_runner is not None and self.graph_runner.can_run(input_ids, meta):
                 logits = self.graph_runner.run(input_ids, positions, meta)     # [S, V]
             else:
                 logits = self.model(input_ids, positions, self.kv_caches, meta)  # [S, V]
         with nvtx_range("sample"):
-            return self._sample(out, logits)
+            return self._sample(out, sampling, logits)
 
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> list[list[SampledToken]]:
+    def prepare_sampling(self, out: SchedulerOutput) -> Optional[SamplingStep]:
+        """The step's sampling batches (None when no row is sampled), all uploaded in one
+        pinned copy. A step samples more rows than max_num_seqs only when n > 1 prompts
+        complete together; it is then split into chunks of max_num_seqs rows, the most
+        the sampler's memory was profiled for."""
         rows, params, gens, prompts, outputs, num_outputs = [], [], [], [], [], []
         for i, s in enumerate(out.scheduled):
             if not s.num_samples:
@@ -268,10 +294,13 @@ class ModelRunner:
             seq = s.seq
             group = seq.group
             p = group.sampling_params
-            # Token lists only for the penalties (most requests have none): the prompt's
-            # tensor is made once per request, the outputs are read as they are now.
+            # Token lists only for the penalties (most requests have none). The prompt
+            # goes up once per request: later steps pass its cached device tensor.
             penalized = p.has_penalties
-            prompt = group.prompt_token_tensor if penalized and p.repetition_penalty != 1.0 else None
+            prompt = None
+            if penalized and p.repetition_penalty != 1.0:
+                prompt = (group.device_prompt_tokens if group.device_prompt_tokens is not None
+                          else group.prompt_token_ids)
             output = seq.output_token_ids if penalized else None
             for _ in range(s.num_samples):
                 rows.append(i)
@@ -280,16 +309,49 @@ class ModelRunner:
                 prompts.append(prompt)
                 outputs.append(output)
                 num_outputs.append(seq.num_output_tokens)
-        results: list[list[SampledToken]] = [[] for _ in out.scheduled]
         if not rows:
+            return None
+        cap = self.config.max_num_seqs
+        staged: list[tuple[int, int, StagedBatch]] = []
+        arrays = {}
+        for c, a in enumerate(range(0, len(rows), cap)):
+            b = min(a + cap, len(rows))
+            st = SamplingBatch.stage(params[a:b], gens[a:b], prompts[a:b], outputs[a:b], self.device,
+                                     num_output_tokens=num_outputs[a:b],
+                                     vocab_size=self.model_config.vocab_size)
+            staged.append((a, b, st))
+            arrays.update((f"{c}/{name}", v) for name, v in st.arrays.items())
+        in_order = rows == list(range(len(out.scheduled)))    # else some rows mid-prefill, or a fork
+        if not in_order:
+            arrays["rows"] = np.asarray(rows, dtype=np.int64)
+        dev = self._sampling_staging.pack(arrays)
+        chunks = []
+        for c, (a, b, st) in enumerate(staged):
+            prefix = f"{c}/"
+            batch = st.finish({k[len(prefix):]: v for k, v in dev.items() if k.startswith(prefix)})
+            for j, tensor in batch.prompt_token_tensors.items():
+                group = out.scheduled[rows[a + j]].seq.group
+                if group.device_prompt_tokens is None:
+                    group.device_prompt_tokens = tensor
+            chunks.append((a, b, batch))
+        return SamplingStep(rows=rows, params=params, chunks=chunks,
+                            row_index=None if in_order else dev["rows"])
+
+    def _sample(self, out: SchedulerOutput, sampling: Optional[SamplingStep],
+                logits: torch.Tensor) -> list[list[SampledToken]]:
+        results: list[list[SampledToken]] = [[] for _ in out.scheduled]
+        if sampling is None:
             return results
-        batch = SamplingBatch.from_requests(params, gens, prompts, outputs, device=self.device,
-                                            num_output_tokens=num_outputs,
-                                            vocab_size=logits.shape[1])
-        if rows != list(range(logits.shape[0])):      # some rows mid-prefill, or a fork
-            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64, device=logits.device))
+        if sampling.row_index is not None:
+            logits = logits.index_select(0, sampling.row_index)
+        for a, b, batch in sampling.chunks:
+            self._sample_chunk(logits[a:b], batch, sampling.rows[a:b], sampling.params[a:b], results)
+        return results
+
+    def _sample_chunk(self, logits: torch.Tensor, batch: SamplingBatch, rows: list[int],
+                      params: list[SamplingParams], results: list[list[SampledToken]]) -> None:
         sampled = self.sampler(logits, batch)
-        token_ids = sampled.sampled_token_ids.tolist()
+        token_ids = sampled.sampled_token_ids.tolist()       # the step's one wait for the device
         want_logprobs = sampled.sampled_logprobs is not None
         if want_logprobs:
             lps = sampled.sampled_logprobs.tolist()
@@ -305,7 +367,6 @@ class ModelRunner:
                     top.setdefault(top_ids[j][r], Logprob(top_lp[j][r], r + 1))
                 tok.top_logprobs = top
             results[i].append(tok)
-        return results
 
 
 def _runs(pairs: list[tuple[int, int]]):

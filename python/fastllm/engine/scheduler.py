@@ -217,7 +217,12 @@ class Scheduler:
                 break
             self.swapped.popleft()
             self._swap_in(seq, out)
-            bm.allocate_slots(seq, n)
+            if not bm.allocate_slots(seq, n):
+                # Checked above (swapped-in blocks + new slots fit): a bug, and going on
+                # would feed the model positions past the end of seq's block table.
+                raise RuntimeError(f"scheduler: no KV blocks for {n} tokens of swapped-in "
+                                   f"sequence {seq.seq_id} (request {seq.request_id!r}) after "
+                                   f"the free-block check passed")
             self._insert_running(seq)
             add(seq, n)
         if self.swapped:

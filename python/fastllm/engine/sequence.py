@@ -140,20 +140,13 @@ class SequenceGroup:
         self.generator = None         # torch.Generator shared by the samples when seeded
         self.num_returned_tokens = [0] * self.n    # per sample, for delta outputs
         self.num_returned_chars = [0] * self.n
-        self._prompt_token_tensor = None
+        # The prompt as a [prompt_len] int64 tensor on the engine's device, cached by the
+        # runner the first time a repetition penalty needs it (no re-upload every step).
+        self.device_prompt_tokens = None
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
-
-    @property
-    def prompt_token_tensor(self):
-        """The prompt as a [prompt_len] int64 CPU tensor, made once (penalties read it
-        every step)."""
-        if self._prompt_token_tensor is None:
-            import torch
-            self._prompt_token_tensor = torch.tensor(self.prompt_token_ids, dtype=torch.int64)
-        return self._prompt_token_tensor
 
     @property
     def is_finished(self) -> bool:

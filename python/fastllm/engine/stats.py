@@ -213,8 +213,9 @@ def engine_kv_report(engine) -> dict:
 
 
 class KVPeakTracker:
-    """Keeps the engine's KV report at the step with the most blocks in use (the last
-    such step: it holds the most tokens). observe() after each engine.step();
+    """Keeps the engine's KV report at the first step with the most blocks in use.
+    observe() after each engine.step(): it reads one counter and builds the O(blocks)
+    report only when a new peak is reached, so steady-state steps cost next to nothing.
     overhead_s is the time observe() took, for callers that time the engine."""
 
     _COUNTERS = ("prefix_hits", "prefix_queries", "preemptions")
@@ -230,7 +231,7 @@ class KVPeakTracker:
     def observe(self) -> None:
         t0 = time.perf_counter()
         used = self.engine.block_manager.num_used_blocks
-        if used >= self.peak_blocks:
+        if used > self.peak_blocks:
             self.peak_blocks, self.peak = used, engine_kv_report(self.engine)
         self.overhead_s += time.perf_counter() - t0
 
@@ -249,6 +250,8 @@ def track_kv_peak(engine):
     """Observe the engine after every step() taken inside the block (LLM.generate
     included), by wrapping this engine instance's step for the duration."""
     tracker = KVPeakTracker(engine)
+    # An outer track_kv_peak's wrapper, if any: restored on exit (trackers nest).
+    outer = vars(engine).get("step")
     step = engine.step
 
     def observed_step(*args, **kwargs):
@@ -259,7 +262,10 @@ def track_kv_peak(engine):
     try:
         yield tracker
     finally:
-        del engine.step          # back to the class's method
+        if outer is not None:
+            engine.step = outer
+        else:
+            del engine.step      # back to the class's method
 
 
 def _positive_int(name: str, v) -> None:

@@ -5,6 +5,10 @@
     out = Sampler()(logits, batch)          # logits [S, V]
     out.sampled_token_ids                   # [S] int64
 
+from_requests = stage (host only: numpy arrays, no device access) + upload + finish. An
+engine stages the batch before launching the forward pass and uploads the arrays in one
+pinned copy (ModelRunner.prepare_sampling), so building it never waits for the device.
+
 Order of operations (vLLM's v0 order):
   1. raw logprobs = log_softmax(logits) -- what `logprobs` reports, as vLLM does by default
   2. min_tokens: rows that have produced fewer than min_tokens tokens cannot pick a
@@ -24,9 +28,10 @@ when the batch is built.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from fastllm import ops
@@ -42,14 +47,61 @@ def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:
     return generator
 
 
-def _flat_token_index(token_lists: Sequence, rows: Sequence[int], device):
-    """(row [N], token_id [N]) int64 tensors of every token in token_lists[r] for r in
-    rows. An entry is a list of ids or a 1-D int64 CPU tensor (a cached prompt)."""
-    parts = [torch.as_tensor(token_lists[r], dtype=torch.long) for r in rows]
-    lengths = torch.tensor([p.numel() for p in parts], dtype=torch.long)
-    row_ids = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), lengths)
-    ids = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-    return row_ids.to(device), ids.to(device)
+def _flat_token_index(token_lists: Sequence, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(row [N], token_id [N]) int64 host arrays of every token in token_lists[r] for r
+    in rows. An entry is a list of ids or a 1-D integer tensor."""
+    parts = [np.asarray(token_lists[r], dtype=np.int64).reshape(-1) for r in rows]
+    lengths = [len(p) for p in parts]
+    row_ids = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
+    ids = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    return row_ids, ids
+
+
+def plain_upload(arrays: dict, device) -> dict:
+    """name -> numpy array to name -> tensor on `device`, one copy each (from pageable
+    memory: the engine's runner packs them into one pinned copy instead)."""
+    return {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in arrays.items()}
+
+
+@dataclass
+class StagedBatch:
+    """A SamplingBatch's host half: the per-row values as numpy arrays (`arrays`, for
+    the caller to upload, ideally in one copy) and what stays on the host; finish()
+    turns the uploaded arrays into the SamplingBatch. Building it reads nothing from the
+    device, so it can run while the device is busy."""
+    arrays: dict                      # name -> np.ndarray to upload
+    fields: dict                      # SamplingBatch fields known on the host
+    device: torch.device
+    # Repetition-penalty prompts: (row, tensor already on the device, or None when its
+    # ids are in arrays["new_prompt_ids"]), in row order; new_prompt_lens for the latter.
+    prompts: list
+    new_prompt_lens: list
+
+    def finish(self, dev: dict) -> "SamplingBatch":
+        """dev: the uploaded `arrays` (same names, on self.device)."""
+        fields = dict(self.fields)
+        for name in ("is_greedy", "temperature", "top_k", "top_p", "min_p",
+                     "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            fields[name] = dev.get(name)
+        for name in ("output_tokens", "banned_tokens"):
+            fields[name] = (dev[name + ".rows"], dev[name + ".ids"]) if name + ".rows" in dev else None
+        fields["prompt_tokens"], fields["prompt_token_tensors"] = self._prompt_tokens(dev)
+        return SamplingBatch(**fields)
+
+    def _prompt_tokens(self, dev: dict):
+        if not self.prompts:
+            return None, {}
+        # Fresh prompts were uploaded back to back; a clone of each (a device-side copy)
+        # is what callers may keep, so it does not hold the whole step's upload alive.
+        fresh = dev["new_prompt_ids"].split(self.new_prompt_lens) if self.new_prompt_lens else ()
+        fresh = iter(fresh)
+        tensors = {row: (t if t is not None else next(fresh).clone()) for row, t in self.prompts}
+        parts = [tensors[row] for row, _ in self.prompts]
+        ids = torch.cat(parts)
+        # output_size: the length is known on the host, so no device -> host sync.
+        rows = torch.repeat_interleave(dev["prompt.rows"], dev["prompt.lens"],
+                                       output_size=int(sum(p.numel() for p in parts)))
+        return (rows, ids), tensors
 
 
 @dataclass
@@ -77,6 +129,9 @@ class SamplingBatch:
     generators: list                     # [S] torch.Generator | None
     num_logprobs: list                   # [S] int | None
     max_num_logprobs: Optional[int]      # None when no row asks for logprobs
+    # row -> its prompt as a [P] int64 tensor on the device (repetition-penalty rows), for
+    # callers to pass back next step instead of the ids (no re-upload).
+    prompt_token_tensors: dict = field(default_factory=dict)
 
     @classmethod
     def from_requests(cls, params: Sequence[SamplingParams],
@@ -85,13 +140,31 @@ class SamplingBatch:
                       output_token_ids: Sequence,
                       device="cpu", *,
                       num_output_tokens: Optional[Sequence[int]] = None,
-                      vocab_size: Optional[int] = None) -> "SamplingBatch":
-        """Build the batch once per step. All lists are per row (one row per sequence
-        being sampled). prompt_token_ids / output_token_ids are read only on rows whose
-        params have penalties (others may hold None); an entry is a list of ids or a 1-D
-        int64 CPU tensor. num_output_tokens (for min_tokens) defaults to the lengths of
-        output_token_ids. Stop ids banned by min_tokens come from
-        SamplingParams.all_stop_token_ids; those >= vocab_size are dropped (never sampled)."""
+                      vocab_size: Optional[int] = None,
+                      upload: Optional[Callable[[dict], dict]] = None) -> "SamplingBatch":
+        """Build the batch once per step: stage() on the host, upload, finish().
+        upload: name -> numpy array to name -> tensor on `device` (default plain_upload)."""
+        staged = cls.stage(params, generators, prompt_token_ids, output_token_ids, device,
+                           num_output_tokens=num_output_tokens, vocab_size=vocab_size)
+        dev = upload(staged.arrays) if upload is not None else plain_upload(staged.arrays, device)
+        return staged.finish(dev)
+
+    @staticmethod
+    def stage(params: Sequence[SamplingParams],
+              generators: Sequence[Optional[torch.Generator]],
+              prompt_token_ids: Sequence,
+              output_token_ids: Sequence,
+              device="cpu", *,
+              num_output_tokens: Optional[Sequence[int]] = None,
+              vocab_size: Optional[int] = None) -> StagedBatch:
+        """The host half of the batch. All lists are per row (one row per sequence being
+        sampled). prompt_token_ids / output_token_ids are read only on rows whose params
+        have penalties (others may hold None); an entry is a list of ids or a 1-D int64
+        tensor, and a prompt tensor already on `device` is used as is (not uploaded).
+        num_output_tokens (for min_tokens) defaults to the lengths of output_token_ids.
+        Stop ids banned by min_tokens come from SamplingParams.all_stop_token_ids; those
+        >= vocab_size are dropped (never sampled)."""
+        device = torch.device(device)
         num_rows = len(params)
         lists = [("generators", generators), ("prompt_token_ids", prompt_token_ids),
                  ("output_token_ids", output_token_ids)]
@@ -105,38 +178,52 @@ class SamplingBatch:
         if num_output_tokens is None:
             num_output_tokens = [len(ids) for ids in output_token_ids]
 
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
-
+        arrays: dict = {}
         is_greedy = [p.is_greedy for p in params]
-        temperature = column([1.0 if g else p.temperature for p, g in zip(params, is_greedy)],
-                             torch.float32)
+        arrays["is_greedy"] = np.array(is_greedy, dtype=np.bool_)
+        arrays["temperature"] = np.array([1.0 if g else p.temperature for p, g in zip(params, is_greedy)],
+                                         dtype=np.float32)
         random_params = [p for p, g in zip(params, is_greedy) if not g]
         temps = {p.temperature for p in random_params}
         shared_temperature = temps.pop() if len(temps) == 1 else None
-        top_k = top_p = min_p = None
         max_top_k = 0
         if any(p.top_k > 0 for p in random_params):
             ks = [0 if g else max(p.top_k, 0) for p, g in zip(params, is_greedy)]
-            top_k = column(ks, torch.long)
+            arrays["top_k"] = np.array(ks, dtype=np.int64)
             max_top_k = max(ks)
         if any(p.top_p < 1.0 for p in random_params):
-            top_p = column([1.0 if g else p.top_p for p, g in zip(params, is_greedy)], torch.float32)
+            arrays["top_p"] = np.array([1.0 if g else p.top_p for p, g in zip(params, is_greedy)],
+                                       dtype=np.float32)
         if any(p.min_p > 0.0 for p in random_params):
-            min_p = column([0.0 if g else p.min_p for p, g in zip(params, is_greedy)], torch.float32)
+            arrays["min_p"] = np.array([0.0 if g else p.min_p for p, g in zip(params, is_greedy)],
+                                       dtype=np.float32)
 
-        presence = frequency = repetition = prompt_tokens = output_tokens = None
+        prompts, new_prompts = [], []
         penalized = [i for i, p in enumerate(params) if p.has_penalties]
         if penalized:
             # Rows without penalties keep count 0 / penalty 1: their logits are untouched,
             # so only the penalized rows' tokens are flattened.
-            presence = column([p.presence_penalty for p in params], torch.float32)
-            frequency = column([p.frequency_penalty for p in params], torch.float32)
-            repetition = column([p.repetition_penalty for p in params], torch.float32)
-            output_tokens = _flat_token_index(output_token_ids, penalized, device)
+            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+                arrays[name] = np.array([getattr(p, name) for p in params], dtype=np.float32)
+            arrays["output_tokens.rows"], arrays["output_tokens.ids"] = _flat_token_index(
+                output_token_ids, penalized)
             repeated = [i for i in penalized if params[i].repetition_penalty != 1.0]
+            lens = []
+            for i in repeated:
+                entry = prompt_token_ids[i]
+                if isinstance(entry, torch.Tensor) and entry.device == device:
+                    prompts.append((i, entry.reshape(-1)))
+                    lens.append(entry.numel())
+                else:
+                    ids = np.asarray(entry, dtype=np.int64).reshape(-1)
+                    prompts.append((i, None))
+                    new_prompts.append(ids)
+                    lens.append(len(ids))
             if repeated:
-                prompt_tokens = _flat_token_index(prompt_token_ids, repeated, device)
+                arrays["prompt.rows"] = np.array(repeated, dtype=np.int64)
+                arrays["prompt.lens"] = np.array(lens, dtype=np.int64)
+            if new_prompts:
+                arrays["new_prompt_ids"] = np.concatenate(new_prompts)
 
         banned = [[] for _ in params]
         for i, p in enumerate(params):
@@ -144,19 +231,18 @@ class SamplingBatch:
                 banned[i] = sorted(t for t in p.all_stop_token_ids
                                    if vocab_size is None or t < vocab_size)
         banned_rows = [i for i, ids in enumerate(banned) if ids]
-        banned_tokens = _flat_token_index(banned, banned_rows, device) if banned_rows else None
+        if banned_rows:
+            arrays["banned_tokens.rows"], arrays["banned_tokens.ids"] = _flat_token_index(
+                banned, banned_rows)
 
         num_logprobs = [p.logprobs for p in params]
         asked = [n for n in num_logprobs if n is not None]
-        return cls(
-            num_rows=num_rows, is_greedy=column(is_greedy, torch.bool), temperature=temperature,
-            shared_temperature=shared_temperature, all_greedy=all(is_greedy), top_k=top_k,
-            max_top_k=max_top_k, top_p=top_p, min_p=min_p,
-            presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
-            prompt_tokens=prompt_tokens, output_tokens=output_tokens, banned_tokens=banned_tokens,
-            generators=list(generators), num_logprobs=num_logprobs,
-            max_num_logprobs=max(asked) if asked else None,
-        )
+        fields = dict(num_rows=num_rows, shared_temperature=shared_temperature,
+                      all_greedy=all(is_greedy), max_top_k=max_top_k,
+                      generators=list(generators), num_logprobs=num_logprobs,
+                      max_num_logprobs=max(asked) if asked else None)
+        return StagedBatch(arrays=arrays, fields=fields, device=device, prompts=prompts,
+                           new_prompt_lens=[len(p) for p in new_prompts])
 
 
 @dataclass
