@@ -170,6 +170,16 @@ _GGUF_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
+def hf_greedy(hf, prompt, max_new):
+    """transformers' greedy continuation of one prompt, up to and including EOS_ID."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                          do_sample=False, eos_token_id=EOS_ID, pad_token_id=0)
+    gen = out[0, len(prompt):].tolist()
+    return gen[:gen.index(EOS_ID) + 1] if EOS_ID in gen else gen
+
+
 def gguf_tensor_type(hf_name: str, ndim: int, tensor_type: str) -> str:
     """The GGUF type a tensor gets: norms/biases stay F32 (as llama.cpp keeps them);
     "mixed" is SmolLM2-135M's Q4_1 file: Q8_0 embeddings, Q4_1 matrices."""

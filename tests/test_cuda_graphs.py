@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from checkpoints import EOS_ID, cached_checkpoint, load_hf_model
+from checkpoints import EOS_ID, cached_checkpoint, hf_greedy, load_hf_model
 from fastllm import ops
 from fastllm.config import EngineConfig
 from fastllm.engine import cuda_graphs
@@ -24,15 +24,6 @@ from fastllm.sampling_params import SamplingParams
 
 VOCAB = 384
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-
-
-def hf_greedy(hf, prompt, max_new):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                          do_sample=False, eos_token_id=EOS_ID, pad_token_id=0)
-    gen = out[0, len(prompt):].tolist()
-    return gen[:gen.index(EOS_ID) + 1] if EOS_ID in gen else gen
 
 
 def make_workload(seed=0, num=14):

@@ -6,22 +6,13 @@ import random
 import pytest
 import torch
 
-from checkpoints import EOS_ID, cached_checkpoint, load_hf_model
+from checkpoints import EOS_ID, cached_checkpoint, hf_greedy, load_hf_model
 from fastllm.config import EngineConfig
 from fastllm.engine.llm_engine import LLMEngine
 from fastllm.sampling_params import SamplingParams
 
 MAX_NEW = 16
 VOCAB = 384
-
-
-def hf_greedy(hf, prompt, max_new=MAX_NEW):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                          do_sample=False, eos_token_id=EOS_ID, pad_token_id=0)
-    gen = out[0, len(prompt):].tolist()
-    return gen[:gen.index(EOS_ID) + 1] if EOS_ID in gen else gen
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,7 @@ def llama_case():
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 60))] for _ in range(38)]
     prompts += [system + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 20))] for _ in range(18)]
     rng.shuffle(prompts)
-    return path, prompts, [hf_greedy(hf, p) for p in prompts]
+    return path, prompts, [hf_greedy(hf, p, MAX_NEW) for p in prompts]
 
 
 def make_engine(path, **kw):
@@ -119,7 +110,7 @@ def test_other_architectures(arch):
     engine = make_engine(path, num_kv_blocks=16, block_size=8, max_num_batched_tokens=24)
     outs = run(engine, prompts)
     for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(hf, p)
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, MAX_NEW)
     assert_clean(engine)
 
 
