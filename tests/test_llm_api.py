@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from checkpoints import EOS_ID, cached_checkpoint, load_hf_model
+from checkpoints import cached_checkpoint, hf_greedy, load_hf_model
 from fastllm import LLM, SamplingParams
 
 
@@ -20,12 +20,6 @@ def llm(path):
 def hf(path):
     return load_hf_model(path)
 
-
-def hf_greedy(hf, prompt, max_new):
-    ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                      do_sample=False, eos_token_id=EOS_ID, pad_token_id=0)[0, len(prompt):].tolist()
-    return out[:out.index(EOS_ID) + 1] if EOS_ID in out else out
 
 
 def test_generate_mixed_prompts_in_order(llm, hf):
@@ -141,3 +135,16 @@ def test_generate_builds_only_final_outputs(llm, monkeypatch):
     outs = llm.generate([[5, 6, 7], [8, 9], [10]], sp, use_tqdm=False)
     assert len(built) == 3 and [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]
     assert sp.output_kind is RequestOutputKind.CUMULATIVE
+
+
+@pytest.mark.cuda
+def test_gpu_penalties_and_default_device_match_cpu(path):
+    # device="cuda" without an index, and repetition penalties (the prompt tensor is cached
+    # on the device across steps): same greedy tokens as on the CPU, in float32.
+    params = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.3, presence_penalty=0.5)
+    prompts = [[5, 9, 11, 5, 9], [7, 3, 3, 3]]
+    cpu = LLM(str(path), device="cpu", dtype="float32", max_model_len=128, num_kv_blocks=64)
+    gpu = LLM(str(path), device="cuda", dtype="float32", max_model_len=128, num_kv_blocks=64)
+    want = [o.outputs[0].token_ids for o in cpu.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in gpu.generate(prompts, params, use_tqdm=False)]
+    assert got == want

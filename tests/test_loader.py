@@ -221,7 +221,9 @@ def test_resolve_device(monkeypatch):
     with pytest.raises(ValueError, match="'gpu' is not a device"):
         resolve_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == CUDA
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    # CUDA devices come back indexed: torch.device("cuda") != torch.device("cuda:0").
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:2")
     assert resolve_device("cuda:1") == torch.device("cuda:1")
 
 

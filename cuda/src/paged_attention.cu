@@ -70,7 +70,9 @@ cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, cons
                          1, 0, scale};
   const int max_keys = max_blocks * block_size;
   p.num_splits = num_splits(num_tokens, num_heads, max_blocks, block_size);
-  p.keys_per_split = (max_keys + p.num_splits - 1) / p.num_splits;
+  // Split boundaries on multiples of 256 keys, so they do not move with the table width
+  // (a CUDA-graph step and an eager step then sum the same partials in the same order).
+  p.keys_per_split = ((max_keys + p.num_splits - 1) / p.num_splits + 255) / 256 * 256;
   if (p.num_splits > 1) {
     const size_t rows = (size_t)num_tokens * num_heads * p.num_splits;
     if (workspace == nullptr || workspace_bytes < rows * (head_dim + 2) * sizeof(float)) return cudaErrorInvalidValue;

@@ -66,19 +66,26 @@ class CudaGraphCapturer:
         self.graphs: list = []
 
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.num_warmups):
+        # Everything on self.device: torch's capture stream is made on the *current*
+        # device, and kernels launched on another device's stream would escape the capture.
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.num_warmups):
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
                 fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            fn()
-        torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)
         self.graphs.append(graph)
-        return graph.replay
+
+        def replay() -> None:
+            with torch.cuda.device(self.device):
+                graph.replay()
+        return replay
 
 
 class EagerCapturer:
@@ -231,7 +238,11 @@ def build_decode_graphs(model, kv_caches: list, model_config, engine_config, dev
     except Exception as e:  # noqa: BLE001 -- any failure means: run eagerly
         logger.warning("CUDA graph capture failed (%s: %s); running decode steps eagerly",
                        type(e).__name__, e)
-        del runner, capturer
+        runner = None
+    if runner is None:
+        # Outside the except block: the exception's traceback no longer pins the runner's
+        # static buffers and graph pool, so their memory can go back to the allocator.
+        del capturer
         if torch.device(device).type == "cuda":
             try:
                 torch.cuda.synchronize(device)

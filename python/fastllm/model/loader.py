@@ -67,9 +67,11 @@ def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = t
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
-    """'auto' (or None): the GPU when torch sees one, else the CPU; else 'cpu' or 'cuda[:N]'."""
+    """'auto' (or None): the GPU when torch sees one, else the CPU; else 'cpu' or 'cuda[:N]'.
+    A CUDA device always comes back with its index ('cuda' -> 'cuda:<current>'), because
+    torch.device('cuda') != torch.device('cuda:0') and tensors report the indexed form."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -78,6 +80,8 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} but torch sees no CUDA GPU; use device='cpu'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -211,10 +211,12 @@ class SamplingBatch:
             lens = []
             for i in repeated:
                 entry = prompt_token_ids[i]
-                if isinstance(entry, torch.Tensor) and entry.device == device:
+                if isinstance(entry, torch.Tensor) and _same_device(entry.device, torch.device(device)):
                     prompts.append((i, entry.reshape(-1)))
                     lens.append(entry.numel())
                 else:
+                    if isinstance(entry, torch.Tensor):
+                        entry = entry.cpu()
                     ids = np.asarray(entry, dtype=np.int64).reshape(-1)
                     prompts.append((i, None))
                     new_prompts.append(ids)
@@ -360,3 +362,13 @@ class Sampler:
                 top = raw_logprobs.topk(min(batch.max_num_logprobs, logits.shape[1]), dim=-1)
                 out.top_logprobs, out.top_token_ids = top.values, top.indices
         return out
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """a == b, reading a CUDA device without an index as the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
