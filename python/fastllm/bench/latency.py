@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from fastllm.bench import models
-from fastllm.bench.runner import add_engine_arguments, write_json
+from fastllm.bench.runner import add_engine_arguments, device_defaults, engine_config_from_args, write_json
 from fastllm.bench.throughput import add_model_arguments, load_model, make_requests
 from fastllm.config import EngineConfig
 from fastllm.sampling_params import SamplingParams
@@ -128,10 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     loaded, _ = load_model(args)
-    on_gpu = loaded.device.type == "cuda"
-
-    def pick(value, gpu, cpu):
-        return value if value is not None else (gpu if on_gpu else cpu)
+    pick = device_defaults(loaded.device.type == "cuda")
 
     concurrency = pick(args.concurrency, 32, 4)
     input_len, output_len = pick(args.input_len, 512, 16), pick(args.output_len, 128, 8)
@@ -141,15 +138,11 @@ def run(args: argparse.Namespace) -> dict:
                     ("--num-load-requests", num_load)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
-    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs,
-                                 max_num_batched_tokens=args.max_num_batched_tokens,
-                                 gpu_memory_utilization=args.gpu_memory_utilization,
-                                 num_kv_blocks=args.num_kv_blocks,
-                                 enforce_eager=args.enforce_eager, seed=args.seed)
+    engine_config = engine_config_from_args(args)
     scenarios = run_latency(loaded, engine_config, input_len, output_len, num_requests,
                             concurrency, num_load, args.seed)
     result = {"bench": "latency", "model": loaded.name,
-              "device": torch.cuda.get_device_name(loaded.device) if on_gpu else "cpu",
+              "device": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu",
               "dtype": str(loaded.dtype).replace("torch.", ""), "torch": torch.__version__,
               "input_len": input_len, "output_len": output_len, "scenarios": scenarios}
     print(format_results(result))

@@ -11,6 +11,11 @@ from typing import Callable, Iterable, Optional
 import torch
 
 
+def device_defaults(on_gpu: bool):
+    """pick(value, gpu, cpu): a flag's value when given, else its GPU or CPU default."""
+    return lambda value, gpu, cpu: value if value is not None else (gpu if on_gpu else cpu)
+
+
 def add_engine_arguments(parser) -> None:
     """The engine knobs every bench that runs LLMEngine takes."""
     g = parser.add_argument_group("engine")
@@ -20,6 +25,14 @@ def add_engine_arguments(parser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (no CUDA graphs for decode steps)")
+
+
+def engine_config_from_args(args):
+    """The EngineConfig of add_engine_arguments' flags (+ --enforce-eager and --seed)."""
+    from fastllm.config import EngineConfig
+    return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+                        enforce_eager=args.enforce_eager, seed=args.seed)
 
 
 def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: str = "it"):

@@ -35,7 +35,7 @@ from fastllm.bench import models
 from fastllm.bench.hf_baseline import (HFUnavailable, agreement, hf_config_from_model_config,
                                        hf_continuous_generate, hf_model_sharing_weights,
                                        hf_static_generate)
-from fastllm.bench.runner import add_engine_arguments, sync, write_json
+from fastllm.bench.runner import add_engine_arguments, device_defaults, engine_config_from_args, sync, write_json
 from fastllm.config import EngineConfig
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -255,10 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     loaded, preset = load_model(args)
-    on_gpu = loaded.device.type == "cuda"
-
-    def pick(value, gpu, cpu):
-        return value if value is not None else (gpu if on_gpu else cpu)
+    pick = device_defaults(loaded.device.type == "cuda")
 
     num_prompts = pick(args.num_prompts, 1000, 8)
     if args.random_lengths:
@@ -271,11 +268,7 @@ def run(args: argparse.Namespace) -> dict:
                                              pick(args.input_len, 256, 16),
                                              pick(args.output_len, 256, 8))
     hf_modes = [] if args.skip_hf else [m for m in args.hf_modes.split(",") if m]
-    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs,
-                                 max_num_batched_tokens=args.max_num_batched_tokens,
-                                 gpu_memory_utilization=args.gpu_memory_utilization,
-                                 num_kv_blocks=args.num_kv_blocks,
-                                 enforce_eager=args.enforce_eager, seed=args.seed)
+    engine_config = engine_config_from_args(args)
     result = run_throughput(loaded, prompts, output_lens, engine_config, hf_modes,
                             pick(args.hf_batch_size, 64, 4), preset_architecture(preset),
                             warmup=not args.no_warmup)
