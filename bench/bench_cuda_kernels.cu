@@ -39,46 +39,59 @@ void BM_DeviceCopy(benchmark::State& state) {
 }
 BENCHMARK(BM_DeviceCopy)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
-// args: num_seqs, context length; Llama-3-8B shape: 32 q heads, 8 kv heads, head_dim 128, bf16.
-void BM_PagedAttentionDecode(benchmark::State& state) {
+// args: num_seqs, context length (keys per sequence), queries per sequence (1 = decode,
+// > 1 = prefill/extend of the last q_len positions on the tensor-core kernel).
+// Llama-3-8B shape: 32 q heads, 8 kv heads, head_dim 128, bf16, block 16.
+void BM_PagedAttention(benchmark::State& state) {
   if (fastllm::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
-  const int S = state.range(0), ctx = state.range(1), H = 32, Hkv = 8, D = 128, BS = 16;
+  const int S = state.range(0), ctx = state.range(1), q_len = state.range(2), H = 32, Hkv = 8, D = 128, BS = 16;
+  const int T = S * q_len;
   const int blocks_per_seq = (ctx + BS - 1) / BS, num_blocks = S * blocks_per_seq;
   const size_t cache_elems = size_t(num_blocks) * BS * Hkv * D;
   __nv_bfloat16 *q, *out, *kc, *vc;
   int32_t *tables, *lens, *qsl;
-  cudaMalloc(&q, size_t(S) * H * D * 2);
-  cudaMalloc(&out, size_t(S) * H * D * 2);
+  cudaMalloc(&q, size_t(T) * H * D * 2);
+  cudaMalloc(&out, size_t(T) * H * D * 2);
   cudaMalloc(&kc, cache_elems * 2);
   cudaMalloc(&vc, cache_elems * 2);
-  cudaMemset(q, 0, size_t(S) * H * D * 2);
+  cudaMemset(q, 0, size_t(T) * H * D * 2);
   cudaMemset(kc, 0, cache_elems * 2);
   cudaMemset(vc, 0, cache_elems * 2);
   std::vector<int32_t> h_tables(num_blocks), h_lens(S, ctx), h_qsl(S + 1);
   std::iota(h_tables.begin(), h_tables.end(), 0);
-  std::iota(h_qsl.begin(), h_qsl.end(), 0);
+  for (int s = 0; s <= S; ++s) h_qsl[s] = s * q_len;
   cudaMalloc(&tables, num_blocks * 4);
   cudaMalloc(&lens, S * 4);
   cudaMalloc(&qsl, (S + 1) * 4);
   cudaMemcpy(tables, h_tables.data(), num_blocks * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(lens, h_lens.data(), S * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(qsl, h_qsl.data(), (S + 1) * 4, cudaMemcpyHostToDevice);
-  const size_t ws_bytes = fastllm::cuda::paged_attention_workspace_bytes(S, H, D, blocks_per_seq, BS);
+  const size_t ws_bytes = fastllm::cuda::paged_attention_workspace_bytes(T, H, D, blocks_per_seq, BS);
   void* workspace = nullptr;
   if (ws_bytes) cudaMalloc(&workspace, ws_bytes);
   Timer timer;
   for (auto _ : state) {
     state.SetIterationTime(timer.seconds([&] {
-      fastllm::cuda::paged_attention(fastllm::cuda::ScalarType::kBF16, out, q, kc, vc, tables, lens, qsl, S, S, H, Hkv,
-                                     D, BS, blocks_per_seq, 0.0884f, workspace, ws_bytes, nullptr);
+      fastllm::cuda::paged_attention(fastllm::cuda::ScalarType::kBF16, out, q, int64_t(H) * D, kc, vc, tables, lens,
+                                     qsl, T, S, q_len, H, Hkv, D, BS, blocks_per_seq, 0.0884f, workspace, ws_bytes,
+                                     nullptr);
     }));
   }
   cudaFree(workspace);
-  state.SetBytesProcessed(state.iterations() * 2 * cache_elems * 2);
+  if (q_len == 1) {
+    state.SetBytesProcessed(state.iterations() * 2 * cache_elems * 2);
+  } else {  // causal pairs of the last q_len positions, two matmuls of 2 * D FLOPs each
+    const double pairs = double(S) * (double(q_len) * (ctx - q_len) + double(q_len) * (q_len + 1) / 2);
+    state.counters["TFLOPs"] = benchmark::Counter(pairs * H * 4 * D * state.iterations() / 1e12,
+                                                  benchmark::Counter::kIsRate);
+  }
   for (void* p : {(void*)q, (void*)out, (void*)kc, (void*)vc, (void*)tables, (void*)lens, (void*)qsl}) cudaFree(p);
 }
-BENCHMARK(BM_PagedAttentionDecode)->Args({64, 4096})->Args({1, 32768})->Args({1, 4096})->UseManualTime()
-    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_PagedAttention)
+    ->ArgNames({"seqs", "ctx", "q_len"})
+    ->Args({64, 4096, 1})->Args({1, 32768, 1})->Args({1, 4096, 1})
+    ->Args({1, 4096, 4096})->Args({8, 2048, 2048})->Args({4, 8192, 512})
+    ->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // args: rows, cols (attention scores 4096x4096; a 128k vocabulary)
 void BM_FusedSoftmax(benchmark::State& state) {

@@ -118,7 +118,6 @@ def _attention_args(dtype=torch.float32):
     (dict(query=lambda a: a["query"].half()), TypeError, "out"),
     (dict(k_cache=lambda a: a["k_cache"].to(torch.bfloat16)), TypeError, "k_cache"),
     (dict(block_tables=lambda a: a["block_tables"].long()), TypeError, "block_tables"),
-    (dict(query=lambda a: a["query"].transpose(0, 1).contiguous().transpose(0, 1)), ValueError, "contiguous"),
     (dict(out=lambda a: a["out"][:, :3]), ValueError, "out"),
     (dict(seq_lens=lambda a: a["seq_lens"][:1]), ValueError, "seq_lens"),
     (dict(query=lambda a: a["query"][:, :3].contiguous(), out=lambda a: a["out"][:, :3].contiguous()),
@@ -166,3 +165,69 @@ def test_paged_attention_split_context_matches_float64(dtype, seq_lens, q_lens):
     reference.paged_attention(ref, q.double().cpu(), kc.double().cpu(), vc.double().cpu(), bt.cpu(), sl.cpu(),
                               qsl.cpu(), 128 ** -0.5)
     assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
+def _reference_attention(q, kc, vc, bt, sl, qsl, scale):
+    ref = torch.empty(q.shape, dtype=torch.float64)
+    reference.paged_attention(ref, q.double().cpu(), kc.double().cpu(), vc.double().cpu(), bt.cpu(), sl.cpu(),
+                              qsl.cpu(), scale)
+    return ref
+
+
+# Mixed steps as the scheduler builds them: decodes, whole prompts (a 2-token one, one
+# crossing several 64-row tiles), and chunks extending a cached prefix (chunked prefill,
+# prefix-cache hits), with contexts that end mid-block and mid-tile.
+PREFILL_BATCHES = [
+    ([1, 200, 370, 2, 9], [1, 200, 70, 2, 1]),
+    ([130], [65]),
+    ([64, 64], [64, 1]),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,num_kv_heads", [(1, 2), (3, 3), (4, 2), (8, 1)])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32)])
+@pytest.mark.parametrize("batch", range(len(PREFILL_BATCHES)))
+def test_paged_attention_prefill_matches_float64(device, dtype, group, num_kv_heads, head_dim, block_size, batch):
+    # On CUDA, sequences with q_len > 1 run on the tensor-core prefill kernel and the
+    # rest on the decode kernel; the max_query_len hint only picks kernels, never results.
+    seq_lens, q_lens = PREFILL_BATCHES[batch]
+    q, kc, vc, bt, sl, qsl = make_paged_batch(seq_lens, q_lens, num_kv_heads * group, num_kv_heads,
+                                              head_dim, block_size, dtype, device, seed=7 + batch)
+    scale = head_dim ** -0.5
+    ref = _reference_attention(q, kc, vc, bt, sl, qsl, scale)
+    for hint in (None, max(q_lens), 1):
+        out = torch.full_like(q, float("nan"))
+        ops.paged_attention(out, q, kc, vc, bt, sl, qsl, scale, max_query_len=hint)
+        assert rel_err(out.cpu(), ref) < TOL[dtype], f"max_query_len={hint}"
+        # every row, not just the norm: no token left unwritten or written by the wrong kernel
+        row_err = (out.cpu().double() - ref).abs().amax(dim=(1, 2)) / ref.abs().amax().clamp_min(1e-12)
+        assert row_err.max().item() < 10 * TOL[dtype], f"max_query_len={hint}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paged_attention_long_prefill_on_tensor_cores(dtype):
+    # A 2k prompt (32 key tiles per CTA at the end) next to a 1.5k extend of a 2.5k prefix.
+    q, kc, vc, bt, sl, qsl = make_paged_batch([2048, 4000], [2048, 1500], 32, 8, 128, 16, dtype, "cuda", seed=11)
+    out = torch.empty_like(q)
+    ops.paged_attention(out, q, kc, vc, bt, sl, qsl, 128 ** -0.5, max_query_len=2048)
+    assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, 128 ** -0.5)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_takes_query_views_of_the_qkv_projection(device, dtype):
+    # The model passes q as a view into [T, (H + 2 Hkv) * D]: token stride != H * D.
+    H, Hkv, D = 8, 2, 64
+    q, kc, vc, bt, sl, qsl = make_paged_batch([40, 9, 1], [40, 1, 1], H, Hkv, D, 16, dtype, device, seed=2)
+    qkv = torch.randn(q.shape[0], (H + 2 * Hkv) * D, dtype=dtype, device=device)
+    qkv[:, :H * D] = q.flatten(1)
+    view = qkv[:, :H * D].view(-1, H, D)
+    assert not view.is_contiguous()
+    out, expected = torch.empty_like(q), torch.empty_like(q)
+    ops.paged_attention(out, view, kc, vc, bt, sl, qsl, 0.125, max_query_len=40)
+    ops.paged_attention(expected, q, kc, vc, bt, sl, qsl, 0.125, max_query_len=40)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, 0.125)) < TOL[dtype]

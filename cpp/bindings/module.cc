@@ -58,14 +58,14 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("paged_attention", [](py::capsule out, py::capsule query, py::capsule k_cache, py::capsule v_cache,
                               py::capsule block_tables, py::capsule seq_lens, py::capsule query_start_loc,
-                              float scale, py::object workspace, int64_t stream) {
+                              float scale, int64_t max_query_len, py::object workspace, int64_t stream) {
     auto o = view(out, "out"), q = view(query, "query"), kc = view(k_cache, "k_cache"),
          vc = view(v_cache, "v_cache"), bt = view(block_tables, "block_tables"), sl = view(seq_lens, "seq_lens"),
          qsl = view(query_start_loc, "query_start_loc");
     std::optional<TensorView> ws;
     if (!workspace.is_none()) ws = view(workspace.cast<py::capsule>(), "workspace");
     py::gil_scoped_release release;
-    fastllm::paged_attention(o, q, kc, vc, bt, sl, qsl, scale, ws ? &*ws : nullptr, stream);
+    fastllm::paged_attention(o, q, kc, vc, bt, sl, qsl, scale, max_query_len, ws ? &*ws : nullptr, stream);
   });
   m.def("paged_attention_workspace_bytes", &fastllm::paged_attention_workspace_bytes, py::arg("num_tokens"),
         py::arg("num_heads"), py::arg("head_dim"), py::arg("max_blocks"), py::arg("block_size"),

@@ -3,6 +3,7 @@
 // would cost a device sync per call.
 #include "fastllm/ops.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "fastllm/cpu/float16.h"
@@ -157,9 +158,18 @@ static void check_attention_metadata(const TensorView& query, const TensorView& 
 
 void paged_attention(const TensorView& out, const TensorView& query, const TensorView& k_cache,
                      const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
-                     const TensorView& query_start_loc, float scale, const TensorView* workspace, int64_t stream) {
-  query.check_rank(3).check_float().check_contiguous();
+                     const TensorView& query_start_loc, float scale, int64_t max_query_len,
+                     const TensorView* workspace, int64_t stream) {
+  query.check_rank(3).check_float();
   const int64_t T = query.size(0), H = query.size(1), D = query.size(2);
+  // query may be a view into the fused qkv projection: any token stride, [H, D] dense.
+  const bool rows_dense = (D == 1 || query.strides[2] == 1) && (H == 1 || query.strides[1] == D);
+  if (!rows_dense || (T > 1 && query.strides[0] < H * D)) {
+    throw ArgValueError("query: each token's [num_heads, head_dim] must be contiguous, got strides " +
+                        std::to_string(query.strides[0]) + ", " + std::to_string(query.strides[1]) + ", " +
+                        std::to_string(query.strides[2]));
+  }
+  const int64_t q_token_stride = T > 1 ? query.strides[0] : H * D;
   out.check_rank(3).check_dtype(query.dtype).check_contiguous().check_same_device(query);
   out.check_size(0, T, "num_tokens").check_size(1, H, "num_heads").check_size(2, D, "head_dim");
   for (const TensorView* c : {&k_cache, &v_cache}) {
@@ -180,6 +190,7 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
       .check_size(0, S + 1, "num_seqs + 1");
 
   if (query.device == Device::kCPU) {
+    if (q_token_stride != H * D) throw ArgValueError("query: the CPU kernel needs a contiguous query");
     check_attention_metadata(query, k_cache, block_tables, seq_lens, query_start_loc);
     const cpu::PagedAttentionShape shape{T, S, H, Hkv, D, k_cache.size(1), block_tables.size(1)};
     dispatch_float(query.dtype, [&](auto* tag) {
@@ -195,6 +206,10 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
     throw ArgValueError("query: the CUDA paged_attention supports head_dim 64 and 128, got " + std::to_string(D));
   }
   for (const TensorView* t : {&out, &query, &k_cache, &v_cache}) check_aligned(*t);
+  if ((q_token_stride * static_cast<int64_t>(dtype_size(query.dtype))) % 16 != 0) {
+    throw ArgValueError("query: CUDA kernels need 16-byte aligned token rows, got a token stride of " +
+                        std::to_string(q_token_stride) + " elements");
+  }
   const size_t needed = cuda::paged_attention_workspace_bytes(static_cast<int>(T), static_cast<int>(H),
                                                               static_cast<int>(D), static_cast<int>(block_tables.size(1)),
                                                               static_cast<int>(k_cache.size(1)));
@@ -208,10 +223,10 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
     throw ArgValueError("workspace: needs " + std::to_string(needed) + " bytes (paged_attention_workspace_bytes), got " +
                         std::to_string(workspace_bytes));
   }
-  check_cuda(cuda::paged_attention(scalar_type(query.dtype), out.data, query.data, k_cache.data, v_cache.data,
-                                   block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
+  check_cuda(cuda::paged_attention(scalar_type(query.dtype), out.data, query.data, q_token_stride, k_cache.data,
+                                   v_cache.data, block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
                                    query_start_loc.ptr<int32_t>(), static_cast<int>(T), static_cast<int>(S),
-                                   static_cast<int>(H), static_cast<int>(Hkv), static_cast<int>(D),
+                                   static_cast<int>(std::min<int64_t>(max_query_len, T)), static_cast<int>(H), static_cast<int>(Hkv), static_cast<int>(D),
                                    static_cast<int>(k_cache.size(1)), static_cast<int>(block_tables.size(1)), scale,
                                    workspace != nullptr ? workspace->data : nullptr, workspace_bytes,
                                    reinterpret_cast<cudaStream_t>(stream)),
@@ -219,6 +234,7 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
 #else
   (void)stream;
   (void)workspace;
+  (void)max_query_len;
   no_cuda_kernel("paged_attention");
 #endif
 }

@@ -1,8 +1,10 @@
 #include <algorithm>
+#include <type_traits>
 
 #include "fastllm/cuda/launchers.h"
 #include "fastllm/cuda/nvtx.h"
 #include "fastllm/cuda/paged_attention.cuh"
+#include "fastllm/cuda/paged_prefill.cuh"
 
 namespace fastllm::cuda {
 
@@ -31,7 +33,7 @@ size_t paged_attention_workspace_bytes(int num_tokens, int num_heads, int head_d
 }
 
 template <typename T, int D, int HEADS>
-static cudaError_t launch(PagedAttentionParams& p, int num_tokens, cudaStream_t stream) {
+static cudaError_t launch_decode(PagedAttentionParams& p, int num_tokens, cudaStream_t stream) {
   const dim3 grid(num_tokens, p.num_heads / HEADS, p.num_splits);
   paged_attention_kernel<T, D, HEADS><<<grid, kAttentionThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
@@ -44,30 +46,48 @@ static cudaError_t launch(PagedAttentionParams& p, int num_tokens, cudaStream_t 
 template <typename T, int D>
 static cudaError_t dispatch_heads(PagedAttentionParams& p, int num_tokens, cudaStream_t stream) {
   const int group = p.num_heads / p.num_kv_heads;
-  if (group % 8 == 0) return launch<T, D, 8>(p, num_tokens, stream);
-  if (group % 4 == 0) return launch<T, D, 4>(p, num_tokens, stream);
-  if (group % 2 == 0) return launch<T, D, 2>(p, num_tokens, stream);
-  return launch<T, D, 1>(p, num_tokens, stream);
+  if (group % 8 == 0) return launch_decode<T, D, 8>(p, num_tokens, stream);
+  if (group % 4 == 0) return launch_decode<T, D, 4>(p, num_tokens, stream);
+  if (group % 2 == 0) return launch_decode<T, D, 2>(p, num_tokens, stream);
+  return launch_decode<T, D, 1>(p, num_tokens, stream);
+}
+
+// Sequences with q_len > 1 go to the tensor-core kernel; the decode kernel then skips them.
+template <typename T, int D>
+static cudaError_t launch_prefill(PagedAttentionParams& p, int num_tokens, cudaStream_t stream) {
+  const dim3 grid(prefill_grid_x(num_tokens, p.num_seqs, p.num_heads / p.num_kv_heads), p.num_kv_heads);
+  paged_prefill_kernel<T, D><<<grid, kPrefillThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename T>
-static cudaError_t dispatch_dim(PagedAttentionParams& p, int head_dim, int num_tokens, cudaStream_t stream) {
+static cudaError_t dispatch_dim(PagedAttentionParams& p, int head_dim, int num_tokens, bool prefill,
+                                cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (prefill) {
+      cudaError_t err = head_dim == 64 ? launch_prefill<T, 64>(p, num_tokens, stream)
+                                       : launch_prefill<T, 128>(p, num_tokens, stream);
+      if (err != cudaSuccess) return err;
+      p.decode_only = true;
+    }
+  }
   if (head_dim == 64) return dispatch_heads<T, 64>(p, num_tokens, stream);
   if (head_dim == 128) return dispatch_heads<T, 128>(p, num_tokens, stream);
   return cudaErrorInvalidValue;
 }
 
-cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, const void* k_cache,
-                            const void* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
-                            const int32_t* query_start_loc, int num_tokens, int num_seqs, int num_heads,
-                            int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
-                            void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, int64_t q_token_stride,
+                            const void* k_cache, const void* v_cache, const int32_t* block_tables,
+                            const int32_t* seq_lens, const int32_t* query_start_loc, int num_tokens, int num_seqs,
+                            int max_query_len, int num_heads, int num_kv_heads, int head_dim, int block_size,
+                            int max_blocks, float scale, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream) {
   FASTLLM_NVTX_RANGE("paged_attention");
   if (num_tokens == 0) return cudaSuccess;
   if (!paged_attention_supports(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return cudaErrorInvalidValue;
   PagedAttentionParams p{out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                          nullptr, nullptr, nullptr, num_seqs, num_heads, num_kv_heads, block_size, max_blocks,
-                         1, 0, scale};
+                         1, 0, scale, q_token_stride, false};
   const int max_keys = max_blocks * block_size;
   p.num_splits = num_splits(num_tokens, num_heads, max_blocks, block_size);
   // Split boundaries on multiples of 256 keys, so they do not move with the table width
@@ -80,10 +100,12 @@ cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, cons
     p.split_max = p.split_acc + rows * head_dim;
     p.split_sum = p.split_max + rows;
   }
+  // max_query_len < 0: unknown, assume some sequence may have q_len > 1.
+  const bool prefill = (max_query_len < 0 ? num_tokens : max_query_len) > 1;
   switch (dtype) {
-    case ScalarType::kF32: return dispatch_dim<float>(p, head_dim, num_tokens, stream);
-    case ScalarType::kF16: return dispatch_dim<__half>(p, head_dim, num_tokens, stream);
-    case ScalarType::kBF16: return dispatch_dim<__nv_bfloat16>(p, head_dim, num_tokens, stream);
+    case ScalarType::kF32: return dispatch_dim<float>(p, head_dim, num_tokens, prefill, stream);
+    case ScalarType::kF16: return dispatch_dim<__half>(p, head_dim, num_tokens, prefill, stream);
+    case ScalarType::kBF16: return dispatch_dim<__nv_bfloat16>(p, head_dim, num_tokens, prefill, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -69,9 +69,16 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
-                    query_start_loc, scale: float) -> None:
-    """out[T, H, D] = causal attention of query[T, H, D] over each sequence's paged K/V."""
+                    query_start_loc, scale: float, max_query_len: int | None = None) -> None:
+    """out[T, H, D] = causal attention of query[T, H, D] over each sequence's paged K/V.
+
+    query may be a view with any token stride (the q part of the fused qkv output).
+    max_query_len, the longest q_len in the batch known on the host, picks the CUDA
+    kernels: 1 runs the decode kernel alone (what CUDA graphs capture), > 1 sends
+    sequences with q_len > 1 to the tensor-core prefill kernel; None means unknown."""
     if _native_for("paged_attention", query) and (query.is_cpu or query.shape[-1] in (64, 128)):
+        if query.is_cpu or not _dense_rows(query):
+            query = query.contiguous()
         workspace = None
         if query.is_cuda:  # split-context partials, from torch's caching allocator
             nbytes = _C.paged_attention_workspace_bytes(query.shape[0], query.shape[1], query.shape[2],
@@ -79,10 +86,18 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
             if nbytes:
                 workspace = to_dlpack(torch.empty(nbytes // 4, dtype=torch.float32, device=query.device))
         _C.paged_attention(*_dl(out, query, k_cache, v_cache, block_tables, seq_lens,
-                                query_start_loc), float(scale), workspace, _stream(query))
+                                query_start_loc), float(scale),
+                           -1 if max_query_len is None else int(max_query_len), workspace, _stream(query))
     else:
         reference.paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
                                   query_start_loc, scale)
+
+
+def _dense_rows(t: torch.Tensor) -> bool:
+    """Whether each token's [heads, head_dim] is dense and starts 16-byte aligned."""
+    heads, dim = t.shape[1], t.shape[2]
+    return ((dim == 1 or t.stride(2) == 1) and (heads == 1 or t.stride(1) == dim)
+            and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = None) -> None:

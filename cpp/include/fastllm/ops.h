@@ -18,11 +18,15 @@ std::string cuda_archs();              // the archs compiled for ("" without CUD
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,
                        const TensorView& v_cache, const TensorView& slot_mapping, int64_t stream);
 
+// `query` may have any token stride (a view of the fused qkv output) on CUDA; the CPU
+// kernel needs it contiguous. `max_query_len`: the longest q_len in the batch, known on
+// the host (-1: unknown); 1 keeps a decode step on the decode kernel alone (CUDA graphs).
 // `workspace` (CUDA only, may be null when the size below is 0): a float32 buffer of at
 // least paged_attention_workspace_bytes(...) bytes for the split-context partial results.
 void paged_attention(const TensorView& out, const TensorView& query, const TensorView& k_cache,
                      const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
-                     const TensorView& query_start_loc, float scale, const TensorView* workspace, int64_t stream);
+                     const TensorView& query_start_loc, float scale, int64_t max_query_len,
+                     const TensorView* workspace, int64_t stream);
 int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t max_blocks,
                                         int64_t block_size);
 

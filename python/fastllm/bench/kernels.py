@@ -198,12 +198,13 @@ def bench_attention(case: AttentionCase, dtype: torch.dtype, device, ceilings: d
     device = torch.device(device)
     x = make_attention_inputs(case, dtype, device)
     out = torch.empty_like(x["query"])
+    # max_query_len as the engine passes it: decode stays on the decode kernel alone.
     args = (x["query"], x["k_cache"], x["v_cache"], x["block_tables"], x["seq_lens"],
-            x["query_start_loc"], x["scale"])
+            x["query_start_loc"], x["scale"], case.q_len)
 
     expected = torch.empty(out.shape, dtype=torch.float64, device=device)
     reference.paged_attention(expected, x["query"].double(), x["k_cache"].double(),
-                              x["v_cache"].double(), *args[3:])
+                              x["v_cache"].double(), *args[3:7])
     ops.paged_attention(out, *args)
     err = check_close(f"paged_attention {case.name}", out, expected, dtype)
 

@@ -158,7 +158,8 @@ class DecodeGraphRunner:
         meta = AttentionMetadata(slot_mapping=self.slot_mapping[:b],
                                  block_tables=self.block_tables[:b],
                                  seq_lens=self.seq_lens[:b],
-                                 query_start_loc=self.query_start_loc[:b + 1])
+                                 query_start_loc=self.query_start_loc[:b + 1],
+                                 max_query_len=1)
         input_ids, positions, logits = self.input_ids[:b], self.positions[:b], self.logits[:b]
 
         def forward() -> None:

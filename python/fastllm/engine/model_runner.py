@@ -150,7 +150,8 @@ class ModelRunner:
             block_tables=tables.to(self.device),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
             query_start_loc=torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32,
-                                         device=self.device))
+                                         device=self.device),
+            max_query_len=max(lens))
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         self.model(ids, positions, caches, meta)
         self._profile_sampler()
@@ -257,7 +258,8 @@ class ModelRunner:
             slot_mapping=dev[2 * num_tokens:t3],
             block_tables=dev[s1 + num_seqs + 1:total].view(num_seqs, max_blocks).to(torch.int32),
             seq_lens=dev[t3:s1].to(torch.int32),
-            query_start_loc=dev[s1:s1 + num_seqs + 1].to(torch.int32))
+            query_start_loc=dev[s1:s1 + num_seqs + 1].to(torch.int32),
+            max_query_len=max(s.num_tokens for s in scheduled))
         return dev[:num_tokens], dev[num_tokens:2 * num_tokens], meta
 
     @torch.inference_mode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # [S, max_blocks_per_seq] int32
     seq_lens: torch.Tensor         # [S] int32: tokens in cache after this step (computed + this step's)
     query_start_loc: torch.Tensor  # [S+1] int32 cumulative query counts
+    max_query_len: Optional[int] = None  # longest q_len, known on the host (None: unknown)
 
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
@@ -141,7 +143,7 @@ class Attention(nn.Module):
             ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
             out = torch.empty_like(q)
             ops.paged_attention(out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                meta.query_start_loc, self.scale)
+                                meta.query_start_loc, self.scale, meta.max_query_len)
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 

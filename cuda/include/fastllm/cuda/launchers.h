@@ -18,19 +18,24 @@ cudaError_t reshape_and_cache(const void* key, const void* value, void* k_cache,
                               const int64_t* slot_mapping, int64_t num_tokens, int64_t row_bytes,
                               cudaStream_t stream);
 
-// Causal paged attention (see paged_attention.cuh). head_dim 64 or 128; num_heads a
-// multiple of num_kv_heads. Long contexts with few CTAs are split across CTAs and merged
-// (flash-decoding); the splits' partial results live in a caller-owned workspace of
+// Causal paged attention. head_dim 64 or 128; num_heads a multiple of num_kv_heads;
+// query rows [T, H, D] may have any token stride (q_token_stride elements, 16-byte
+// aligned rows), out is contiguous. With fp16/bf16 and max_query_len > 1 (or < 0:
+// unknown), sequences with q_len > 1 run on tensor cores (paged_prefill.cuh) and the
+// rest on the decode kernel (paged_attention.cuh); fp32 runs all on the decode kernel.
+// Decode of long contexts with few CTAs is split across CTAs and merged (flash-decoding);
+// the splits' partial results live in a caller-owned workspace of
 // paged_attention_workspace_bytes(...) bytes (0 when no split is needed), so memory
 // stays with the caller's allocator (and CUDA graphs capture no allocation).
 bool paged_attention_supports(int head_dim);
 size_t paged_attention_workspace_bytes(int num_tokens, int num_heads, int head_dim, int max_blocks,
                                        int block_size);
-cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, const void* k_cache,
-                            const void* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
-                            const int32_t* query_start_loc, int num_tokens, int num_seqs, int num_heads,
-                            int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
-                            void* workspace, size_t workspace_bytes, cudaStream_t stream);
+cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, int64_t q_token_stride,
+                            const void* k_cache, const void* v_cache, const int32_t* block_tables,
+                            const int32_t* seq_lens, const int32_t* query_start_loc, int num_tokens, int num_seqs,
+                            int max_query_len, int num_heads, int num_kv_heads, int head_dim, int block_size,
+                            int max_blocks, float scale, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream);
 
 // softmax(scale * scores) by rows, causal when `causal` (see fused_softmax.cuh).
 cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, int64_t num_rows, int64_t num_cols,

@@ -3,12 +3,13 @@
 // Grid (num_tokens, num_heads / HEADS, num_splits); 128 threads. A CTA serves one query
 // token, HEADS query heads that share one KV head (GQA: each K/V row is loaded once for
 // all of them), and one split of that token's visible keys. A KV row of D elements is
-// read by a "key group" of D / VEC lanes, one 16-byte load each, so a warp covers
-// 32 * VEC / D keys per step. Each key group keeps an online softmax (max m, sum l,
+// read by a "key group" of D / VEC lanes, one 16-byte load each; a key group takes
+// UNROLL keys per step, so a warp covers UNROLL * 32 * VEC / D keys. Each key group keeps an online softmax (max m, sum l,
 // acc[VEC] per head); key groups are merged through shared memory at the end, and
 // splits by paged_attention_merge_kernel when there is more than one.
 #pragma once
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
 
 #include "fastllm/cuda/vec.cuh"
@@ -19,7 +20,7 @@ constexpr int kAttentionThreads = 128;
 
 struct PagedAttentionParams {
   void* out;                 // [T, H, D]
-  const void* query;         // [T, H, D]
+  const void* query;         // [T, H, D], token stride q_token_stride elements
   const void* k_cache;       // [num_blocks, block_size, Hkv, D]
   const void* v_cache;
   const int32_t* block_tables;     // [S, max_blocks]
@@ -30,6 +31,8 @@ struct PagedAttentionParams {
   float* split_sum;                // [T, H, num_splits]
   int num_seqs, num_heads, num_kv_heads, block_size, max_blocks, num_splits, keys_per_split;
   float scale;
+  int64_t q_token_stride;
+  bool decode_only;  // tokens of sequences with q_len > 1 are paged_prefill_kernel's: skip them
 };
 
 // The sequence a flattened query token belongs to: binary search of query_start_loc.
@@ -51,11 +54,13 @@ paged_attention_kernel(PagedAttentionParams p) {
   constexpr int KEYS_PER_WARP = 32 / LANES_PER_KEY;
   constexpr int NUM_WARPS = kAttentionThreads / 32;
   constexpr int GROUPS = NUM_WARPS * KEYS_PER_WARP;  // key groups per CTA
+  constexpr int UNROLL = 4;                          // keys per key group per step
 
   const int token = blockIdx.x, head0 = blockIdx.y * HEADS, split = blockIdx.z;
   const int kv_head = head0 / (p.num_heads / p.num_kv_heads);
   const int seq = seq_of_token(p.query_start_loc, p.num_seqs, token);
   const int q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
+  if (p.decode_only && q_len > 1) return;
   const int num_keys = p.seq_lens[seq] - q_len + (token - p.query_start_loc[seq]) + 1;  // causal
   const int key_begin = split * p.keys_per_split;
   const int key_end = min(num_keys, key_begin + p.keys_per_split);
@@ -67,7 +72,7 @@ paged_attention_kernel(PagedAttentionParams p) {
   float q[HEADS][VEC], acc[HEADS][VEC], m[HEADS], l[HEADS];
 #pragma unroll
   for (int h = 0; h < HEADS; ++h) {
-    load_vec(static_cast<const T*>(p.query) + ((int64_t)token * p.num_heads + head0 + h) * D + dim0, q[h]);
+    load_vec(static_cast<const T*>(p.query) + (int64_t)token * p.q_token_stride + (int64_t)(head0 + h) * D + dim0, q[h]);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) { q[h][i] *= p.scale; acc[h][i] = 0.f; }
     m[h] = -FLT_MAX;
@@ -79,30 +84,43 @@ paged_attention_kernel(PagedAttentionParams p) {
   const int32_t* table = p.block_tables + (int64_t)seq * p.max_blocks;
   const int64_t row_stride = (int64_t)p.num_kv_heads * D;
   // Every lane runs the same number of iterations so the shuffles below stay converged.
-  for (int base = key_begin; base < key_end; base += GROUPS) {
-    const int key = base + group;
-    const bool valid = key < key_end;
-    float k[VEC], v[VEC];
-    if (valid) {
-      const int64_t slot = (int64_t)table[key / p.block_size] * p.block_size + key % p.block_size;
-      const int64_t offset = slot * row_stride + (int64_t)kv_head * D + dim0;
-      load_vec(k_cache + offset, k);
-      load_vec(v_cache + offset, v);
+  // Each key group loads UNROLL keys' K and V rows before using any: enough bytes in
+  // flight per SM to cover DRAM latency (the decode kernel is bandwidth-bound).
+  for (int base = key_begin; base < key_end; base += GROUPS * UNROLL) {
+    uint4 k_raw[UNROLL], v_raw[UNROLL];
+    bool valid[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int key = base + u * GROUPS + group;
+      valid[u] = key < key_end;
+      k_raw[u] = v_raw[u] = make_uint4(0, 0, 0, 0);
+      if (valid[u]) {
+        const int64_t slot = (int64_t)table[key / p.block_size] * p.block_size + key % p.block_size;
+        const int64_t offset = slot * row_stride + (int64_t)kv_head * D + dim0;
+        k_raw[u] = __ldg(reinterpret_cast<const uint4*>(k_cache + offset));
+        v_raw[u] = __ldg(reinterpret_cast<const uint4*>(v_cache + offset));
+      }
     }
 #pragma unroll
-    for (int h = 0; h < HEADS; ++h) {
-      float score = 0.f;
+    for (int u = 0; u < UNROLL; ++u) {
+      float k[VEC], v[VEC];
+      unpack_vec<T>(k_raw[u], k);
+      unpack_vec<T>(v_raw[u], v);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) score += valid ? q[h][i] * k[i] : 0.f;
+      for (int h = 0; h < HEADS; ++h) {
+        float score = 0.f;
 #pragma unroll
-      for (int off = LANES_PER_KEY / 2; off > 0; off /= 2) score += __shfl_xor_sync(0xffffffffu, score, off);
-      if (valid) {
-        const float m_new = fmaxf(m[h], score);
-        const float correction = __expf(m[h] - m_new), prob = __expf(score - m_new);
-        l[h] = l[h] * correction + prob;
+        for (int i = 0; i < VEC; ++i) score += q[h][i] * k[i];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[h][i] = acc[h][i] * correction + prob * v[i];
-        m[h] = m_new;
+        for (int off = LANES_PER_KEY / 2; off > 0; off /= 2) score += __shfl_xor_sync(0xffffffffu, score, off);
+        if (valid[u]) {
+          const float m_new = fmaxf(m[h], score);
+          const float correction = __expf(m[h] - m_new), prob = __expf(score - m_new);
+          l[h] = l[h] * correction + prob;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[h][i] = acc[h][i] * correction + prob * v[i];
+          m[h] = m_new;
+        }
       }
     }
   }
@@ -143,6 +161,10 @@ paged_attention_kernel(PagedAttentionParams p) {
 // Grid (T, H), D threads: combine the splits' partial softmax results of one row.
 template <typename T>
 __global__ void paged_attention_merge_kernel(PagedAttentionParams p, int head_dim) {
+  if (p.decode_only) {
+    const int seq = seq_of_token(p.query_start_loc, p.num_seqs, blockIdx.x);
+    if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] > 1) return;
+  }
   const int64_t row = (int64_t)blockIdx.x * p.num_heads + blockIdx.y;
   const float* mx = p.split_max + row * p.num_splits;
   const float* sm = p.split_sum + row * p.num_splits;

@@ -19,14 +19,20 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// The VecTraits<T>::kSize elements of one 16-byte word as floats.
+template <typename T>
+__device__ __forceinline__ void unpack_vec(uint4 raw, float* dst) {
+  constexpr int N = VecTraits<T>::kSize;
+  union { uint4 raw; T elems[N]; } u;
+  u.raw = raw;
+#pragma unroll
+  for (int i = 0; i < N; ++i) dst[i] = to_float(u.elems[i]);
+}
+
 // Loads VecTraits<T>::kSize consecutive elements (one 16-byte transaction) as floats.
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* __restrict__ src, float* dst) {
-  constexpr int N = VecTraits<T>::kSize;
-  union { uint4 raw; T elems[N]; } u;
-  u.raw = *reinterpret_cast<const uint4*>(src);
-#pragma unroll
-  for (int i = 0; i < N; ++i) dst[i] = to_float(u.elems[i]);
+  unpack_vec<T>(*reinterpret_cast<const uint4*>(src), dst);
 }
 
 template <typename T>
