@@ -190,8 +190,9 @@ PREFILL_BATCHES = [
 @pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32)])
 @pytest.mark.parametrize("batch", range(len(PREFILL_BATCHES)))
 def test_paged_attention_prefill_matches_float64(device, dtype, group, num_kv_heads, head_dim, block_size, batch):
-    # On CUDA, sequences with q_len > 1 run on the tensor-core prefill kernel and the
-    # rest on the decode kernel; the max_query_len hint only picks kernels, never results.
+    # On CUDA (fp16/bf16), sequences whose q_len * group fills a 64-row tile run on the
+    # tensor-core prefill kernel and the rest on the decode kernel; the max_query_len hint
+    # only picks kernels, never results.
     seq_lens, q_lens = PREFILL_BATCHES[batch]
     q, kc, vc, bt, sl, qsl = make_paged_batch(seq_lens, q_lens, num_kv_heads * group, num_kv_heads,
                                               head_dim, block_size, dtype, device, seed=7 + batch)
@@ -231,3 +232,25 @@ def test_paged_attention_takes_query_views_of_the_qkv_projection(device, dtype):
     ops.paged_attention(expected, q, kc, vc, bt, sl, qsl, 0.125, max_query_len=40)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, 0.125)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group,num_kv_heads", [(4, 2), (16, 1)])
+def test_paged_attention_reads_only_each_sequences_own_keys(device, group, num_kv_heads):
+    # 40 prompts/extends (more than one warp's worth of sequences for the prefill tile
+    # search), with every cache slot outside a sequence's first seq_len positions NaN:
+    # any read past seq_len, or of another sequence's blocks, poisons the output.
+    q_lens = [16 + (i % 5) * 7 for i in range(40)]
+    seq_lens = [q + (i % 3) * 23 for i, q in enumerate(q_lens)]
+    q, kc, vc, bt, sl, qsl = make_paged_batch(seq_lens, q_lens, num_kv_heads * group, num_kv_heads, 64, 16,
+                                              torch.bfloat16, device, seed=13)
+    owned = torch.zeros(kc.shape[0] * kc.shape[1], dtype=torch.bool)
+    for s, n in enumerate(seq_lens):
+        pos = torch.arange(n)
+        owned[bt[s].cpu().long()[pos // 16] * 16 + pos % 16] = True
+    for cache in (kc, vc):
+        cache.view(-1, *cache.shape[2:])[~owned.to(device)] = float("nan")
+    out = torch.empty_like(q)
+    ops.paged_attention(out, q, kc, vc, bt, sl, qsl, 0.125, max_query_len=max(q_lens))
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, 0.125)) < TOL[torch.bfloat16]

@@ -16,6 +16,13 @@ static int num_sms() {
   return sms;
 }
 
+// The tensor-core prefill kernel needs sm_80 (mma bf16, cp.async).
+static bool has_sm80() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  return major >= 8;
+}
+
 // The longest context any sequence can have is known on the host from the table width;
 // split it when the grid alone would leave SMs idle (batch 1 with a long context).
 static int num_splits(int num_tokens, int num_heads, int max_blocks, int block_size) {
@@ -100,8 +107,9 @@ cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, int6
     p.split_max = p.split_acc + rows * head_dim;
     p.split_sum = p.split_max + rows;
   }
-  // max_query_len < 0: unknown, assume some sequence may have q_len > 1.
-  const bool prefill = (max_query_len < 0 ? num_tokens : max_query_len) > 1;
+  // max_query_len < 0: unknown, assume some sequence may be long enough.
+  const int group = num_heads / num_kv_heads;
+  const bool prefill = on_prefill_kernel(max_query_len < 0 ? num_tokens : max_query_len, group) && has_sm80();
   switch (dtype) {
     case ScalarType::kF32: return dispatch_dim<float>(p, head_dim, num_tokens, prefill, stream);
     case ScalarType::kF16: return dispatch_dim<__half>(p, head_dim, num_tokens, prefill, stream);

@@ -20,9 +20,11 @@ cudaError_t reshape_and_cache(const void* key, const void* value, void* k_cache,
 
 // Causal paged attention. head_dim 64 or 128; num_heads a multiple of num_kv_heads;
 // query rows [T, H, D] may have any token stride (q_token_stride elements, 16-byte
-// aligned rows), out is contiguous. With fp16/bf16 and max_query_len > 1 (or < 0:
-// unknown), sequences with q_len > 1 run on tensor cores (paged_prefill.cuh) and the
-// rest on the decode kernel (paged_attention.cuh); fp32 runs all on the decode kernel.
+// aligned rows), out is contiguous. With fp16/bf16 on sm_80+, sequences whose
+// q_len * (num_heads / num_kv_heads) fills a 64-row tile run on tensor cores
+// (paged_prefill.cuh) and the rest on the decode kernel (paged_attention.cuh);
+// max_query_len (the batch's longest q_len, or < 0: unknown) lets a decode-only step skip
+// the prefill launch. fp32 runs all on the decode kernel.
 // Decode of long contexts with few CTAs is split across CTAs and merged (flash-decoding);
 // the splits' partial results live in a caller-owned workspace of
 // paged_attention_workspace_bytes(...) bytes (0 when no split is needed), so memory

@@ -12,16 +12,26 @@
 
 #include <cstdint>
 
+// The instructions exist from sm_80 on; older targets compile empty bodies that the
+// launcher never reaches (it checks the device's compute capability).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define FASTLLM_SM80 1
+#else
+#define FASTLLM_SM80 0
+#endif
+
 namespace fastllm::cuda {
 
 template <typename T> struct MmaType;
 template <> struct MmaType<__half> {
   __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) {
+#if FASTLLM_SM80
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
   __device__ static uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -30,11 +40,13 @@ template <> struct MmaType<__half> {
 };
 template <> struct MmaType<__nv_bfloat16> {
   __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) {
+#if FASTLLM_SM80
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
   __device__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -49,10 +61,20 @@ __device__ __forceinline__ uint32_t pack_u16(uint16_t lo, uint16_t hi) {
 
 // 16-byte global -> shared copy that bypasses registers; src_bytes 0 zero-fills dst.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
+#if FASTLLM_SM80
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if FASTLLM_SM80
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if FASTLLM_SM80
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
 
 }  // namespace fastllm::cuda

@@ -32,8 +32,18 @@ struct PagedAttentionParams {
   int num_seqs, num_heads, num_kv_heads, block_size, max_blocks, num_splits, keys_per_split;
   float scale;
   int64_t q_token_stride;
-  bool decode_only;  // tokens of sequences with q_len > 1 are paged_prefill_kernel's: skip them
+  bool decode_only;  // skip the sequences paged_prefill_kernel serves (on_prefill_kernel)
 };
+
+constexpr int kPrefillRows = 64;  // packed (token, head) query rows per prefill CTA (4 warps x 16)
+
+// Which kernel serves a sequence with q_len queries and G = num_heads / num_kv_heads:
+// paged_prefill_kernel (paged_prefill.cuh) when its q_len * G packed rows fill at least one
+// tile; shorter ones (decodes, short extends of a long cached prefix) stay here, where the
+// context splits keep the GPU busy rather than a few prefill CTAs walking the keys serially.
+__host__ __device__ inline bool on_prefill_kernel(int q_len, int group) {
+  return q_len > 1 && q_len * group >= kPrefillRows;
+}
 
 // The sequence a flattened query token belongs to: binary search of query_start_loc.
 __device__ __forceinline__ int seq_of_token(const int32_t* qsl, int num_seqs, int token) {
@@ -60,7 +70,7 @@ paged_attention_kernel(PagedAttentionParams p) {
   const int kv_head = head0 / (p.num_heads / p.num_kv_heads);
   const int seq = seq_of_token(p.query_start_loc, p.num_seqs, token);
   const int q_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
-  if (p.decode_only && q_len > 1) return;
+  if (p.decode_only && on_prefill_kernel(q_len, p.num_heads / p.num_kv_heads)) return;
   const int num_keys = p.seq_lens[seq] - q_len + (token - p.query_start_loc[seq]) + 1;  // causal
   const int key_begin = split * p.keys_per_split;
   const int key_end = min(num_keys, key_begin + p.keys_per_split);
@@ -163,7 +173,7 @@ template <typename T>
 __global__ void paged_attention_merge_kernel(PagedAttentionParams p, int head_dim) {
   if (p.decode_only) {
     const int seq = seq_of_token(p.query_start_loc, p.num_seqs, blockIdx.x);
-    if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] > 1) return;
+    if (on_prefill_kernel(p.query_start_loc[seq + 1] - p.query_start_loc[seq], p.num_heads / p.num_kv_heads)) return;
   }
   const int64_t row = (int64_t)blockIdx.x * p.num_heads + blockIdx.y;
   const float* mx = p.split_max + row * p.num_splits;

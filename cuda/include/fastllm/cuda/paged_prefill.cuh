@@ -21,12 +21,11 @@
 
 namespace fastllm::cuda {
 
-constexpr int kPrefillRows = 64;     // packed query rows per CTA (4 warps x 16)
 constexpr int kPrefillKeys = 64;     // keys per shared-memory tile
 constexpr int kPrefillThreads = 128;
 
 __host__ __device__ inline int prefill_tiles(int q_len, int group) {
-  return q_len > 1 ? (q_len * group + kPrefillRows - 1) / kPrefillRows : 0;
+  return on_prefill_kernel(q_len, group) ? (q_len * group + kPrefillRows - 1) / kPrefillRows : 0;
 }
 
 // Upper bound on the CTAs (per KV head) the tiles of a batch need: each sequence's tiles
@@ -67,6 +66,9 @@ __device__ __forceinline__ bool find_prefill_tile(const int32_t* qsl, int num_se
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads)
 paged_prefill_kernel(PagedAttentionParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma bf16 / cp.async need sm_80; the launcher never sends work here
+#else
   using Mma = MmaType<T>;
   constexpr int KC = D / 16;              // k-steps of Q K^T over head_dim
   constexpr int DC = D / 8;               // n-tiles of O (head_dim in 8s)
@@ -84,6 +86,8 @@ paged_prefill_kernel(PagedAttentionParams p) {
   const int kv_head = blockIdx.y;
   const int q_begin = p.query_start_loc[seq];
   const int q_len = p.query_start_loc[seq + 1] - q_begin;
+  // The last tiles see the most keys (causal): run them first so the tail wave is short.
+  tile = prefill_tiles(q_len, group) - 1 - tile;
   const int context = p.seq_lens[seq] - q_len;
   const int row0 = tile * kPrefillRows;
 
@@ -243,6 +247,7 @@ paged_prefill_kernel(PagedAttentionParams p) {
       *reinterpret_cast<uint32_t*>(dst + dc * 8) = Mma::pack(o[dc][2 * i] * inv, o[dc][2 * i + 1] * inv);
     }
   }
+#endif
 }
 
 }  // namespace fastllm::cuda
