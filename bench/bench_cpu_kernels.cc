@@ -30,7 +30,7 @@ static void BM_FusedSoftmax(benchmark::State& state) {
   std::normal_distribution<float> normal;
   for (float& v : x) v = normal(rng);
   for (auto _ : state) {
-    fastllm::cpu::fused_softmax<float>(y.data(), x.data(), rows, cols, rows, 0.125f, true, cols - rows);
+    fastllm::cpu::fused_softmax<float>(y.data(), x.data(), nullptr, rows, cols, rows, 0.125f, true, cols - rows);
     benchmark::DoNotOptimize(y.data());
   }
   state.SetBytesProcessed(state.iterations() * 2 * rows * cols * sizeof(float));

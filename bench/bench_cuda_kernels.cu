@@ -104,7 +104,7 @@ void BM_FusedSoftmax(benchmark::State& state) {
   Timer timer;
   for (auto _ : state) {
     state.SetIterationTime(timer.seconds([&] {
-      fastllm::cuda::fused_softmax(fastllm::cuda::ScalarType::kBF16, y, x, rows, cols, rows, 0.088f, true, 0, nullptr);
+      fastllm::cuda::fused_softmax(fastllm::cuda::ScalarType::kBF16, y, x, nullptr, rows, cols, rows, 0.088f, true, 0, nullptr);
     }));
   }
   state.SetBytesProcessed(state.iterations() * 2 * rows * cols * 2);
@@ -112,6 +112,32 @@ void BM_FusedSoftmax(benchmark::State& state) {
   cudaFree(y);
 }
 BENCHMARK(BM_FusedSoftmax)->Args({32 * 1024, 1024})->Args({4096, 4096})->Args({64, 128256})->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+// Sampling: float32 logits [rows, vocab], a different temperature per row (row_scale =
+// 1 / temperature), no mask. args: rows, vocab.
+void BM_FusedSoftmaxRowTemperature(benchmark::State& state) {
+  if (fastllm::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
+  const int64_t rows = state.range(0), cols = state.range(1);
+  float *x, *y, *row_scale;
+  cudaMalloc(&x, rows * cols * 4);
+  cudaMalloc(&y, rows * cols * 4);
+  cudaMalloc(&row_scale, rows * 4);
+  cudaMemset(x, 0, rows * cols * 4);
+  std::vector<float> h_scale(rows);
+  for (int64_t r = 0; r < rows; ++r) h_scale[r] = 1.f / (0.5f + 0.01f * static_cast<float>(r % 100));
+  cudaMemcpy(row_scale, h_scale.data(), rows * 4, cudaMemcpyHostToDevice);
+  Timer timer;
+  for (auto _ : state) {
+    state.SetIterationTime(timer.seconds([&] {
+      fastllm::cuda::fused_softmax(fastllm::cuda::ScalarType::kF32, y, x, row_scale, rows, cols, rows, 1.f, false, 0,
+                                   nullptr);
+    }));
+  }
+  state.SetBytesProcessed(state.iterations() * 2 * rows * cols * 4);
+  for (void* p : {(void*)x, (void*)y, (void*)row_scale}) cudaFree(p);
+}
+BENCHMARK(BM_FusedSoftmaxRowTemperature)->Args({256, 128256})->Args({4, 128256})->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 
 }  // namespace

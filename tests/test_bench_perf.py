@@ -58,7 +58,7 @@ def test_kernels_bench_cpu_json(tmp_path):
     assert doc["small"] is True and doc["dtype"] == "float32"
     assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["gemm_TFLOPs"] > 0
     by_name = {k["name"]: k for k in doc["kernels"]}
-    assert [k["op"] for k in doc["kernels"]] == ["paged_attention"] * 4 + ["fused_softmax"] * 2
+    assert [k["op"] for k in doc["kernels"]] == ["paged_attention"] * 4 + ["fused_softmax"] * 3
     assert set(by_name) == {c.name for c in kernels.CPU_ATTENTION + kernels.CPU_SOFTMAX}
     for k in doc["kernels"]:
         metrics = dict(positive_metrics(k))
@@ -81,6 +81,10 @@ def test_kernels_bench_cpu_json(tmp_path):
     assert set(by_name["softmax_attn_h8_256"]["peers"]) == {"torch_softmax", "torch_scale_mask_softmax"}
     assert set(by_name["softmax_sampling_b4_v128k"]["peers"]) == {"torch_softmax", "torch_scale_softmax"}
     assert by_name["softmax_sampling_b4_v128k"]["shape"]["shape"] == [4, 128256]
+    rowtemp = by_name["softmax_sampling_rowtemp_b4_v128k"]
+    assert rowtemp["shape"]["row_temperature"] is True
+    assert set(rowtemp["peers"]) == {"torch_softmax", "torch_div_softmax"}
+    assert rowtemp["bytes"] == kernels.softmax_bytes(4 * 128256, 4)
 
 
 def test_kernels_bench_refuses_a_wrong_kernel(monkeypatch):

@@ -731,13 +731,48 @@ def test_a_too_short_block_table_raises_instead_of_writing_block_0():
 
 
 def test_swap_in_without_blocks_is_an_error_not_a_silent_overrun(monkeypatch):
+    """A swap-in that cannot get its slots (impossible after the exact free-block check,
+    forced here) raises, and leaves the scheduler as it was: the sequence back in swap
+    space with its KV, no GPU block leaked, nothing half scheduled. The engine then
+    finishes every request with the right tokens."""
     engine = make_engine(num_kv_blocks=12, swap_space=0.001, max_model_len=48)
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    for i in range(3):
-        engine.add_request(str(i), [3 + i] * 10, sp)
-    allocate = engine.block_manager.allocate_slots
-    monkeypatch.setattr(engine.block_manager, "allocate_slots", lambda seq, n: (
+    prompts = [[3 + i] * 10 for i in range(3)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, sp)
+    sch, bm = engine.scheduler, engine.block_manager
+    allocate = bm.allocate_slots
+    monkeypatch.setattr(bm, "allocate_slots", lambda seq, n: (
         False if seq.status is SequenceStatus.SWAPPED else allocate(seq, n)))
+    before = []                      # the scheduler's state as each schedule() began
+    schedule = sch.schedule
+
+    def snapshot():
+        return dict(swapped=[(seq, list(seq.swapped_kv), seq.status) for seq in sch.swapped],
+                    running=[(seq, list(seq.block_table)) for seq in sch.running],
+                    free_swap=sorted(sch.free_swap_blocks), num_free=bm.num_free_blocks,
+                    pending_copies=list(sch._pending_copies))
+
+    def recording_schedule():
+        before.append(snapshot())
+        return schedule()
+    monkeypatch.setattr(sch, "schedule", recording_schedule)
+    finished = {}
+
+    def drive():
+        while engine.has_unfinished_requests():
+            finished.update((o.request_id, o) for o in engine.step() if o.finished)
     with pytest.raises(RuntimeError, match="swapped-in"):
-        run_all(engine)
-    assert engine.scheduler.num_swaps_out > 0
+        drive()
+    assert sch.num_swaps_out > 0
+    # The failed schedule() had popped the sequence and allocated its blocks: undone.
+    state = snapshot()
+    assert state["swapped"] and all(seq.block_table == [] for seq, _, _ in state["swapped"])
+    assert state == before[-1]
+
+    monkeypatch.undo()
+    drive()
+    for i, prompt in enumerate(prompts):
+        assert finished[str(i)].outputs[0].token_ids == reference_generate(prompt, 20, ignore_eos=True)
+    assert sch.num_swap_blocks_used == 0
+    assert_clean(engine)

@@ -71,10 +71,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_heads"), py::arg("head_dim"), py::arg("max_blocks"), py::arg("block_size"),
         "bytes of split-context workspace the CUDA paged_attention needs (0: none)");
   m.def("fused_softmax", [](py::capsule out, py::capsule scores, float scale, bool causal, int64_t causal_offset,
-                            int64_t stream) {
+                            py::object row_scale, int64_t stream) {
     auto o = view(out, "out"), s = view(scores, "scores");
+    std::optional<TensorView> rs;
+    if (!row_scale.is_none()) rs = view(row_scale.cast<py::capsule>(), "row_scale");
     py::gil_scoped_release release;
-    fastllm::fused_softmax(o, s, scale, causal, causal_offset, stream);
+    fastllm::fused_softmax(o, s, scale, causal, causal_offset, rs ? &*rs : nullptr, stream);
   });
 
   py::class_<fastllm::BlockAllocator>(m, "BlockAllocator", "Fixed pool of KV blocks with a prefix cache (LRU)")

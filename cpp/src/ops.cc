@@ -252,7 +252,7 @@ int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, i
 }
 
 void fused_softmax(const TensorView& out, const TensorView& scores, float scale, bool causal,
-                   int64_t causal_offset, int64_t stream) {
+                   int64_t causal_offset, const TensorView* row_scale, int64_t stream) {
   scores.check_float().check_contiguous();
   if (scores.dim() < (causal ? 2 : 1)) {
     throw ArgValueError(std::string("scores: expected at least ") + (causal ? "2" : "1") + " dims, got shape " +
@@ -265,17 +265,25 @@ void fused_softmax(const TensorView& out, const TensorView& scores, float scale,
   const int64_t cols = scores.size(-1);
   const int64_t rows = cols == 0 ? 0 : scores.numel() / cols;
   const int64_t rows_per_matrix = scores.dim() >= 2 ? scores.size(-2) : 1;
+  const float* row_scale_ptr = nullptr;
+  if (row_scale != nullptr) {
+    int64_t leading = 1;  // == rows, also when the last dim is 0
+    for (int64_t d = 0; d + 1 < scores.dim(); ++d) leading *= scores.size(d);
+    row_scale->check_rank(1).check_dtype(DType::kF32).check_contiguous().check_same_device(scores)
+        .check_size(0, leading, "num_rows = scores.numel() / last dim");
+    row_scale_ptr = row_scale->ptr<float>();
+  }
   if (scores.device == Device::kCPU) {
     dispatch_float(scores.dtype, [&](auto* tag) {
       using T_ = std::remove_pointer_t<decltype(tag)>;
-      cpu::fused_softmax<T_>(out.ptr<T_>(), scores.ptr<T_>(), rows, cols, rows_per_matrix, scale, causal,
-                             causal_offset);
+      cpu::fused_softmax<T_>(out.ptr<T_>(), scores.ptr<T_>(), row_scale_ptr, rows, cols, rows_per_matrix, scale,
+                             causal, causal_offset);
     });
     return;
   }
 #ifdef FASTLLM_WITH_CUDA
-  check_cuda(cuda::fused_softmax(scalar_type(scores.dtype), out.data, scores.data, rows, cols, rows_per_matrix, scale,
-                                 causal, causal_offset, reinterpret_cast<cudaStream_t>(stream)),
+  check_cuda(cuda::fused_softmax(scalar_type(scores.dtype), out.data, scores.data, row_scale_ptr, rows, cols,
+                                 rows_per_matrix, scale, causal, causal_offset, reinterpret_cast<cudaStream_t>(stream)),
              "fused_softmax");
 #else
   (void)stream;

@@ -25,12 +25,12 @@ static cudaError_t launch(const SoftmaxParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, int64_t num_rows, int64_t num_cols,
-                          int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset,
+cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, const float* row_scale, int64_t num_rows,
+                          int64_t num_cols, int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset,
                           cudaStream_t stream) {
   FASTLLM_NVTX_RANGE("fused_softmax");
   if (num_rows == 0 || num_cols == 0) return cudaSuccess;
-  const SoftmaxParams p{out, scores, num_rows, num_cols, rows_per_matrix, causal_offset, scale, causal};
+  const SoftmaxParams p{out, scores, row_scale, num_rows, num_cols, rows_per_matrix, causal_offset, scale, causal};
   switch (dtype) {
     case ScalarType::kF32: return launch<float>(p, stream);
     case ScalarType::kF16: return launch<__half>(p, stream);

@@ -100,11 +100,16 @@ def _dense_rows(t: torch.Tensor) -> bool:
             and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
-def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = None) -> None:
-    """out = softmax(scale * scores) over the last dim, causal if causal_offset is given
-    (row r keeps columns <= r + causal_offset). Sampling uses scale = 1 / temperature."""
+def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = None,
+                  row_scale: torch.Tensor | None = None) -> None:
+    """out = softmax(scale * row_scale[r] * scores) over the last dim, causal if
+    causal_offset is given (row r keeps columns <= r + causal_offset). row_scale: float32
+    [num_rows] (num_rows = scores.numel() / scores.shape[-1]) on scores' device, or None.
+    Sampling uses scale = 1 / temperature, or row_scale = 1 / temperature per row."""
     if _native_for("fused_softmax", scores):
         _C.fused_softmax(*_dl(out, scores), float(scale), causal_offset is not None,
-                         int(causal_offset or 0), _stream(scores))
+                         int(causal_offset or 0),
+                         None if row_scale is None else to_dlpack(row_scale.detach()),
+                         _stream(scores))
     else:
-        reference.fused_softmax(out, scores, scale, causal_offset)
+        reference.fused_softmax(out, scores, scale, causal_offset, row_scale)

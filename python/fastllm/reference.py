@@ -14,6 +14,7 @@ extension is absent or was built without the device's kernels. Shapes follow DES
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 
@@ -61,11 +62,20 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
 
 
-def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = None) -> None:
-    """softmax(scale * scores) over the last dim; with causal_offset, row r (second to
-    last dim) keeps columns c <= r + causal_offset. A fully masked row becomes zeros."""
+def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = None,
+                  row_scale: torch.Tensor | None = None) -> None:
+    """softmax(scale * row_scale[r] * scores) over the last dim; row_scale is [num_rows]
+    over the rows of scores viewed as [-1, last dim] (None: 1). With causal_offset, row r
+    (second to last dim) keeps columns c <= r + causal_offset. A fully masked row becomes
+    zeros."""
     acc = torch.promote_types(scores.dtype, torch.float32)
     x = scores.to(acc) * scale
+    if row_scale is not None:
+        num_rows = math.prod(scores.shape[:-1])
+        if row_scale.dim() != 1 or row_scale.numel() != num_rows:
+            raise ValueError(f"row_scale: expected shape [{num_rows}] (one per row of scores "
+                             f"{tuple(scores.shape)}), got {tuple(row_scale.shape)}")
+        x = x * row_scale.to(acc).view(*scores.shape[:-1], 1)
     if causal_offset is not None:
         rows, cols = x.shape[-2], x.shape[-1]
         cols_idx = torch.arange(cols, device=x.device).unsqueeze(0)

@@ -121,7 +121,7 @@ TEST(FusedSoftmax, CausalRowsMatchReferenceAndMaskedRowsAreZero) {
   std::normal_distribution<float> normal(0.f, 3.f);
   std::vector<float> x(batch * rows * cols), y(x.size());
   for (float& v : x) v = normal(rng);
-  fused_softmax<float>(y.data(), x.data(), batch * rows, cols, rows, scale, true, offset);
+  fused_softmax<float>(y.data(), x.data(), nullptr, batch * rows, cols, rows, scale, true, offset);
   for (int64_t r = 0; r < batch * rows; ++r) {
     const int64_t visible = std::max<int64_t>(0, std::min<int64_t>(cols, r % rows + offset + 1));
     double m = -1e300, sum = 0;
@@ -140,7 +140,7 @@ TEST(FusedSoftmax, Bfloat16WithinTolerance) {
   std::normal_distribution<float> normal;
   std::vector<BFloat16> x(rows * cols), y(x.size());
   for (auto& v : x) v = from_float<BFloat16>(normal(rng));
-  fused_softmax<BFloat16>(y.data(), x.data(), rows, cols, rows, 1.f, false, 0);
+  fused_softmax<BFloat16>(y.data(), x.data(), nullptr, rows, cols, rows, 1.f, false, 0);
   for (int64_t r = 0; r < rows; ++r) {
     double m = -1e300, sum = 0, total = 0;
     for (int64_t c = 0; c < cols; ++c) m = std::max(m, double(to_float(x[r * cols + c])));

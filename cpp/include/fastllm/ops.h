@@ -30,7 +30,9 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
 int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t max_blocks,
                                         int64_t block_size);
 
+// `row_scale` (may be null): float32 [num_rows] (num_rows = scores.numel() / last dim),
+// multiplied into each row's scale (per-row inverse temperatures when sampling).
 void fused_softmax(const TensorView& out, const TensorView& scores, float scale, bool causal,
-                   int64_t causal_offset, int64_t stream);
+                   int64_t causal_offset, const TensorView* row_scale, int64_t stream);
 
 }  // namespace fastllm

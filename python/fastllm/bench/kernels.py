@@ -8,7 +8,9 @@ Cases (full size on a GPU; `--small`, automatic on a CPU, shrinks them):
 - paged prefill and extend (queries over a cached prefix, causal with offset): judged by
   TFLOP/s against the bf16 GEMM ceiling.
 - fused_softmax: scale + causal mask + softmax over attention scores [H, q, k], and the
-  sampling variant (temperature + softmax over a 128k vocabulary).
+  sampling variant (temperature + softmax over a 128k vocabulary), with one temperature
+  for the batch (the scalar scale) or one per row (row_scale = 1 / t, peer
+  torch.softmax(logits / t[:, None])).
 
 Metrics:
   bandwidth = bytes the op must read + write (the minimum: GQA K/V once, not expanded;
@@ -64,6 +66,7 @@ class SoftmaxCase:
     scale: float
     causal: bool          # attention scores (causal_offset 0) vs sampling logits
     dtype: Optional[str] = None   # None: the run's --dtype
+    row_temperature: bool = False  # per-row temperatures (row_scale) on top of scale
 
 
 GPU_ATTENTION = [
@@ -83,11 +86,15 @@ GPU_SOFTMAX = [
     SoftmaxCase("softmax_attn_h32_2k", (32, 2048, 2048), scale=1 / math.sqrt(128), causal=True),
     SoftmaxCase("softmax_sampling_b256_v128k", (256, 128256), scale=1 / 0.7, causal=False,
                 dtype="float32"),
+    SoftmaxCase("softmax_sampling_rowtemp_b256_v128k", (256, 128256), scale=1.0, causal=False,
+                dtype="float32", row_temperature=True),
 ]
 CPU_SOFTMAX = [
     SoftmaxCase("softmax_attn_h8_256", (8, 256, 256), scale=1 / math.sqrt(128), causal=True),
     SoftmaxCase("softmax_sampling_b4_v128k", (4, 128256), scale=1 / 0.7, causal=False,
                 dtype="float32"),
+    SoftmaxCase("softmax_sampling_rowtemp_b4_v128k", (4, 128256), scale=1.0, causal=False,
+                dtype="float32", row_temperature=True),
 ]
 
 
@@ -125,6 +132,11 @@ def paged_attention_flops(num_seqs: int, seq_len: int, q_len: int, num_heads: in
 def softmax_bytes(numel: int, elem_bytes: int) -> int:
     """One read and one write of every element (what a fused kernel must do)."""
     return 2 * numel * elem_bytes
+
+
+def row_temperatures(num_rows: int, device) -> torch.Tensor:
+    """[num_rows] float32 temperatures, all different, spread over 0.3 .. 1.5."""
+    return torch.linspace(0.3, 1.5, num_rows, dtype=torch.float32, device=device)
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -249,22 +261,30 @@ def bench_softmax(case: SoftmaxCase, dtype: torch.dtype, device, ceilings: dict,
     scores = (torch.randn(case.shape, generator=gen, device=device) * spread).to(dtype)
     out = torch.empty_like(scores)
     offset = 0 if case.causal else None
+    temps = row_scale = None
+    if case.row_temperature:
+        temps = row_temperatures(scores.numel() // case.shape[-1], device)
+        row_scale = temps.reciprocal()
 
     expected = torch.empty(scores.shape, dtype=torch.float64, device=device)
-    reference.fused_softmax(expected, scores.double(), case.scale, offset)
-    ops.fused_softmax(out, scores, case.scale, offset)
+    reference.fused_softmax(expected, scores.double(), case.scale, offset,
+                            None if row_scale is None else row_scale.double())
+    ops.fused_softmax(out, scores, case.scale, offset, row_scale)
     err = check_close(f"fused_softmax {case.name}", out, expected, dtype)
 
-    times, _ = time_op(lambda: ops.fused_softmax(out, scores, case.scale, offset),
+    times, _ = time_op(lambda: ops.fused_softmax(out, scores, case.scale, offset, row_scale),
                        device, warmup, iters)
     nbytes = softmax_bytes(scores.numel(), scores.element_size())
     result = _metrics(median(times), nbytes, None, ceilings)
     result.update(name=case.name, op="fused_softmax", bound="bandwidth", dtype=_name(dtype),
-                  shape=dict(shape=list(case.shape), scale=case.scale, causal=case.causal),
+                  shape=dict(shape=list(case.shape), scale=case.scale, causal=case.causal,
+                             row_temperature=case.row_temperature),
                   rel_error=err)
 
     peers = {"torch_softmax": lambda: torch.softmax(scores, dim=-1)}
-    if case.causal:
+    if case.row_temperature:
+        peers["torch_div_softmax"] = lambda: torch.softmax(scores / temps[:, None], dim=-1)
+    elif case.causal:
         rows, cols = case.shape[-2], case.shape[-1]
         mask = torch.ones(rows, cols, dtype=torch.bool, device=device).triu_(1)   # c > r
 

@@ -22,12 +22,18 @@ How a forward pass is recorded and replayed is the capturer's business: on a GPU
 CudaGraphCapturer (torch.cuda.CUDAGraph, one memory pool shared by all buckets, largest
 captured first); in tests, EagerCapturer, which replays by calling the function again on
 the static buffers, so the padding and bucketing logic runs on CPU.
+
+Memory: the graphs hold the static buffers (static_buffer_bytes, from the same specs the
+runner allocates) and a private pool as big as one forward pass of the largest bucket
+needs. The ModelRunner reserves both out of gpu_memory_utilization before it sizes the KV
+cache (capture comes after), measuring the pool as an eager forward pass of that bucket.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -42,6 +48,10 @@ logger = logging.getLogger(__name__)
 MAX_CAPTURE_BATCH_SIZE = 256
 
 
+# torch's caching allocator hands out device memory in multiples of this many bytes.
+ALLOCATOR_GRANULE = 512
+
+
 def capture_batch_sizes(max_num_seqs: int, limit: int = MAX_CAPTURE_BATCH_SIZE) -> list[int]:
     """Buckets 1, 2, 4, 8, 16, 24, ... below min(max_num_seqs, limit), then that cap itself."""
     if max_num_seqs <= 0 or limit <= 0:
@@ -49,6 +59,66 @@ def capture_batch_sizes(max_num_seqs: int, limit: int = MAX_CAPTURE_BATCH_SIZE) 
     cap = min(max_num_seqs, limit)
     candidates = [1, 2, 4] + list(range(8, cap, 8))
     return [b for b in candidates if b < cap] + [cap]
+
+
+@dataclass(frozen=True)
+class CaptureShape:
+    """What build_decode_graphs captures for an engine: the buckets and the widths of
+    the static buffers."""
+    batch_sizes: list
+    max_blocks_per_seq: int
+    vocab_size: int
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(self.batch_sizes)
+
+
+def capture_shape(model_config, engine_config) -> CaptureShape:
+    """The buckets (from max_num_seqs) and block-table width (max_seq_len_to_capture,
+    capped at max_model_len) an engine's decode graphs are captured for."""
+    max_len = engine_config.max_seq_len_to_capture
+    if engine_config.max_model_len is not None:
+        max_len = min(max_len, engine_config.max_model_len)
+    return CaptureShape(batch_sizes=capture_batch_sizes(engine_config.max_num_seqs),
+                        max_blocks_per_seq=-(-max_len // engine_config.block_size),
+                        vocab_size=model_config.vocab_size)
+
+
+def static_buffer_specs(max_batch_size: int, max_blocks_per_seq: int,
+                        vocab_size: int) -> dict[str, tuple[tuple, torch.dtype]]:
+    """name -> (shape, dtype) of every static buffer a DecodeGraphRunner allocates (see
+    the module docstring); the one place their sizes are written down."""
+    b = max_batch_size
+    return {"input_ids": ((b,), torch.int64),
+            "positions": ((b,), torch.int64),
+            "slot_mapping": ((b,), torch.int64),
+            "seq_lens": ((b,), torch.int32),
+            "query_start_loc": ((b + 1,), torch.int32),
+            "block_tables": ((b, max_blocks_per_seq), torch.int32),
+            "logits": ((b, vocab_size), torch.float32)}
+
+
+def static_buffer_bytes(max_batch_size: int, max_blocks_per_seq: int, vocab_size: int) -> int:
+    """Device bytes the static buffers take: each tensor's bytes rounded up to the caching
+    allocator's granule, which is what torch.cuda.memory_allocated() grows by."""
+    total = 0
+    for shape, dtype in static_buffer_specs(max_batch_size, max_blocks_per_seq, vocab_size).values():
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        total += -(-nbytes // ALLOCATOR_GRANULE) * ALLOCATOR_GRANULE
+    return total
+
+
+def make_static_buffers(max_batch_size: int, max_blocks_per_seq: int, vocab_size: int,
+                        device) -> dict[str, torch.Tensor]:
+    """The static buffers, holding padding (token 0 at position 0, slot -1, seq_len 1, an
+    all-zero table row; query_start_loc = arange, which never changes)."""
+    specs = static_buffer_specs(max_batch_size, max_blocks_per_seq, vocab_size)
+    fill = {"slot_mapping": -1, "seq_lens": 1}
+    bufs = {name: torch.full(shape, fill.get(name, 0), dtype=dtype, device=device)
+            for name, (shape, dtype) in specs.items()}
+    bufs["query_start_loc"].copy_(torch.arange(max_batch_size + 1, dtype=torch.int32))
+    return bufs
 
 
 class CudaGraphCapturer:
@@ -64,12 +134,15 @@ class CudaGraphCapturer:
         self.num_warmups = num_warmups
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: list = []
+        # One warm-up stream for every capture: the caching allocator keeps freed blocks
+        # per stream, so each bucket's warm-up reuses the last one's memory.
+        self.warmup_stream = torch.cuda.Stream(self.device)
 
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
         # Everything on self.device: torch's capture stream is made on the *current*
         # device, and kernels launched on another device's stream would escape the capture.
         with torch.cuda.device(self.device):
-            side = torch.cuda.Stream(self.device)
+            side = self.warmup_stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(self.num_warmups):
@@ -101,14 +174,24 @@ class EagerCapturer:
         return fn
 
 
+def can_capture(device) -> bool:
+    """CUDA graphs need a GPU and fastllm's CUDA kernels: the torch reference kernels read
+    sizes back to the host, which a capture forbids."""
+    return torch.device(device).type == "cuda" and ops.cuda_available()
+
+
+def graphs_enabled(engine_config, device) -> bool:
+    """Whether build_decode_graphs will try to capture (what the KV sizing reserves for)."""
+    return not engine_config.enforce_eager and can_capture(device)
+
+
 def make_capturer(device: torch.device):
-    """The capturer for a device: CUDA graphs on a GPU with fastllm's CUDA kernels, None
-    (run eagerly) elsewhere -- the torch reference kernels read sizes back to the host,
-    which a capture forbids. Tests replace this function to run the graph logic on CPU."""
+    """The capturer for a device: CUDA graphs where can_capture, None (run eagerly)
+    elsewhere. Tests replace this function to run the graph logic on CPU."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    if not ops.cuda_available():
+    if not can_capture(device):
         logger.info("fastllm._C has no CUDA kernels here; decode steps run eagerly (no CUDA graphs)")
         return None
     return CudaGraphCapturer(device)
@@ -138,15 +221,12 @@ class DecodeGraphRunner:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = torch.device(device)
         self.capturer = capturer
-        b, dev = self.max_batch_size, self.device
         # Padding values throughout (see the module docstring); query_start_loc never changes.
-        self.input_ids = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((b,), -1, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros((b, max_blocks_per_seq), dtype=torch.int32, device=dev)
-        self.logits = torch.zeros((b, vocab_size), dtype=torch.float32, device=dev)
+        bufs = make_static_buffers(self.max_batch_size, max_blocks_per_seq, vocab_size, self.device)
+        self.input_ids, self.positions = bufs["input_ids"], bufs["positions"]
+        self.slot_mapping, self.seq_lens = bufs["slot_mapping"], bufs["seq_lens"]
+        self.query_start_loc, self.block_tables = bufs["query_start_loc"], bufs["block_tables"]
+        self.logits = bufs["logits"]
         self._replays: dict[int, Callable[[], None]] = {}
         # Rows [0, _dirty_rows) and table columns [0, _dirty_width) may hold a past step's
         # values; everything outside is padding.
@@ -224,16 +304,13 @@ def build_decode_graphs(model, kv_caches: list, model_config, engine_config, dev
     capturer = capturer if capturer is not None else make_capturer(device)
     if capturer is None:
         return None
-    block_size = engine_config.block_size
-    max_len = engine_config.max_seq_len_to_capture
-    if engine_config.max_model_len is not None:
-        max_len = min(max_len, engine_config.max_model_len)
+    shape = capture_shape(model_config, engine_config)
     runner = None
     start = time.perf_counter()
     try:
         runner = DecodeGraphRunner(
-            model, kv_caches, batch_sizes=capture_batch_sizes(engine_config.max_num_seqs),
-            max_blocks_per_seq=-(-max_len // block_size), vocab_size=model_config.vocab_size,
+            model, kv_caches, batch_sizes=shape.batch_sizes,
+            max_blocks_per_seq=shape.max_blocks_per_seq, vocab_size=shape.vocab_size,
             device=device, capturer=capturer)
         runner.capture()
     except Exception as e:  # noqa: BLE001 -- any failure means: run eagerly
@@ -251,6 +328,11 @@ def build_decode_graphs(model, kv_caches: list, model_config, engine_config, dev
             except Exception:  # noqa: BLE001
                 pass
         return None
+    if torch.device(device).type == "cuda":
+        # The warm-ups ran outside the graphs' pool: give their cached blocks back, so what
+        # capture keeps is the pool and the static buffers, as the KV sizing reserved.
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
     logger.info("Captured decode graphs for batch sizes %s (tables of %d blocks) in %.1f s",
                 runner.batch_sizes, runner.max_blocks_per_seq, time.perf_counter() - start)
     return runner

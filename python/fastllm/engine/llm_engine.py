@@ -63,6 +63,11 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.finished_latencies: collections.deque = collections.deque(maxlen=_MAX_LATENCY_RECORDS)
 
+    def close(self) -> None:
+        """Release the runner's page-locked swap space now rather than at garbage
+        collection. The engine cannot swap afterwards; idempotent."""
+        self.runner.close()
+
     @classmethod
     def from_pretrained(cls, model: str, engine_config: Optional[EngineConfig] = None,
                         dtype="auto", device="auto", tokenizer=None) -> "LLMEngine":

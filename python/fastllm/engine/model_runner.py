@@ -9,15 +9,22 @@ and returns the logits of each sequence's last query token, [S, V]. Only rows wh
 known tokens are all computed after this step are sampled (a mid-prefill chunk is not).
 
 Before the forward pass the runner applies the scheduler's block moves (it is the only
-one that touches KV tensors): fork copies, swap-outs to the preallocated (pinned, on a
-GPU) CPU swap space, swap-ins back. The step's index tensors and its sampling batch are
-built on the host and uploaded from pinned staging buffers (fastllm.engine.staging)
-before the forward pass is launched, so on a GPU the only wait per step is reading back
-the sampled ids.
+one that touches KV tensors): fork copies, swap-outs to the preallocated CPU swap space
+(page-locked in place on a GPU, exactly its size: fastllm.engine.host_memory), swap-ins
+back; close() unpins the swap space (garbage collection does too). The step's index
+tensors and its sampling batch are built on the host and uploaded from pinned staging
+buffers (fastllm.engine.staging) before the forward pass is launched, so on a GPU the
+only wait per step is reading back the sampled ids.
 
 On a GPU, steps that feed one token per sequence (decodes) replay a CUDA graph captured
 at start-up for the smallest batch-size bucket that fits (fastllm.engine.cuda_graphs);
 enforce_eager=True, the CPU, or a failed capture keep every step eager.
+
+GPU memory (gpu_memory_utilization of the device, as torch.cuda.memory_reserved counts
+it): the profiled peak of a max_num_batched_tokens forward pass and of the sampler at
+max_num_seqs rows (weights included), what the decode graphs will hold (static buffers +
+the pool of one forward pass at the largest bucket, measured eagerly), and what other
+processes use come off first; the KV cache gets the rest (kv_blocks_for_budget).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import numpy as np
 import torch
 
 from fastllm.engine import cuda_graphs
+from fastllm.engine.host_memory import PinnedHostTensor
 from fastllm.engine.scheduler import SchedulerOutput
 from fastllm.engine.staging import StagingBuffer
 from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
@@ -44,6 +52,20 @@ logger = logging.getLogger(__name__)
 # sequences, but no more than this share of available RAM (and this many bytes).
 _CPU_KV_RAM_FRACTION = 0.25
 _CPU_KV_MAX_BYTES = 2 << 30
+# torch's caching allocator rounds a large allocation up to a multiple of 2 MiB: at most
+# this much more per KV tensor than its bytes.
+_KV_TENSOR_ROUNDING = 2 << 20
+
+
+def kv_blocks_for_budget(total_bytes: int, gpu_memory_utilization: float, peak_bytes: int,
+                         used_by_others: int, graph_reserve: int, bytes_per_block: int,
+                         num_kv_tensors: int) -> int:
+    """KV blocks that fit in gpu_memory_utilization of the device after the profiled peak
+    (weights + activations + sampler), memory other processes hold, the decode graphs'
+    reserve, and the allocator's rounding of each of the num_kv_tensors KV tensors."""
+    budget = (total_bytes * gpu_memory_utilization - peak_bytes - used_by_others - graph_reserve
+              - num_kv_tensors * _KV_TENSOR_ROUNDING)
+    return max(0, int(budget // bytes_per_block))
 
 
 # The sampler profile's requests: every filter, penalty and logprobs on (the most
@@ -83,19 +105,20 @@ class ModelRunner:
         self.num_kv_blocks = engine_config.num_kv_blocks or self._auto_num_blocks()
         self.kv_caches = allocate_kv_caches(model_config, self.num_kv_blocks, self.block_size,
                                             dtype=dtype, device=self.device)
-        # CPU swap space: swap_space GiB of blocks, made once (pinned on a GPU, so swaps
-        # are asynchronous copies); the scheduler hands out its block ids.
+        # CPU swap space: swap_space GiB of blocks, made once (page-locked on a GPU, so
+        # swaps are asynchronous copies); the scheduler hands out its block ids.
         self.num_swap_blocks = int(engine_config.swap_space * (1 << 30)) // self.kv_bytes_per_block()
-        # One tensor [L, 2 (K, V), num_swap_blocks, *block shape] with per-layer views:
-        # one pinned allocation instead of 2L, each of which torch's pinned allocator
-        # would round up to a power of two on its own.
+        # One tensor [L, 2 (K, V), num_swap_blocks, *block shape] with per-layer views,
+        # pinned by cudaHostRegister at exactly its size (torch's pinned allocator would
+        # round it up to a power of two).
+        self._swap_memory: Optional[PinnedHostTensor] = None
         self.swap_tensor: Optional[torch.Tensor] = None
         self.swap_caches: list = []
         if self.num_swap_blocks:
             block_shape = tuple(self.kv_caches[0][0].shape[1:])
-            self.swap_tensor = torch.empty(
-                (len(self.kv_caches), 2, self.num_swap_blocks) + block_shape, dtype=dtype,
-                pin_memory=self.device.type == "cuda")
+            self._swap_memory = PinnedHostTensor(
+                (len(self.kv_caches), 2, self.num_swap_blocks) + block_shape, dtype, self.device)
+            self.swap_tensor = self._swap_memory.tensor
             self.swap_caches = [(layer[0], layer[1]) for layer in self.swap_tensor]
         # Host staging (pinned on a GPU, reused): one buffer per upload of a step, so none
         # is overwritten before its copy has left it.
@@ -106,6 +129,21 @@ class ModelRunner:
         # None = every step runs eagerly.
         self.graph_runner = cuda_graphs.build_decode_graphs(
             model, self.kv_caches, model_config, engine_config, self.device)
+
+    def close(self) -> None:
+        """Release what outlives a plain garbage collection's order: the swap space's page
+        locking (after the device has finished with it). Idempotent; the runner can no
+        longer swap afterwards."""
+        memory = getattr(self, "_swap_memory", None)      # absent if __init__ failed early
+        self.swap_caches, self.swap_tensor, self._swap_memory = [], None, None
+        if memory is not None:
+            memory.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- never raise from a finalizer (e.g. at exit)
+            pass
 
     # -- KV cache sizing ---------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -131,8 +169,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_gpu_blocks(self, per_block: int) -> int:
-        """Peak memory of a max_num_batched_tokens forward pass (weights included), then
-        KV blocks for what gpu_memory_utilization leaves of the device's memory."""
+        """Peak memory of a max_num_batched_tokens forward pass and of the sampler (weights
+        included), and what the decode graphs will take, then KV blocks for what
+        gpu_memory_utilization leaves of the device's memory. Peaks are of reserved memory
+        (the allocator's segments, >= what tensors use): what the device gives up."""
         cfg = self.config
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -156,17 +196,46 @@ class ModelRunner:
         self.model(ids, positions, caches, meta)
         self._profile_sampler()
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
+        peak = max(torch.cuda.max_memory_allocated(self.device),
+                   torch.cuda.max_memory_reserved(self.device))
+        graph_reserve = 0
+        if cuda_graphs.graphs_enabled(cfg, self.device):
+            graph_reserve = self._profile_decode_graphs(caches)
         del caches
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         # Memory other processes hold counts against us too.
         used_by_others = max(0, total - free - torch.cuda.memory_reserved(self.device))
-        budget = total * cfg.gpu_memory_utilization - peak - used_by_others
-        num = max(0, int(budget // per_block))
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); profiled peak %.2f GiB",
-                    num, self.block_size, num * per_block / (1 << 30), peak / (1 << 30))
+        num = kv_blocks_for_budget(total, cfg.gpu_memory_utilization, peak, used_by_others,
+                                   graph_reserve, per_block, 2 * self.model_config.num_hidden_layers)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); profiled peak %.2f GiB, "
+                    "decode graphs %.2f GiB", num, self.block_size, num * per_block / (1 << 30),
+                    peak / (1 << 30), graph_reserve / (1 << 30))
         return num
+
+    def _profile_decode_graphs(self, caches: list) -> int:
+        """Bytes the decode graphs will hold: their static buffers (computed from the specs
+        the graph runner allocates) and their private pool, which capture fills with one
+        forward pass of the largest bucket -- measured here as the peak of that forward pass
+        run eagerly through the same runner code on the same padding inputs."""
+        shape = cuda_graphs.capture_shape(self.model_config, self.config)
+        static = cuda_graphs.static_buffer_bytes(shape.max_batch_size, shape.max_blocks_per_seq,
+                                                 shape.vocab_size)
+        runner = cuda_graphs.DecodeGraphRunner(
+            self.model, caches, batch_sizes=[shape.max_batch_size],
+            max_blocks_per_seq=shape.max_blocks_per_seq, vocab_size=shape.vocab_size,
+            device=self.device, capturer=cuda_graphs.EagerCapturer())
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        runner.capture()                    # EagerCapturer: one eager forward pass
+        torch.cuda.synchronize(self.device)
+        activations = max(torch.cuda.max_memory_allocated(self.device) - allocated,
+                          torch.cuda.max_memory_reserved(self.device) - reserved)
+        del runner
+        return static + max(0, activations)
 
     def _profile_sampler(self) -> None:
         """The sampler's peak at the most rows a step samples (max_num_seqs: _sample
@@ -196,6 +265,9 @@ class ModelRunner:
             for k, v in self.kv_caches:
                 k.index_copy_(0, dst, k.index_select(0, src))
                 v.index_copy_(0, dst, v.index_select(0, src))
+        if (out.blocks_to_swap_out or out.blocks_to_swap_in) and not self.swap_caches:
+            raise RuntimeError("block swaps scheduled but the runner has no swap space "
+                               "(swap_space=0, or close() released it)")
         non_blocking = self.device.type == "cuda"
         for gpu, cpu, n in _runs(out.blocks_to_swap_out):
             for (k, v), (k_swap, v_swap) in zip(self.kv_caches, self.swap_caches):

@@ -165,6 +165,13 @@ class Scheduler:
                 "max_num_batched_tokens%s.", seq.request_id, how, self.num_preemptions,
                 "" if self.num_swap_blocks else ", or set swap_space")
 
+    def _swap_in_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Free blocks a swap-in of seq takes with num_new_tokens to compute: its swapped KV
+        blocks, then whatever more the new tokens need. Exact, not assuming the swapped
+        blocks cover exactly the computed tokens."""
+        bm = self.block_manager
+        return max(len(seq.swapped_kv), bm.blocks_for_tokens(seq.num_computed_tokens + num_new_tokens))
+
     def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> bool:
         cpu_blocks = seq.swapped_kv
         if len(cpu_blocks) > self.block_manager.num_free_blocks:
@@ -210,16 +217,23 @@ class Scheduler:
             return self._finish(out)
 
         # 2. Swapped-out sequences come back before anything new is admitted.
+        swapped_in: list[tuple[Sequence, list[int]]] = []     # (seq, its swap-space blocks)
         while self.swapped and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.swapped[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if bm.blocks_for_tokens(seq.num_computed_tokens + n) > bm.num_free_blocks:
+            if self._swap_in_blocks_needed(seq, n) > bm.num_free_blocks:
                 break
             self.swapped.popleft()
-            self._swap_in(seq, out)
-            if not bm.allocate_slots(seq, n):
-                # Checked above (swapped-in blocks + new slots fit): a bug, and going on
-                # would feed the model positions past the end of seq's block table.
+            cpu_blocks = seq.swapped_kv
+            # The check above counted both the swapped blocks and the new slots, and
+            # num_free_blocks is what allocate() can hand out (free + evictable cached), so
+            # neither call can fail. If one does anyway (a bug), going on would feed the model
+            # positions past the end of seq's block table: undo this call's swap-ins (the
+            # runner has seen none of them) so the queues stay consistent, then raise.
+            ok = self._swap_in(seq, out)
+            swapped_in.append((seq, cpu_blocks))
+            if not (ok and bm.allocate_slots(seq, n)):
+                self._undo_swap_ins(out, swapped_in)
                 raise RuntimeError(f"scheduler: no KV blocks for {n} tokens of swapped-in "
                                    f"sequence {seq.seq_id} (request {seq.request_id!r}) after "
                                    f"the free-block check passed")
@@ -245,6 +259,24 @@ class Scheduler:
             self._insert_running(seq)
             add(seq, n)
         return self._finish(out)
+
+    def _undo_swap_ins(self, out: SchedulerOutput, swapped_in: list) -> None:
+        """Put the sequences swapped in by this schedule() back in swap space as they were
+        (their KV is still there: the copies in out.blocks_to_swap_in never ran) and keep
+        this step's fork copies pending, so a failed schedule() loses nothing."""
+        undone = {id(seq) for seq, _ in swapped_in}
+        out.scheduled = [s for s in out.scheduled if id(s.seq) not in undone]
+        for seq, cpu_blocks in reversed(swapped_in):     # popped from the head, in order
+            if seq in self.running:
+                self.running.remove(seq)
+            self.block_manager.free(seq)
+            taken = set(cpu_blocks)
+            self.free_swap_blocks = [b for b in self.free_swap_blocks if b not in taken]
+            seq.swapped_kv = cpu_blocks
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.appendleft(seq)
+        out.blocks_to_swap_in.clear()
+        self._pending_copies = out.blocks_to_copy + self._pending_copies
 
     def _rollback_admission(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -16,8 +16,9 @@ Order of operations (vLLM's v0 order):
      unless ignore_eos)
   3. penalties: repetition over prompt + output tokens, presence/frequency over output
   4. greedy rows: argmax of the penalized logits
-  5. random rows: temperature, top-k, softmax (fastllm.ops.fused_softmax, scale =
-     1/temperature), top-p, min-p, then one draw by the exponential race
+  5. random rows: temperature, top-k, softmax (fastllm.ops.fused_softmax: scale =
+     1/temperature when the rows share one, else row_scale = 1/temperature per row),
+     top-p, min-p, then one draw by the exponential race
      argmax(p / q), q ~ Exp(1): equivalent to sampling from p without renormalizing,
      and each seeded row draws q from its own torch.Generator, so a request's samples
      do not depend on what else is in the batch.
@@ -291,12 +292,14 @@ def _random_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         kth = logits.topk(k_max, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
         logits = logits.masked_fill((logits < kth) & enabled.unsqueeze(1), float("-inf"))
 
+    # Temperature inside the fused kernel: one read and one write of [S, V], never a
+    # divided copy of the logits. One temperature for every random row is its scalar scale;
+    # otherwise each row's 1 / temperature ([S], greedy rows 1) is its row_scale.
     probs = torch.empty_like(logits)
     if batch.shared_temperature is not None:
-        # One temperature for every random row: the fused kernel applies it as its scale.
         ops.fused_softmax(probs, logits, 1.0 / batch.shared_temperature)
     else:
-        ops.fused_softmax(probs, logits / batch.temperature.unsqueeze(1), 1.0)
+        ops.fused_softmax(probs, logits, row_scale=batch.temperature.reciprocal())
 
     if batch.top_p is not None:
         # Keep the smallest most-likely set whose mass reaches top_p: a token goes when

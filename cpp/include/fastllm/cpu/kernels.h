@@ -22,8 +22,9 @@ void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,
                      const int32_t* query_start_loc, const PagedAttentionShape& shape, float scale);
 
 // out/scores viewed as [num_rows, num_cols]; causal masking uses row % rows_per_matrix.
+// Row r is scaled by scale * row_scale[r] (row_scale [num_rows], or nullptr for 1).
 template <typename T>
-void fused_softmax(T* out, const T* scores, int64_t num_rows, int64_t num_cols,
+void fused_softmax(T* out, const T* scores, const float* row_scale, int64_t num_rows, int64_t num_cols,
                    int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset);
 
 }  // namespace fastllm::cpu

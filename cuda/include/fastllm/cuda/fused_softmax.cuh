@@ -1,5 +1,7 @@
 // Scale + causal mask + softmax over rows of [num_rows, num_cols]; row r of a matrix of
-// rows_per_matrix rows keeps columns c <= r % rows_per_matrix + causal_offset.
+// rows_per_matrix rows keeps columns c <= r % rows_per_matrix + causal_offset. Row r's
+// scores are multiplied by scale * row_scale[r] (row_scale [num_rows] float32, or null
+// for 1): per-row inverse temperatures when sampling, in the same single pass.
 // Short rows: one warp per row, the row held in registers (one read, one write).
 // Long rows (vocabulary-sized): one CTA per row, an online max/sum pass, then a write pass.
 #pragma once
@@ -13,6 +15,7 @@ namespace fastllm::cuda {
 struct SoftmaxParams {
   void* out;
   const void* scores;
+  const float* row_scale;  // [num_rows] or nullptr
   int64_t num_rows, num_cols, rows_per_matrix, causal_offset;
   float scale;
   bool causal;
@@ -22,6 +25,10 @@ __device__ __forceinline__ int64_t visible_cols(const SoftmaxParams& p, int64_t 
   if (!p.causal) return p.num_cols;
   const int64_t v = row % p.rows_per_matrix + p.causal_offset + 1;
   return v < 0 ? 0 : (v > p.num_cols ? p.num_cols : v);
+}
+
+__device__ __forceinline__ float row_scale_of(const SoftmaxParams& p, int64_t row) {
+  return p.row_scale != nullptr ? p.scale * __ldg(p.row_scale + row) : p.scale;
 }
 
 __device__ __forceinline__ float warp_max(float x) {
@@ -42,12 +49,13 @@ __global__ void softmax_warp_kernel(SoftmaxParams p) {
   const T* x = static_cast<const T*>(p.scores) + row * p.num_cols;
   T* y = static_cast<T*>(p.out) + row * p.num_cols;
   const int64_t visible = visible_cols(p, row);
+  const float scale = row_scale_of(p, row);
   float v[PER_LANE];
   float mx = -FLT_MAX;
 #pragma unroll
   for (int i = 0; i < PER_LANE; ++i) {
     const int64_t c = lane + 32 * i;  // strided columns: coalesced across the warp
-    v[i] = c < visible ? to_float(x[c]) * p.scale : -FLT_MAX;
+    v[i] = c < visible ? to_float(x[c]) * scale : -FLT_MAX;
     mx = fmaxf(mx, v[i]);
   }
   mx = warp_max(mx);
@@ -73,10 +81,11 @@ __global__ void softmax_block_kernel(SoftmaxParams p) {
   const T* x = static_cast<const T*>(p.scores) + row * p.num_cols;
   T* y = static_cast<T*>(p.out) + row * p.num_cols;
   const int64_t visible = visible_cols(p, row);
+  const float scale = row_scale_of(p, row);
   // Pass 1: each thread keeps an online (max, sum) over its columns.
   float mx = -FLT_MAX, sum = 0.f;
   for (int64_t c = threadIdx.x; c < visible; c += blockDim.x) {
-    const float s = to_float(x[c]) * p.scale;
+    const float s = to_float(x[c]) * scale;
     if (s > mx) { sum = sum * __expf(mx - s) + 1.f; mx = s; } else { sum += __expf(s - mx); }
   }
   // Reduce (max, sum) pairs: within warps, then across warps via shared memory.
@@ -98,7 +107,7 @@ __global__ void softmax_block_kernel(SoftmaxParams p) {
   const float inv = gsum > 0.f ? 1.f / gsum : 0.f;
   // Pass 2: write probabilities (masked columns -> 0).
   for (int64_t c = threadIdx.x; c < p.num_cols; c += blockDim.x) {
-    y[c] = from_float<T>(c < visible ? __expf(to_float(x[c]) * p.scale - gmax) * inv : 0.f);
+    y[c] = from_float<T>(c < visible ? __expf(to_float(x[c]) * scale - gmax) * inv : 0.f);
   }
 }
 

@@ -39,9 +39,10 @@ cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, int6
                             int max_blocks, float scale, void* workspace, size_t workspace_bytes,
                             cudaStream_t stream);
 
-// softmax(scale * scores) by rows, causal when `causal` (see fused_softmax.cuh).
-cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, int64_t num_rows, int64_t num_cols,
-                          int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset,
+// softmax(scale * row_scale[r] * scores) by rows, causal when `causal` (see
+// fused_softmax.cuh). row_scale: [num_rows] float32 on the device, or nullptr (all 1).
+cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, const float* row_scale, int64_t num_rows,
+                          int64_t num_cols, int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset,
                           cudaStream_t stream);
 
 }  // namespace fastllm::cuda
