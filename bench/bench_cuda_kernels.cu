@@ -1,5 +1,6 @@
 // CUDA kernels vs the device's copy bandwidth, timed with CUDA events (manual time).
 // Decode paged attention reads K and V once: bytes = 2 * seqs * ctx * Hkv * D * 2.
+// Fused elementwise ops: every input read once, every output written once.
 #include <benchmark/benchmark.h>
 #include <cuda_bf16.h>
 
@@ -139,5 +140,46 @@ void BM_FusedSoftmaxRowTemperature(benchmark::State& state) {
 }
 BENCHMARK(BM_FusedSoftmaxRowTemperature)->Args({256, 128256})->Args({4, 128256})->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
+
+// args: num_tokens; Llama-3-8B hidden 4096, bf16. Bytes: x in, out out, weight in.
+void BM_RmsNorm(benchmark::State& state) {
+  if (fastllm::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
+  const int64_t T = state.range(0), hidden = 4096;
+  __nv_bfloat16 *x, *out, *weight;
+  cudaMalloc(&x, T * hidden * 2);
+  cudaMalloc(&out, T * hidden * 2);
+  cudaMalloc(&weight, hidden * 2);
+  cudaMemset(x, 0, T * hidden * 2);
+  cudaMemset(weight, 0, hidden * 2);
+  Timer timer;
+  for (auto _ : state) {
+    state.SetIterationTime(timer.seconds([&] {
+      fastllm::cuda::rms_norm(fastllm::cuda::ScalarType::kBF16, out, x, weight, T, hidden, 1e-5f, nullptr);
+    }));
+  }
+  state.SetBytesProcessed(state.iterations() * (2 * T * hidden + hidden) * 2);
+  for (void* p : {(void*)x, (void*)out, (void*)weight}) cudaFree(p);
+}
+BENCHMARK(BM_RmsNorm)->Arg(1)->Arg(64)->Arg(4096)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// args: num_tokens; Llama-3-8B intermediate 14336, bf16. Bytes: [T, 2I] in, [T, I] out.
+void BM_SiluAndMul(benchmark::State& state) {
+  if (fastllm::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
+  const int64_t T = state.range(0), inter = 14336;
+  __nv_bfloat16 *x, *out;
+  cudaMalloc(&x, T * 2 * inter * 2);
+  cudaMalloc(&out, T * inter * 2);
+  cudaMemset(x, 0, T * 2 * inter * 2);
+  Timer timer;
+  for (auto _ : state) {
+    state.SetIterationTime(timer.seconds([&] {
+      fastllm::cuda::silu_and_mul(fastllm::cuda::ScalarType::kBF16, out, x, T, inter, nullptr);
+    }));
+  }
+  state.SetBytesProcessed(state.iterations() * 3 * T * inter * 2);
+  cudaFree(x);
+  cudaFree(out);
+}
+BENCHMARK(BM_SiluAndMul)->Arg(1)->Arg(64)->Arg(4096)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace

@@ -103,6 +103,48 @@ def test_kernels_bench_bad_case_name_is_a_usage_error(capsys):
     assert "--only" in capsys.readouterr().err
 
 
+def test_fused_op_bytes_hand_computed():
+    shape = dict(hidden=8, intermediate=5, num_heads=3, num_kv_heads=1, head_dim=4)
+    # rms_norm, 2 tokens, bf16: x 16 + out 16 + weight 8 = 40 elements.
+    assert kernels.fused_op_bytes("rms_norm", 2, 2, **shape) == 40 * 2
+    # fused add: x and residual in and out (64) + weight 8.
+    assert kernels.fused_op_bytes("fused_add_rms_norm", 2, 2, **shape) == 72 * 2
+    # silu_and_mul: [2, 10] in + [2, 5] out.
+    assert kernels.fused_op_bytes("silu_and_mul", 2, 4, **shape) == 30 * 4
+    # rotary: q+k 2 * 4 * 4 = 32 elements in and out (64) + cos, sin 2 * 2 * 2 = 8.
+    assert kernels.fused_op_bytes("rotary_embedding", 2, 2, **shape) == 72 * 2
+    with pytest.raises(ValueError, match="op"):
+        kernels.fused_op_bytes("gelu", 2, 2, **shape)
+
+
+def test_kernels_bench_fused_section_cpu():
+    names = [c.name for c in kernels.CPU_FUSED]
+    doc = kernels.run_kernels("cpu", only=names, iters=1, warmup=0)
+    assert doc["kernels"] == []
+    assert [k["name"] for k in doc["fused"]] == names
+    assert {k["op"] for k in doc["fused"]} == set(kernels.FUSED_OPS)
+    for k in doc["fused"]:
+        s = k["shape"]
+        assert k["bytes"] == kernels.fused_op_bytes(k["op"], s["num_tokens"], 4, **kernels.LLAMA3_8B)
+        assert k["bandwidth_GBps"] == pytest.approx(k["bytes"] / k["median_s"] / 1e9)
+        assert k["rel_error"] <= 1e-4
+        chain = k["peers"]["torch_chain"]
+        assert chain["matches_reference"] is True
+        assert chain["speedup"] == pytest.approx(chain["median_s"] / k["median_s"])
+    assert "fused op" in kernels.format_results(doc)
+
+
+def test_kernels_bench_refuses_a_wrong_fused_kernel(monkeypatch):
+    real = kernels.ops.silu_and_mul
+
+    def off_by_a_bit(out, x):
+        real(out, x)
+        out.mul_(1.01)
+    monkeypatch.setattr(kernels.ops, "silu_and_mul", off_by_a_bit)
+    with pytest.raises(AssertionError, match="silu_and_mul_t16.*reference"):
+        kernels.run_kernels("cpu", only=["silu_and_mul_t16"], iters=1)
+
+
 # -- throughput --------------------------------------------------------------------------------
 
 def check_throughput(result, doc, output_lens):

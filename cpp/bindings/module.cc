@@ -79,6 +79,41 @@ PYBIND11_MODULE(_C, m) {
     fastllm::fused_softmax(o, s, scale, causal, causal_offset, rs ? &*rs : nullptr, stream);
   });
 
+  // Fused decoder-layer ops: CUDA kernels; check_<op> runs the same argument validation
+  // alone, for the CPU tensors that fastllm.ops hands to the torch reference.
+  m.def("rms_norm", [](py::capsule out, py::capsule x, py::capsule weight, float eps, int64_t stream) {
+    auto o = view(out, "out"), xv = view(x, "x"), w = view(weight, "weight");
+    py::gil_scoped_release release;
+    fastllm::rms_norm(o, xv, w, eps, stream);
+  });
+  m.def("check_rms_norm", [](py::capsule out, py::capsule x, py::capsule weight) {
+    fastllm::check_rms_norm(view(out, "out"), view(x, "x"), view(weight, "weight"));
+  });
+  m.def("fused_add_rms_norm", [](py::capsule x, py::capsule residual, py::capsule weight, float eps, int64_t stream) {
+    auto xv = view(x, "x"), r = view(residual, "residual"), w = view(weight, "weight");
+    py::gil_scoped_release release;
+    fastllm::fused_add_rms_norm(xv, r, w, eps, stream);
+  });
+  m.def("check_fused_add_rms_norm", [](py::capsule x, py::capsule residual, py::capsule weight) {
+    fastllm::check_fused_add_rms_norm(view(x, "x"), view(residual, "residual"), view(weight, "weight"));
+  });
+  m.def("silu_and_mul", [](py::capsule out, py::capsule x, int64_t stream) {
+    auto o = view(out, "out"), xv = view(x, "x");
+    py::gil_scoped_release release;
+    fastllm::silu_and_mul(o, xv, stream);
+  });
+  m.def("check_silu_and_mul", [](py::capsule out, py::capsule x) {
+    fastllm::check_silu_and_mul(view(out, "out"), view(x, "x"));
+  });
+  m.def("rotary_embedding", [](py::capsule query, py::capsule key, py::capsule cos, py::capsule sin, int64_t stream) {
+    auto q = view(query, "query"), k = view(key, "key"), c = view(cos, "cos"), s = view(sin, "sin");
+    py::gil_scoped_release release;
+    fastllm::rotary_embedding(q, k, c, s, stream);
+  });
+  m.def("check_rotary_embedding", [](py::capsule query, py::capsule key, py::capsule cos, py::capsule sin) {
+    fastllm::check_rotary_embedding(view(query, "query"), view(key, "key"), view(cos, "cos"), view(sin, "sin"));
+  });
+
   py::class_<fastllm::BlockAllocator>(m, "BlockAllocator", "Fixed pool of KV blocks with a prefix cache (LRU)")
       .def(py::init<int64_t>(), py::arg("num_blocks"))
       .def("allocate", &fastllm::BlockAllocator::allocate)

@@ -33,7 +33,8 @@ bool cuda_available() {
 
 std::vector<std::string> cuda_ops() {
 #ifdef FASTLLM_WITH_CUDA
-  return {"reshape_and_cache", "paged_attention", "fused_softmax"};
+  return {"reshape_and_cache", "paged_attention", "fused_softmax",
+          "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"};
 #else
   return {};
 #endif
@@ -86,12 +87,36 @@ static void dispatch_float(DType dtype, Fn&& fn) {
   }
 }
 
+static std::string strides_str(const TensorView& t) {
+  std::string s = "[";
+  for (size_t i = 0; i < t.strides.size(); ++i) s += (i ? ", " : "") + std::to_string(t.strides[i]);
+  return s + "]";
+}
+
+// Token stride (elements) of a [T, heads, head_dim] tensor whose [heads, head_dim] dims
+// are contiguous: a contiguous tensor, or a view of the fused qkv projection output.
+static int64_t token_stride(const TensorView& t) {
+  const int64_t heads = t.size(1), D = t.size(2);
+  const bool inner_contiguous = (D == 1 || t.strides[2] == 1) && (heads == 1 || t.strides[1] == D);
+  if (!inner_contiguous) {
+    throw ArgValueError(t.name + ": the [heads, head_dim] dims of each token must be contiguous, got strides " +
+                        strides_str(t) + " for shape " + t.shape_str());
+  }
+  if (t.size(0) <= 1) return heads * D;
+  if (t.strides[0] < heads * D) {
+    throw ArgValueError(t.name + ": token stride " + std::to_string(t.strides[0]) +
+                        " is below heads * head_dim = " + std::to_string(heads * D) + " (rows would overlap)");
+  }
+  return t.strides[0];
+}
+
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,
                        const TensorView& v_cache, const TensorView& slot_mapping, int64_t stream) {
-  key.check_rank(3).check_float().check_contiguous();
+  key.check_rank(3).check_float();
   const int64_t T = key.size(0), Hkv = key.size(1), D = key.size(2);
-  value.check_rank(3).check_dtype(key.dtype).check_contiguous().check_same_device(key);
+  value.check_rank(3).check_dtype(key.dtype).check_same_device(key);
   value.check_size(0, T, "num_tokens").check_size(1, Hkv, "num_kv_heads").check_size(2, D, "head_dim");
+  const int64_t key_stride = token_stride(key), value_stride = token_stride(value);
   for (const TensorView* c : {&k_cache, &v_cache}) {
     c->check_rank(4).check_dtype(key.dtype).check_contiguous().check_same_device(key);
     c->check_size(2, Hkv, "num_kv_heads").check_size(3, D, "head_dim");
@@ -99,7 +124,7 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   v_cache.check_size(0, k_cache.size(0), "num_blocks").check_size(1, k_cache.size(1), "block_size");
   slot_mapping.check_rank(1).check_dtype(DType::kI64).check_contiguous().check_same_device(key);
   slot_mapping.check_size(0, T, "num_tokens");
-  const int64_t row_bytes = Hkv * D * static_cast<int64_t>(dtype_size(key.dtype));
+  const int64_t row_elems = Hkv * D, elem_bytes = static_cast<int64_t>(dtype_size(key.dtype));
 
   if (key.device == Device::kCPU) {
     const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
@@ -110,12 +135,14 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
                             " is outside the cache's " + std::to_string(num_slots) + " slots");
       }
     }
-    cpu::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slots, T, row_bytes);
+    cpu::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slots, T, row_elems, key_stride,
+                           value_stride, elem_bytes);
     return;
   }
 #ifdef FASTLLM_WITH_CUDA
   check_cuda(cuda::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slot_mapping.ptr<int64_t>(),
-                                     T, row_bytes, reinterpret_cast<cudaStream_t>(stream)),
+                                     T, row_elems, key_stride, value_stride, elem_bytes,
+                                     reinterpret_cast<cudaStream_t>(stream)),
              "reshape_and_cache");
 #else
   (void)stream;
@@ -288,6 +315,122 @@ void fused_softmax(const TensorView& out, const TensorView& scores, float scale,
 #else
   (void)stream;
   no_cuda_kernel("fused_softmax");
+#endif
+}
+
+// ---- fused elementwise ops of the decoder layer (CUDA kernels; CPU: torch reference) ----
+
+// The CUDA op refuses CPU tensors: fastllm.ops validates them with check_<op> and runs
+// the torch reference, whose rounding is HF's own.
+static void require_cuda(const TensorView& t, const char* op) {
+  if (t.device != Device::kCUDA) {
+    throw ArgValueError(std::string(op) + ": " + t.name +
+                        " is a CPU tensor, and this op has only a CUDA kernel (fastllm.ops runs the torch "
+                        "reference on CPU)");
+  }
+#ifndef FASTLLM_WITH_CUDA
+  no_cuda_kernel(op);
+#endif
+}
+
+static void check_norm_weight(const TensorView& weight, const TensorView& x) {
+  weight.check_rank(1).check_dtype(x.dtype).check_contiguous().check_same_device(x);
+  weight.check_size(0, x.size(1), "hidden_size");
+}
+
+void check_rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight) {
+  x.check_rank(2).check_float().check_contiguous();
+  out.check_rank(2).check_dtype(x.dtype).check_contiguous().check_same_device(x);
+  out.check_size(0, x.size(0), "num_tokens").check_size(1, x.size(1), "hidden_size");
+  check_norm_weight(weight, x);
+}
+
+void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight, float eps, int64_t stream) {
+  check_rms_norm(out, x, weight);
+  require_cuda(x, "rms_norm");
+#ifdef FASTLLM_WITH_CUDA
+  check_cuda(cuda::rms_norm(scalar_type(x.dtype), out.data, x.data, weight.data, x.size(0), x.size(1), eps,
+                            reinterpret_cast<cudaStream_t>(stream)),
+             "rms_norm");
+#else
+  (void)eps, (void)stream;
+#endif
+}
+
+void check_fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight) {
+  x.check_rank(2).check_float().check_contiguous();
+  residual.check_rank(2).check_dtype(x.dtype).check_contiguous().check_same_device(x);
+  residual.check_size(0, x.size(0), "num_tokens").check_size(1, x.size(1), "hidden_size");
+  if (residual.data == x.data && x.numel() > 0) {
+    throw ArgValueError("residual: must be a different tensor from x (both are updated in place)");
+  }
+  check_norm_weight(weight, x);
+}
+
+void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight, float eps,
+                        int64_t stream) {
+  check_fused_add_rms_norm(x, residual, weight);
+  require_cuda(x, "fused_add_rms_norm");
+#ifdef FASTLLM_WITH_CUDA
+  check_cuda(cuda::fused_add_rms_norm(scalar_type(x.dtype), x.data, residual.data, weight.data, x.size(0), x.size(1),
+                                      eps, reinterpret_cast<cudaStream_t>(stream)),
+             "fused_add_rms_norm");
+#else
+  (void)eps, (void)stream;
+#endif
+}
+
+void check_silu_and_mul(const TensorView& out, const TensorView& x) {
+  x.check_rank(2).check_float().check_contiguous();
+  if (x.size(1) % 2 != 0) {
+    throw ArgValueError("x: the last dim holds [gate | up] and must be even, got shape " + x.shape_str());
+  }
+  out.check_rank(2).check_dtype(x.dtype).check_contiguous().check_same_device(x);
+  out.check_size(0, x.size(0), "num_tokens").check_size(1, x.size(1) / 2, "intermediate_size");
+}
+
+void silu_and_mul(const TensorView& out, const TensorView& x, int64_t stream) {
+  check_silu_and_mul(out, x);
+  require_cuda(x, "silu_and_mul");
+#ifdef FASTLLM_WITH_CUDA
+  check_cuda(cuda::silu_and_mul(scalar_type(x.dtype), out.data, x.data, x.size(0), x.size(1) / 2,
+                                reinterpret_cast<cudaStream_t>(stream)),
+             "silu_and_mul");
+#else
+  (void)stream;
+#endif
+}
+
+void check_rotary_embedding(const TensorView& query, const TensorView& key, const TensorView& cos,
+                            const TensorView& sin) {
+  query.check_rank(3).check_float();
+  const int64_t T = query.size(0), D = query.size(2);
+  if (D % 2 != 0) throw ArgValueError("query: head_dim must be even for rotate-half RoPE, got shape " + query.shape_str());
+  key.check_rank(3).check_dtype(query.dtype).check_same_device(query);
+  key.check_size(0, T, "num_tokens").check_size(2, D, "head_dim");
+  if (key.data == query.data && key.numel() > 0) {
+    throw ArgValueError("key: must not alias query (both are rotated in place)");
+  }
+  token_stride(query);
+  token_stride(key);
+  for (const TensorView* t : {&cos, &sin}) {
+    t->check_rank(2).check_dtype(query.dtype).check_contiguous().check_same_device(query);
+    t->check_size(0, T, "num_tokens").check_size(1, D / 2, "head_dim / 2");
+  }
+}
+
+void rotary_embedding(const TensorView& query, const TensorView& key, const TensorView& cos, const TensorView& sin,
+                      int64_t stream) {
+  check_rotary_embedding(query, key, cos, sin);
+  require_cuda(query, "rotary_embedding");
+#ifdef FASTLLM_WITH_CUDA
+  check_cuda(cuda::rotary_embedding(scalar_type(query.dtype), query.data, key.data, cos.data, sin.data, query.size(0),
+                                    static_cast<int>(query.size(1)), static_cast<int>(key.size(1)),
+                                    static_cast<int>(query.size(2)), token_stride(query), token_stride(key),
+                                    reinterpret_cast<cudaStream_t>(stream)),
+             "rotary_embedding");
+#else
+  (void)stream;
 #endif
 }
 

@@ -61,7 +61,8 @@ def _dl(*tensors):
 
 
 def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """Write key/value rows [T, Hkv, D] into the paged caches at slot_mapping [T]."""
+    """Write key/value rows [T, Hkv, D] into the paged caches at slot_mapping [T]. key and
+    value may be views of the fused qkv output (any token stride, [Hkv, D] contiguous)."""
     if _native_for("reshape_and_cache", key):
         _C.reshape_and_cache(*_dl(key, value, k_cache, v_cache, slot_mapping), _stream(key))
     else:
@@ -113,3 +114,54 @@ def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = N
                          _stream(scores))
     else:
         reference.fused_softmax(out, scores, scale, causal_offset, row_scale)
+
+
+# -- fused decoder-layer ops: CUDA kernels; on CPU the torch reference, after the same -----
+# -- argument checks the CUDA op runs (so a bad argument is named on every device) ------
+
+def _fused_kernel_for(op: str, tensor: torch.Tensor) -> bool:
+    """Whether `op` runs as a CUDA kernel. CPU tensors never do: the reference there is
+    the torch math the layers ran before these kernels existed (HF's rounding points),
+    so CPU output is bit-for-bit what it was."""
+    return _C is not None and tensor.is_cuda and op in _CUDA_OPS
+
+
+def rms_norm(out, x, weight, eps: float) -> None:
+    """out [T, hidden] = weight [hidden] * dtype(x * rsqrt(mean(x^2) + eps)) (LlamaRMSNorm)."""
+    if _fused_kernel_for("rms_norm", x):
+        _C.rms_norm(*_dl(out, x, weight), float(eps), _stream(x))
+        return
+    if _C is not None:
+        _C.check_rms_norm(*_dl(out, x, weight))
+    reference.rms_norm(out, x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps: float) -> None:
+    """In place, x and residual [T, hidden]: residual += x, then x = rms_norm(residual)."""
+    if _fused_kernel_for("fused_add_rms_norm", x):
+        _C.fused_add_rms_norm(*_dl(x, residual, weight), float(eps), _stream(x))
+        return
+    if _C is not None:
+        _C.check_fused_add_rms_norm(*_dl(x, residual, weight))
+    reference.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(out, x) -> None:
+    """x [T, 2I] = [gate | up] -> out [T, I] = silu(gate) * up."""
+    if _fused_kernel_for("silu_and_mul", x):
+        _C.silu_and_mul(*_dl(out, x), _stream(x))
+        return
+    if _C is not None:
+        _C.check_silu_and_mul(*_dl(out, x))
+    reference.silu_and_mul(out, x)
+
+
+def rotary_embedding(query, key, cos, sin) -> None:
+    """Rotate-half RoPE in place on query [T, H, D] and key [T, Hkv, D] (views of the
+    fused qkv output are fine: any token stride); cos, sin [T, D/2] in their dtype."""
+    if _fused_kernel_for("rotary_embedding", query):
+        _C.rotary_embedding(*_dl(query, key, cos, sin), _stream(query))
+        return
+    if _C is not None:
+        _C.check_rotary_embedding(*_dl(query, key, cos, sin))
+    reference.rotary_embedding(query, key, cos, sin)

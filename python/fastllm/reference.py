@@ -10,6 +10,13 @@ extension is absent or was built without the device's kernels. Shapes follow DES
   block_tables         [num_seqs, max_blocks_per_seq] int32
   seq_lens             [num_seqs] int32, tokens in the cache after this step's writes
   query_start_loc      [num_seqs + 1] int32, cumulative query counts (seeds/001)
+
+The fused decoder-layer ops (rms_norm, fused_add_rms_norm, silu_and_mul,
+rotary_embedding) have CUDA kernels only: on CPU these references *are* the
+implementation. They are the torch ops the model ran before the fused kernels (so CPU
+output is unchanged bit for bit), with HF's Llama layers' rounding points in the model
+dtype, which are the contract the CUDA kernels follow. Accumulation is float32, or
+float64 for float64 input.
 """
 from __future__ import annotations
 
@@ -60,6 +67,41 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
         scores = scores.masked_fill(mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+
+
+def rms_norm(out, x, weight, eps: float) -> None:
+    """out [T, hidden] = weight * dtype(x * rsqrt(mean(x^2) + eps)): normalised in float32,
+    scaled in the dtype of x (HF's LlamaRMSNorm). weight [hidden] in x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    normed = torch.nn.functional.rms_norm(x.to(acc), (x.shape[-1],), eps=eps)
+    torch.mul(weight, normed.to(x.dtype), out=out)
+
+
+def fused_add_rms_norm(x, residual, weight, eps: float) -> None:
+    """In place: residual = residual + x (in the model dtype, as HF adds the residual),
+    then x = rms_norm(residual)."""
+    residual.add_(x)
+    rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(out, x) -> None:
+    """x [T, 2I] = [gate | up] -> out [T, I] = silu(gate) * up, each op rounded to the
+    dtype (HF's act_fn(gate_proj(x)) * up_proj(x))."""
+    gate, up = x.chunk(2, dim=-1)
+    torch.mul(torch.nn.functional.silu(gate), up, out=out)
+
+
+def rotary_embedding(query, key, cos, sin) -> None:
+    """Neox (rotate-half) RoPE in place: query [T, H, D], key [T, Hkv, D] (may be views of
+    the fused qkv output); cos, sin [T, D/2] in their dtype. Each product, difference and
+    sum rounds to the dtype, as HF's q * cos + rotate_half(q) * sin does."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)       # [T, 1, D/2]: broadcast over heads
+    for x in (query, key):
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated1 = x1 * cos - x2 * sin
+        rotated2 = x2 * cos + x1 * sin
+        x1.copy_(rotated1)
+        x2.copy_(rotated2)
 
 
 def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = None,

@@ -34,7 +34,7 @@ TEST(ReshapeAndCache, WritesRowsAtSlotsAndSkipsPadding) {
   std::iota(key.begin(), key.end(), 0.f);
   std::iota(value.begin(), value.end(), 100.f);
   const int64_t slots[T] = {7, -1, 0, 11, 3};
-  reshape_and_cache(key.data(), value.data(), kc.data(), vc.data(), slots, T, row * sizeof(float));
+  reshape_and_cache(key.data(), value.data(), kc.data(), vc.data(), slots, T, row, row, row, sizeof(float));
   for (int64_t t = 0; t < T; ++t) {
     if (slots[t] < 0) continue;
     for (int64_t i = 0; i < row; ++i) {
@@ -43,6 +43,31 @@ TEST(ReshapeAndCache, WritesRowsAtSlotsAndSkipsPadding) {
     }
   }
   EXPECT_EQ(kc[1 * row], -1.f);  // untouched slot
+}
+
+TEST(ReshapeAndCache, ReadsStridedRowsOfAFusedQkvBuffer) {
+  // qkv [T, q | k | v] of 2-byte elements: k and v are views with token stride 10 and
+  // rows of 3 (an odd row, so no width assumption holds), at offsets 4 and 7.
+  const int64_t T = 4, q = 4, row = 3, stride = q + 2 * row, num_slots = 6;
+  std::vector<uint16_t> qkv(T * stride), kc(num_slots * row, 0xFFFF), vc(num_slots * row, 0xFFFF);
+  std::iota(qkv.begin(), qkv.end(), uint16_t{1});
+  const int64_t slots[T] = {5, 0, -1, 2};
+  reshape_and_cache(qkv.data() + q, qkv.data() + q + row, kc.data(), vc.data(), slots, T, row, stride, stride,
+                    sizeof(uint16_t));
+  for (int64_t t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    for (int64_t i = 0; i < row; ++i) {
+      EXPECT_EQ(kc[slots[t] * row + i], qkv[t * stride + q + i]) << "token " << t << " elem " << i;
+      EXPECT_EQ(vc[slots[t] * row + i], qkv[t * stride + q + row + i]) << "token " << t << " elem " << i;
+    }
+  }
+  for (int64_t s : {1, 3, 4}) EXPECT_EQ(kc[s * row], 0xFFFF) << "slot " << s << " was not to be written";
+  // Key and value with different strides (a contiguous value beside a strided key).
+  std::vector<uint16_t> value(T * row);
+  std::iota(value.begin(), value.end(), uint16_t{500});
+  reshape_and_cache(qkv.data() + q, value.data(), kc.data(), vc.data(), slots, T, row, stride, row, sizeof(uint16_t));
+  EXPECT_EQ(vc[2 * row + 1], value[3 * row + 1]);
+  EXPECT_EQ(kc[2 * row + 1], qkv[3 * stride + q + 1]);
 }
 
 struct AttentionCase {

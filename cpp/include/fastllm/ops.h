@@ -15,6 +15,8 @@ bool cuda_available();                 // ... and a GPU + driver can run them
 std::vector<std::string> cuda_ops();   // ops with a CUDA kernel in this build
 std::string cuda_archs();              // the archs compiled for ("" without CUDA)
 
+// key/value [T, Hkv, D] may be views of the fused qkv projection output: any token
+// stride, the [Hkv, D] dims of each token contiguous.
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,
                        const TensorView& v_cache, const TensorView& slot_mapping, int64_t stream);
 
@@ -34,5 +36,32 @@ int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, i
 // multiplied into each row's scale (per-row inverse temperatures when sampling).
 void fused_softmax(const TensorView& out, const TensorView& scores, float scale, bool causal,
                    int64_t causal_offset, const TensorView* row_scale, int64_t stream);
+
+// ---- fused elementwise ops of the decoder layer ---------------------------------------
+// CUDA kernels only. On CPU, fastllm.ops runs the torch reference (HF's rounding points;
+// the model's CPU output is unchanged bit for bit) after calling check_<op>, the same
+// argument validation the CUDA op runs first; the op itself refuses CPU tensors.
+
+// out, x [T, hidden]; weight [hidden]:
+// out = dtype(weight * dtype(x * rsqrt(mean(x^2) + eps))), in float32 (LlamaRMSNorm).
+void check_rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight);
+void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight, float eps, int64_t stream);
+
+// In place (vLLM's semantics): residual = dtype(residual + x); x = rms_norm(residual).
+void check_fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight);
+void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight, float eps,
+                        int64_t stream);
+
+// x [T, 2I] = [gate | up] -> out [T, I] = dtype(dtype(silu(gate)) * up).
+void check_silu_and_mul(const TensorView& out, const TensorView& x);
+void silu_and_mul(const TensorView& out, const TensorView& x, int64_t stream);
+
+// In place neox (rotate-half) RoPE of query [T, H, D] and key [T, Hkv, D], which may be
+// views of the fused qkv output (any token stride, [heads, D] contiguous); cos, sin
+// [T, D/2] in the query's dtype. Rounds after every multiply and add, as torch does.
+void check_rotary_embedding(const TensorView& query, const TensorView& key, const TensorView& cos,
+                            const TensorView& sin);
+void rotary_embedding(const TensorView& query, const TensorView& key, const TensorView& cos, const TensorView& sin,
+                      int64_t stream);
 
 }  // namespace fastllm

@@ -11,6 +11,10 @@ Cases (full size on a GPU; `--small`, automatic on a CPU, shrinks them):
   sampling variant (temperature + softmax over a 128k vocabulary), with one temperature
   for the batch (the scalar scale) or one per row (row_scale = 1 / t, peer
   torch.softmax(logits / t[:, None])).
+- fused decoder-layer ops (result section "fused"): rms_norm, fused_add_rms_norm,
+  silu_and_mul and rotary_embedding (on views of the fused qkv buffer) at Llama-3-8B
+  shapes (hidden 4096, intermediate 14336, 32 / 8 heads, head_dim 128) for T = 1, 64
+  and 4096 tokens, each against the torch op chain it replaced in the decoder layer.
 
 Metrics:
   bandwidth = bytes the op must read + write (the minimum: GQA K/V once, not expanded;
@@ -18,7 +22,7 @@ Metrics:
   bw_vs_copy = bandwidth / device-to-device copy bandwidth (fastllm.bench.hardware)
   tflops = FLOPs of the attention's two matmuls (causal pairs only) / median time
   speedup = peer median time / kernel median time (> 1: fastllm is faster)
-Peers: SDPA on contiguous K/V (GQA heads expanded, so it reads Hq/Hkv times the K/V
+Peers: the fused ops' torch chains (layers.py before the fused kernels), SDPA on contiguous K/V (GQA heads expanded, so it reads Hq/Hkv times the K/V
 bytes: `own_bandwidth_GBps` counts those), torch.softmax alone, and the three-op
 scale + masked_fill + softmax. Every kernel's output must match the float64 reference
 (fastllm.reference) before it is timed; peers' errors are recorded (matches_reference).
@@ -98,6 +102,22 @@ CPU_SOFTMAX = [
 ]
 
 
+# Llama-3-8B's decoder layer, for the fused elementwise ops.
+LLAMA3_8B = dict(hidden=4096, intermediate=14336, num_heads=32, num_kv_heads=8, head_dim=128)
+FUSED_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
+
+
+@dataclass(frozen=True)
+class FusedCase:
+    name: str
+    op: str               # one of FUSED_OPS
+    num_tokens: int
+
+
+GPU_FUSED = [FusedCase(f"{op}_t{t}", op, t) for op in FUSED_OPS for t in (1, 64, 4096)]
+CPU_FUSED = [FusedCase(f"{op}_t{t}", op, t) for op in FUSED_OPS for t in (1, 16)]
+
+
 # -- what each op must move / compute --------------------------------------------------------
 
 def paged_attention_bytes(num_seqs: int, seq_len: int, q_len: int, num_heads: int,
@@ -137,6 +157,29 @@ def softmax_bytes(numel: int, elem_bytes: int) -> int:
 def row_temperatures(num_rows: int, device) -> torch.Tensor:
     """[num_rows] float32 temperatures, all different, spread over 0.3 .. 1.5."""
     return torch.linspace(0.3, 1.5, num_rows, dtype=torch.float32, device=device)
+
+
+def fused_op_bytes(op: str, num_tokens: int, elem_bytes: int, hidden: int, intermediate: int,
+                   num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """Minimum bytes of one fused op call: every input element read once, every output
+    written once (in-place outputs count as a read and a write).
+      rms_norm            x in, out out [T, hidden], weight [hidden] in
+      fused_add_rms_norm  x and residual in and out [T, hidden], weight in
+      silu_and_mul        [T, 2I] in, [T, I] out
+      rotary_embedding    q [T, H, D] and k [T, Hkv, D] in and out, cos and sin [T, D/2] in"""
+    if op not in FUSED_OPS:
+        raise ValueError(f"op must be one of {FUSED_OPS}, got {op!r}")
+    if num_tokens < 0 or elem_bytes <= 0:
+        raise ValueError(f"need num_tokens >= 0 and elem_bytes > 0, got {num_tokens}, {elem_bytes}")
+    if op == "rms_norm":
+        elems = 2 * num_tokens * hidden + hidden
+    elif op == "fused_add_rms_norm":
+        elems = 4 * num_tokens * hidden + hidden
+    elif op == "silu_and_mul":
+        elems = 3 * num_tokens * intermediate
+    else:
+        elems = 2 * num_tokens * (num_heads + num_kv_heads) * head_dim + num_tokens * head_dim
+    return elems * elem_bytes
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -305,6 +348,128 @@ def bench_softmax(case: SoftmaxCase, dtype: torch.dtype, device, ceilings: dict,
     return result
 
 
+def _torch_rotate(x, cos, sin):
+    """layers.py's former _rotate: 7 torch ops (chunk, 4 multiplies, sub, add, cat)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def make_fused_inputs(case: FusedCase, dtype: torch.dtype, device, shape: dict = LLAMA3_8B,
+                      seed: int = 0) -> dict:
+    """Random inputs of one fused op, laid out as the decoder layer has them (q and k are
+    views of a fused [T, q | k | v] projection output)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*size, scale=1.0):
+        return (torch.randn(size, generator=gen, device=device) * scale).to(dtype)
+
+    t, h, inter = case.num_tokens, shape["hidden"], shape["intermediate"]
+    heads, kv_heads, d = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
+    if case.op in ("rms_norm", "fused_add_rms_norm"):
+        return dict(x=rnd(t, h, scale=3.0), residual=rnd(t, h), weight=rnd(h))
+    if case.op == "silu_and_mul":
+        return dict(x=rnd(t, 2 * inter, scale=3.0))
+    qkv = rnd(t, (heads + 2 * kv_heads) * d)
+    q, k, _ = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    positions = torch.randint(0, 8192, (t,), generator=gen, device=device).float()
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device).float() / d))
+    angles = torch.outer(positions, inv_freq)
+    return dict(query=q.view(t, heads, d), key=k.view(t, kv_heads, d),
+                cos=angles.cos().to(dtype), sin=angles.sin().to(dtype))
+
+
+def fused_reference(case: FusedCase, x: dict) -> dict:
+    """The op's outputs in float64 (fastllm.reference on float64 copies of the inputs)."""
+    d = {k: v.double() for k, v in x.items()}
+    if case.op == "rms_norm":
+        out = torch.empty_like(d["x"])
+        reference.rms_norm(out, d["x"], d["weight"], 1e-5)
+        return {"out": out}
+    if case.op == "fused_add_rms_norm":
+        reference.fused_add_rms_norm(d["x"], d["residual"], d["weight"], 1e-5)
+        return {"x": d["x"], "residual": d["residual"]}
+    if case.op == "silu_and_mul":
+        out = d["x"].new_empty(d["x"].shape[0], d["x"].shape[1] // 2)
+        reference.silu_and_mul(out, d["x"])
+        return {"out": out}
+    q, k = d["query"].clone(), d["key"].clone()
+    reference.rotary_embedding(q, k, d["cos"], d["sin"])
+    return {"query": q, "key": k}
+
+
+def fused_callables(case: FusedCase, x: dict):
+    """(fastllm op, the torch chain it replaced): each returns its outputs as a dict of
+    tensors. The in-place ops are timed on their own inputs: repeated residual adds and
+    rotations keep values finite (norms and rotations preserve scale)."""
+    eps = 1e-5
+    if case.op == "rms_norm":
+        out = torch.empty_like(x["x"])
+
+        def fused():
+            ops.rms_norm(out, x["x"], x["weight"], eps)
+            return {"out": out}
+
+        def chain():   # RMSNorm before: x.float(), rms_norm, .to(dtype), weight * (4 kernels)
+            normed = torch.nn.functional.rms_norm(x["x"].float(), (x["x"].shape[-1],), eps=eps)
+            return {"out": x["weight"] * normed.to(x["x"].dtype)}
+    elif case.op == "fused_add_rms_norm":
+        def fused():
+            ops.fused_add_rms_norm(x["x"], x["residual"], x["weight"], eps)
+            return {"x": x["x"], "residual": x["residual"]}
+
+        def chain():   # the residual add, then the 4-kernel RMSNorm
+            residual = x["residual"] + x["x"]
+            normed = torch.nn.functional.rms_norm(residual.float(), (residual.shape[-1],), eps=eps)
+            return {"x": x["weight"] * normed.to(residual.dtype), "residual": residual}
+    elif case.op == "silu_and_mul":
+        out = x["x"].new_empty(x["x"].shape[0], x["x"].shape[1] // 2)
+
+        def fused():
+            ops.silu_and_mul(out, x["x"])
+            return {"out": out}
+
+        def chain():
+            gate, up = x["x"].chunk(2, dim=-1)
+            return {"out": torch.nn.functional.silu(gate) * up}
+    else:
+        cos, sin = x["cos"].unsqueeze(1), x["sin"].unsqueeze(1)
+
+        def fused():
+            ops.rotary_embedding(x["query"], x["key"], x["cos"], x["sin"])
+            return {"query": x["query"], "key": x["key"]}
+
+        def chain():
+            return {"query": _torch_rotate(x["query"], cos, sin), "key": _torch_rotate(x["key"], cos, sin)}
+    return fused, chain
+
+
+def bench_fused(case: FusedCase, dtype: torch.dtype, device, ceilings: dict, warmup: int,
+                iters: int, shape: dict = LLAMA3_8B) -> dict:
+    """One fused op vs its torch chain; both checked against the float64 reference first
+    (the chain on fresh inputs, then the op on the same inputs, since it works in place)."""
+    device = torch.device(device)
+    x = make_fused_inputs(case, dtype, device, shape)
+    expected = fused_reference(case, x)
+    fused, chain = fused_callables(case, x)
+    chain_out = chain()
+    peer_err = max(relative_error(chain_out[k], expected[k]) for k in expected)
+    got = fused()
+    err = max(check_close(f"{case.op} {case.name} ({k})", got[k], expected[k], dtype) for k in expected)
+
+    times, _ = time_op(fused, device, warmup, iters)
+    nbytes = fused_op_bytes(case.op, case.num_tokens, torch.tensor([], dtype=dtype).element_size(),
+                            **shape)
+    result = _metrics(median(times), nbytes, None, ceilings)
+    result.update(name=case.name, op=case.op, bound="bandwidth", dtype=_name(dtype),
+                  shape=dict(num_tokens=case.num_tokens, **shape), rel_error=err)
+    peer_times, _ = time_op(chain, device, warmup, iters)
+    peer = _metrics(median(peer_times), nbytes, None, ceilings)
+    peer.update(speedup=median(peer_times) / result["median_s"], rel_error=peer_err,
+                matches_reference=peer_err <= _REL_TOL[dtype])
+    result["peers"] = {"torch_chain": peer}
+    return result
+
+
 def _metrics(t: float, nbytes: int, flops: Optional[int], ceilings: dict) -> dict:
     bw = nbytes / t / 1e9
     m = {"median_s": t, "bytes": nbytes, "bandwidth_GBps": bw,
@@ -343,13 +508,15 @@ def run_kernels(device="auto", dtype: str = "auto", small: Optional[bool] = None
     iters = (20 if on_gpu else 3) if iters is None else iters
     attention = CPU_ATTENTION if small else GPU_ATTENTION
     softmax = CPU_SOFTMAX if small else GPU_SOFTMAX
-    names = [c.name for c in attention + softmax]
+    fused = CPU_FUSED if small else GPU_FUSED
+    names = [c.name for c in attention + softmax + fused]
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:
             raise ValueError(f"--only: unknown case(s) {unknown}; cases: {', '.join(names)}")
         attention = [c for c in attention if c.name in only]
         softmax = [c for c in softmax if c.name in only]
+        fused = [c for c in fused if c.name in only]
 
     ceilings = measure_ceilings(device, torch_dtype, small, warmup, iters)
     results = []
@@ -360,11 +527,15 @@ def run_kernels(device="auto", dtype: str = "auto", small: Optional[bool] = None
         for case in softmax:
             results.append(bench_softmax(case, torch_dtype, device, ceilings, warmup, iters))
             _release(device)
+        fused_results = []
+        for case in fused:
+            fused_results.append(bench_fused(case, torch_dtype, device, ceilings, warmup, iters))
+            _release(device)
     return {"bench": "kernels", "device": _device_name(device), "torch": torch.__version__,
             "native": ops.native_available(), "cuda_kernels": ops.cuda_available(),
             "cuda_ops": list(ops.build_info().get("cuda_ops", [])), "small": small,
             "dtype": dtype, "warmup": warmup, "iters": iters,
-            "ceilings": ceilings, "kernels": results}
+            "ceilings": ceilings, "kernels": results, "fused": fused_results}
 
 
 def format_results(result: dict) -> str:
@@ -378,6 +549,13 @@ def format_results(result: dict) -> str:
         peers = ", ".join(f"{n} {p['speedup']:.2f}x" for n, p in k["peers"].items())
         lines.append(f"{k['name']:<28} {k['median_s'] * 1e6:>8.1f}us {k['bandwidth_GBps']:>9.1f} "
                      f"{k['bw_vs_copy']:>7.1%} {tf:>8}  {peers}")
+    if result.get("fused"):
+        lines.append(f"{'fused op (vs torch chain)':<28} {'time':>10} {'GB/s':>9} {'vs copy':>8} "
+                     f"{'chain us':>9} {'speedup':>8}")
+        for k in result["fused"]:
+            chain = k["peers"]["torch_chain"]
+            lines.append(f"{k['name']:<28} {k['median_s'] * 1e6:>8.1f}us {k['bandwidth_GBps']:>9.1f} "
+                         f"{k['bw_vs_copy']:>7.1%} {chain['median_s'] * 1e6:>9.1f} {chain['speedup']:>7.2f}x")
     return "\n".join(lines)
 
 

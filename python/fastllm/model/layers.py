@@ -41,16 +41,23 @@ def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
 
 
 class RMSNorm(nn.Module):
+    """HF's LlamaRMSNorm (normalise in float32, scale in the model dtype), one kernel on
+    CUDA; with a residual, vLLM's fused residual add + norm."""
+
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (one fused kernel), scale in the model dtype: the same
-        # rounding points as HF's LlamaRMSNorm.
-        h = nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x [T, hidden] -> normed [T, hidden]. With residual [T, hidden]: both updated in
+        place (residual += x, x = norm(residual)) and returned as (x, residual)."""
+        if residual is None:
+            out = torch.empty_like(x)
+            ops.rms_norm(out, x, self.weight, self.eps)
+            return out
+        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return x, residual
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -96,22 +103,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin [T, 1, head_dim/2] for this step, gathered once and shared by all layers.
-        No bounds check (it would sync the GPU): the engine keeps max_model_len <=
+        """cos, sin [T, head_dim/2] in the model dtype for this step, gathered once and
+        shared by all layers (ops.rotary_embedding takes them as they are). No bounds
+        check (it would sync the GPU): the engine keeps max_model_len <=
         max_position_embeddings."""
-        return (self.cos_cache[positions].unsqueeze(1).to(dtype),
-                self.sin_cache[positions].unsqueeze(1).to(dtype))
-
-    @staticmethod
-    def apply(cos_sin, q: torch.Tensor, k: torch.Tensor):
-        """q [T, H, D], k [T, Hkv, D] -> rotated (new, contiguous) q, k."""
-        cos, sin = cos_sin
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return self.cos_cache[positions].to(dtype), self.sin_cache[positions].to(dtype)
 
 
 class Attention(nn.Module):
@@ -133,15 +129,18 @@ class Attention(nn.Module):
     def forward(self, cos_sin, hidden, kv_cache, meta: AttentionMetadata):
         """cos_sin from RotaryEmbedding.cos_sin; hidden [T, hidden_size]."""
         num_tokens = hidden.shape[0]
+        # q, k, v: views of the one [T, q | k | v] projection (token stride q + 2 kv),
+        # rotated and cached from there without copies.
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
-        q, k = RotaryEmbedding.apply(cos_sin, q, k)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        ops.rotary_embedding(q, k, *cos_sin)
         k_cache, v_cache = kv_cache
         with nvtx_range("attention"):
             ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = torch.empty_like(q)
+            # q stays a view of the qkv output: paged_attention reads any token stride.
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             ops.paged_attention(out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                 meta.query_start_loc, self.scale, meta.max_query_len)
         return self.o_proj(out.view(num_tokens, self.q_size))
@@ -160,8 +159,10 @@ class GatedMLP(nn.Module):
                                    bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)                                   # [T, 2I]
+        act = gate_up.new_empty(gate_up.shape[0], self.intermediate_size)  # [T, I]
+        ops.silu_and_mul(act, gate_up)
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
@@ -172,6 +173,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config)
 
-    def forward(self, cos_sin, hidden, kv_cache, meta: AttentionMetadata):
-        hidden = hidden + self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, cos_sin, hidden, residual, kv_cache, meta: AttentionMetadata):
+        """hidden [T, hidden_size]: the previous layer's MLP output (the embeddings for the
+        first layer, whose residual is None); residual: the stream before that output was
+        added. Returns (this layer's MLP output, residual stream): the residual adds ride
+        in the fused add + norm kernels, each updating its inputs in place."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(cos_sin, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual

@@ -42,11 +42,14 @@ class LlamaForCausalLM(nn.Module):
                              f"{len(self.layers)} layers")
         hidden = self.embed_tokens(input_ids)                        # [T, hidden]
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(cos_sin, hidden, kv_cache, meta)
-        # Only the rows that get sampled go through the final norm and the LM head.
+            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
+        # Only the rows that get sampled go through the last residual add, the final
+        # norm and the LM head (the gathers are copies, so the add stays out of place).
         last = meta.query_start_loc[1:].long() - 1                   # [S]
-        return self.lm_head(self.norm(hidden[last])).float()         # [S, vocab]
+        hidden, _ = self.norm(hidden[last], residual[last])
+        return self.lm_head(hidden).float()                          # [S, vocab]
 
     def checkpoint_weights(self) -> dict:
         """HF checkpoint tensor name -> (parameter, row slice of it or None).

@@ -5,10 +5,13 @@
 
 namespace fastllm::cpu {
 
-// Copies token rows (row_bytes = num_kv_heads * head_dim * elem_size) of key/value
-// [num_tokens, ...] into the caches at slot_mapping; slot -1 is skipped (padding).
+// Copies token rows (row_elems = num_kv_heads * head_dim elements of elem_bytes each) of
+// key/value into the caches at slot_mapping; slot -1 is skipped (padding). Token t's row
+// starts key_stride / value_stride elements after token t-1's: row_elems for contiguous
+// tensors, more for views of the fused qkv projection output.
 void reshape_and_cache(const void* key, const void* value, void* k_cache, void* v_cache,
-                       const int64_t* slot_mapping, int64_t num_tokens, int64_t row_bytes);
+                       const int64_t* slot_mapping, int64_t num_tokens, int64_t row_elems, int64_t key_stride,
+                       int64_t value_stride, int64_t elem_bytes);
 
 struct PagedAttentionShape {
   int64_t num_tokens, num_seqs;

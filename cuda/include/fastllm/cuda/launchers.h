@@ -13,10 +13,13 @@ enum class ScalarType { kF32, kF16, kBF16 };
 // Number of usable GPUs; 0 when there is no driver or device (never throws).
 int device_count();
 
-// key/value [num_tokens, row_bytes] -> caches at slot_mapping (slot -1 skipped).
+// key/value rows of row_elems elements (elem_bytes each) -> caches at slot_mapping (slot
+// -1 skipped). Token t's row is at key + t * key_stride elements (value likewise): views
+// of the fused qkv output need no copy. 16-byte copies when rows, strides and pointers
+// allow, narrower ones otherwise.
 cudaError_t reshape_and_cache(const void* key, const void* value, void* k_cache, void* v_cache,
-                              const int64_t* slot_mapping, int64_t num_tokens, int64_t row_bytes,
-                              cudaStream_t stream);
+                              const int64_t* slot_mapping, int64_t num_tokens, int64_t row_elems,
+                              int64_t key_stride, int64_t value_stride, int64_t elem_bytes, cudaStream_t stream);
 
 // Causal paged attention. head_dim 64 or 128; num_heads a multiple of num_kv_heads;
 // query rows [T, H, D] may have any token stride (q_token_stride elements, 16-byte
@@ -44,5 +47,29 @@ cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, int6
 cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, const float* row_scale, int64_t num_rows,
                           int64_t num_cols, int64_t rows_per_matrix, float scale, bool causal, int64_t causal_offset,
                           cudaStream_t stream);
+
+// ---- fused elementwise ops of the decoder layer (rms_norm.cuh, silu_and_mul.cuh,
+// rotary_embedding.cuh). Rounding points are HF's: fp32 math, a round to the dtype
+// wherever torch would round an intermediate tensor. Contiguous rows unless noted.
+
+// x, out [num_tokens, hidden]; weight [hidden]:
+// out = dtype(weight * dtype(x * rsqrt(mean(x^2) + eps))).
+cudaError_t rms_norm(ScalarType dtype, void* out, const void* x, const void* weight, int64_t num_tokens,
+                     int64_t hidden, float eps, cudaStream_t stream);
+
+// In place: residual = dtype(residual + x); x = rms_norm(residual).
+cudaError_t fused_add_rms_norm(ScalarType dtype, void* x, void* residual, const void* weight, int64_t num_tokens,
+                               int64_t hidden, float eps, cudaStream_t stream);
+
+// x [num_tokens, 2 * inter] = [gate | up] -> out [num_tokens, inter] = dtype(dtype(silu(gate)) * up).
+cudaError_t silu_and_mul(ScalarType dtype, void* out, const void* x, int64_t num_tokens, int64_t inter,
+                         cudaStream_t stream);
+
+// In place rotate-half RoPE of query [num_tokens, num_heads, head_dim] and key
+// [num_tokens, num_kv_heads, head_dim], token t's heads at query + t * query_stride
+// (elements; key likewise); cos, sin [num_tokens, head_dim / 2] contiguous.
+cudaError_t rotary_embedding(ScalarType dtype, void* query, void* key, const void* cos, const void* sin,
+                             int64_t num_tokens, int num_heads, int num_kv_heads, int head_dim, int64_t query_stride,
+                             int64_t key_stride, cudaStream_t stream);
 
 }  // namespace fastllm::cuda

@@ -1,0 +1,41 @@
+#include <algorithm>
+
+#include "fastllm/cuda/launchers.h"
+#include "fastllm/cuda/nvtx.h"
+#include "fastllm/cuda/silu_and_mul.cuh"
+
+namespace fastllm::cuda {
+
+static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, int VEC>
+static cudaError_t launch_vec(void* out, const void* x, int64_t num_tokens, int64_t inter, cudaStream_t stream) {
+  constexpr int kThreads = 128;  // small CTAs: a decode row (T = 1) still spreads over many SMs
+  const int64_t work = num_tokens * (inter / VEC);
+  // Enough CTAs to cover the work once, capped (the grid-stride loop does the rest).
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 16));
+  silu_and_mul_kernel<T, VEC><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(x),
+                                                                num_tokens, inter);
+  return cudaGetLastError();
+}
+
+template <typename T>
+static cudaError_t launch(void* out, const void* x, int64_t num_tokens, int64_t inter, cudaStream_t stream) {
+  constexpr int kVec = VecTraits<T>::kSize;
+  if (inter % kVec == 0 && aligned16(out) && aligned16(x)) return launch_vec<T, kVec>(out, x, num_tokens, inter, stream);
+  return launch_vec<T, 1>(out, x, num_tokens, inter, stream);
+}
+
+cudaError_t silu_and_mul(ScalarType dtype, void* out, const void* x, int64_t num_tokens, int64_t inter,
+                         cudaStream_t stream) {
+  FASTLLM_NVTX_RANGE("silu_and_mul");
+  if (num_tokens == 0 || inter == 0) return cudaSuccess;
+  switch (dtype) {
+    case ScalarType::kF32: return launch<float>(out, x, num_tokens, inter, stream);
+    case ScalarType::kF16: return launch<__half>(out, x, num_tokens, inter, stream);
+    case ScalarType::kBF16: return launch<__nv_bfloat16>(out, x, num_tokens, inter, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastllm::cuda
