@@ -84,7 +84,7 @@ def qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device="cpu"
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens,hidden", [(1, 4096), (7, 1000), (5, 37), (130, 64)])
+@pytest.mark.parametrize("num_tokens,hidden", [(1, 4096), (7, 1000), (5, 37), (130, 64), (2, 16384)])
 def test_rms_norm_matches_float64(device, dtype, num_tokens, hidden):
     x = randn(num_tokens, hidden, dtype=dtype, device=device, seed=1, scale=3.0)
     weight = randn(hidden, dtype=dtype, device=device, seed=2)
@@ -173,7 +173,7 @@ def test_silu_and_mul_reference_is_hf_llama_mlp():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim", [
-    (1, 32, 8, 128), (13, 4, 2, 64), (6, 3, 1, 10), (40, 2, 2, 16)])
+    (1, 32, 8, 128), (13, 4, 2, 64), (6, 3, 1, 10), (40, 2, 2, 16), (3, 64, 8, 128)])
 def test_rotary_embedding_on_qkv_views_matches_float64(device, dtype, num_tokens, num_heads, num_kv_heads,
                                                        head_dim):
     qkv, q, k, v = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, seed=11)
@@ -336,6 +336,8 @@ def _cache_args():
     return dict(key=k, value=v, k_cache=kc, v_cache=kc.clone(), slot_mapping=torch.arange(4))
 
 
+_shared = torch.randn(96)  # one buffer, for views that partially overlap
+
 BAD_INPUTS = [
     (ops.rms_norm, _norm_args, dict(weight=lambda a: a["weight"].half()), TypeError, "weight"),
     (ops.rms_norm, _norm_args, dict(weight=lambda a: torch.randn(15)), ValueError, "weight"),
@@ -349,6 +351,12 @@ BAD_INPUTS = [
      "residual"),
     (ops.fused_add_rms_norm, _fused_norm_args, dict(residual=lambda a: a["x"]), ValueError, "residual"),
     (ops.fused_add_rms_norm, _fused_norm_args, dict(weight=lambda a: torch.randn(16, 1)), ValueError, "weight"),
+    # partial overlaps of in-place operands would race on a GPU
+    (ops.fused_add_rms_norm, _fused_norm_args,
+     dict(x=lambda a: _shared[:64].view(4, 16), residual=lambda a: _shared[16:80].view(4, 16)), ValueError,
+     "residual"),
+    (ops.rms_norm, _norm_args, dict(x=lambda a: _shared[:64].view(4, 16), out=lambda a: _shared[8:72].view(4, 16)),
+     ValueError, "out: overlaps"),
     (ops.silu_and_mul, _silu_args, dict(x=lambda a: torch.randn(4, 15)), ValueError, "x: the last dim"),
     (ops.silu_and_mul, _silu_args, dict(out=lambda a: torch.empty(4, 16)), ValueError, "out"),
     (ops.silu_and_mul, _silu_args, dict(out=lambda a: torch.empty(4, 8, dtype=torch.float16)), TypeError, "out"),
@@ -359,6 +367,7 @@ BAD_INPUTS = [
     (ops.rotary_embedding, _rotary_args, dict(query=lambda a: a["query"].as_strided((4, 4, 8), (16, 8, 1))),
      ValueError, "query: token stride"),
     (ops.rotary_embedding, _rotary_args, dict(key=lambda a: a["query"]), ValueError, "key"),
+    (ops.rotary_embedding, _rotary_args, dict(key=lambda a: a["query"][:, 2:]), ValueError, "key: must not alias"),
     (ops.rotary_embedding, _rotary_args,
      dict(query=lambda a: torch.randn(4, 4, 7), key=lambda a: torch.randn(4, 2, 7)), ValueError, "head_dim"),
     (ops.reshape_and_cache, _cache_args, dict(value=lambda a: torch.randn(4, 8, 2).transpose(1, 2)), ValueError,
@@ -375,3 +384,16 @@ def test_bad_inputs_name_the_argument(op, make_args, change, error, words):
         args[name] = fn(args)
     with pytest.raises(error, match=words):
         op(**args)
+
+
+def test_model_runs_with_grad_mode_on():
+    # The fused ops write in place; calling the model outside no_grad must still work.
+    from fastllm.bench import models
+    from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
+    lm = models.load(random_weights="tiny", device="cpu", dtype="float32")
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in lm.model.parameters())
+    caches = allocate_kv_caches(lm.config, 4, 16)
+    meta = AttentionMetadata(torch.arange(5), torch.tensor([[0]], dtype=torch.int32),
+                             torch.tensor([5], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32))
+    logits = lm.model(torch.arange(1, 6), torch.arange(5), caches, meta)
+    assert logits.shape == (1, lm.config.vocab_size) and torch.isfinite(logits).all()

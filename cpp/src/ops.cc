@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <utility>
 
 #include "fastllm/cpu/float16.h"
 #include "fastllm/cpu/kernels.h"
@@ -140,6 +141,7 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
     return;
   }
 #ifdef FASTLLM_WITH_CUDA
+  const cuda::DeviceGuard device_guard(key.device_id);  // launch on the tensors' GPU
   check_cuda(cuda::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slot_mapping.ptr<int64_t>(),
                                      T, row_elems, key_stride, value_stride, elem_bytes,
                                      reinterpret_cast<cudaStream_t>(stream)),
@@ -250,6 +252,7 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
     throw ArgValueError("workspace: needs " + std::to_string(needed) + " bytes (paged_attention_workspace_bytes), got " +
                         std::to_string(workspace_bytes));
   }
+  const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
   check_cuda(cuda::paged_attention(scalar_type(query.dtype), out.data, query.data, q_token_stride, k_cache.data,
                                    v_cache.data, block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
                                    query_start_loc.ptr<int32_t>(), static_cast<int>(T), static_cast<int>(S),
@@ -309,6 +312,7 @@ void fused_softmax(const TensorView& out, const TensorView& scores, float scale,
     return;
   }
 #ifdef FASTLLM_WITH_CUDA
+  const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
   check_cuda(cuda::fused_softmax(scalar_type(scores.dtype), out.data, scores.data, row_scale_ptr, rows, cols,
                                  rows_per_matrix, scale, causal, causal_offset, reinterpret_cast<cudaStream_t>(stream)),
              "fused_softmax");
@@ -338,10 +342,34 @@ static void check_norm_weight(const TensorView& weight, const TensorView& x) {
   weight.check_size(0, x.size(1), "hidden_size");
 }
 
+// Whether two views may share a byte (a partial overlap of in-place operands would race).
+// Views of one buffer that interleave by token (q and k of the fused qkv output) do not:
+// with the same token stride S, their rows sit at offsets d apart modulo S.
+static bool overlaps(const TensorView& a, const TensorView& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  // [begin, end) of the whole view, and the bytes one token's row spans.
+  auto extent = [](const TensorView& t, int64_t first_dim) {
+    int64_t last = 0;
+    for (int64_t d = first_dim; d < t.dim(); ++d) last += (t.shape[d] - 1) * t.strides[d];
+    return (last + 1) * static_cast<int64_t>(dtype_size(t.dtype));
+  };
+  const auto a0 = reinterpret_cast<intptr_t>(a.data), b0 = reinterpret_cast<intptr_t>(b.data);
+  if (a0 >= b0 + extent(b, 0) || b0 >= a0 + extent(a, 0)) return false;
+  const int64_t stride_a = a.dim() > 1 && a.shape[0] > 1 ? a.strides[0] * static_cast<int64_t>(dtype_size(a.dtype)) : 0;
+  const int64_t stride_b = b.dim() > 1 && b.shape[0] > 1 ? b.strides[0] * static_cast<int64_t>(dtype_size(b.dtype)) : 0;
+  if (stride_a <= 0 || stride_a != stride_b) return true;  // conservative
+  const int64_t row_a = extent(a, 1), row_b = extent(b, 1);
+  const int64_t d = (((b0 - a0) % stride_a) + stride_a) % stride_a;  // b's row start within a's period
+  return d < row_a || stride_a - d < row_b;
+}
+
 void check_rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight) {
   x.check_rank(2).check_float().check_contiguous();
   out.check_rank(2).check_dtype(x.dtype).check_contiguous().check_same_device(x);
   out.check_size(0, x.size(0), "num_tokens").check_size(1, x.size(1), "hidden_size");
+  if (out.data != x.data && overlaps(out, x)) {
+    throw ArgValueError("out: overlaps x (in place is fine: pass x itself)");
+  }
   check_norm_weight(weight, x);
 }
 
@@ -349,6 +377,7 @@ void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weig
   check_rms_norm(out, x, weight);
   require_cuda(x, "rms_norm");
 #ifdef FASTLLM_WITH_CUDA
+  const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
   check_cuda(cuda::rms_norm(scalar_type(x.dtype), out.data, x.data, weight.data, x.size(0), x.size(1), eps,
                             reinterpret_cast<cudaStream_t>(stream)),
              "rms_norm");
@@ -361,7 +390,7 @@ void check_fused_add_rms_norm(const TensorView& x, const TensorView& residual, c
   x.check_rank(2).check_float().check_contiguous();
   residual.check_rank(2).check_dtype(x.dtype).check_contiguous().check_same_device(x);
   residual.check_size(0, x.size(0), "num_tokens").check_size(1, x.size(1), "hidden_size");
-  if (residual.data == x.data && x.numel() > 0) {
+  if (overlaps(residual, x)) {
     throw ArgValueError("residual: must be a different tensor from x (both are updated in place)");
   }
   check_norm_weight(weight, x);
@@ -372,6 +401,7 @@ void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const T
   check_fused_add_rms_norm(x, residual, weight);
   require_cuda(x, "fused_add_rms_norm");
 #ifdef FASTLLM_WITH_CUDA
+  const cuda::DeviceGuard device_guard(x.device_id);  // launch on the tensors' GPU
   check_cuda(cuda::fused_add_rms_norm(scalar_type(x.dtype), x.data, residual.data, weight.data, x.size(0), x.size(1),
                                       eps, reinterpret_cast<cudaStream_t>(stream)),
              "fused_add_rms_norm");
@@ -393,6 +423,7 @@ void silu_and_mul(const TensorView& out, const TensorView& x, int64_t stream) {
   check_silu_and_mul(out, x);
   require_cuda(x, "silu_and_mul");
 #ifdef FASTLLM_WITH_CUDA
+  const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
   check_cuda(cuda::silu_and_mul(scalar_type(x.dtype), out.data, x.data, x.size(0), x.size(1) / 2,
                                 reinterpret_cast<cudaStream_t>(stream)),
              "silu_and_mul");
@@ -408,11 +439,11 @@ void check_rotary_embedding(const TensorView& query, const TensorView& key, cons
   if (D % 2 != 0) throw ArgValueError("query: head_dim must be even for rotate-half RoPE, got shape " + query.shape_str());
   key.check_rank(3).check_dtype(query.dtype).check_same_device(query);
   key.check_size(0, T, "num_tokens").check_size(2, D, "head_dim");
-  if (key.data == query.data && key.numel() > 0) {
-    throw ArgValueError("key: must not alias query (both are rotated in place)");
-  }
   token_stride(query);
   token_stride(key);
+  if (overlaps(key, query)) {
+    throw ArgValueError("key: must not alias query (both are rotated in place)");
+  }
   for (const TensorView* t : {&cos, &sin}) {
     t->check_rank(2).check_dtype(query.dtype).check_contiguous().check_same_device(query);
     t->check_size(0, T, "num_tokens").check_size(1, D / 2, "head_dim / 2");
@@ -424,6 +455,7 @@ void rotary_embedding(const TensorView& query, const TensorView& key, const Tens
   check_rotary_embedding(query, key, cos, sin);
   require_cuda(query, "rotary_embedding");
 #ifdef FASTLLM_WITH_CUDA
+  const cuda::DeviceGuard device_guard(query.device_id);  // launch on the tensors' GPU
   check_cuda(cuda::rotary_embedding(scalar_type(query.dtype), query.data, key.data, cos.data, sin.data, query.size(0),
                                     static_cast<int>(query.size(1)), static_cast<int>(key.size(1)),
                                     static_cast<int>(query.size(2)), token_stride(query), token_stride(key),

@@ -12,4 +12,15 @@ int device_count() {
   return n;
 }
 
+DeviceGuard::DeviceGuard(int device) {
+  int current = 0;
+  if (cudaGetDevice(&current) == cudaSuccess && current != device && cudaSetDevice(device) == cudaSuccess) {
+    previous_ = current;
+  }
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
+}
+
 }  // namespace fastllm::cuda

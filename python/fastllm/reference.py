@@ -74,7 +74,7 @@ def rms_norm(out, x, weight, eps: float) -> None:
     scaled in the dtype of x (HF's LlamaRMSNorm). weight [hidden] in x's dtype."""
     acc = torch.promote_types(x.dtype, torch.float32)
     normed = torch.nn.functional.rms_norm(x.to(acc), (x.shape[-1],), eps=eps)
-    torch.mul(weight, normed.to(x.dtype), out=out)
+    out.copy_(weight * normed.to(x.dtype))
 
 
 def fused_add_rms_norm(x, residual, weight, eps: float) -> None:
@@ -88,7 +88,7 @@ def silu_and_mul(out, x) -> None:
     """x [T, 2I] = [gate | up] -> out [T, I] = silu(gate) * up, each op rounded to the
     dtype (HF's act_fn(gate_proj(x)) * up_proj(x))."""
     gate, up = x.chunk(2, dim=-1)
-    torch.mul(torch.nn.functional.silu(gate), up, out=out)
+    out.copy_(torch.nn.functional.silu(gate) * up)
 
 
 def rotary_embedding(query, key, cos, sin) -> None:

@@ -32,6 +32,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head.weight = self.embed_tokens.weight
         self.config.tie_word_embeddings = True
 
+    # Inference only: the fused ops write in place (through DLPack on CUDA, out= on CPU),
+    # which autograd can neither see nor allow.
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] int64 (the flattened step); kv_caches: one

@@ -13,6 +13,20 @@ enum class ScalarType { kF32, kF16, kBF16 };
 // Number of usable GPUs; 0 when there is no driver or device (never throws).
 int device_count();
 
+// Makes `device` the current device for the guard's lifetime: kernels launch on the
+// current device, which need not be the one holding the tensors (torch's current
+// device is its own state, not the runtime's).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;  // -1: nothing to restore
+};
+
 // key/value rows of row_elems elements (elem_bytes each) -> caches at slot_mapping (slot
 // -1 skipped). Token t's row is at key + t * key_stride elements (value likewise): views
 // of the fused qkv output need no copy. 16-byte copies when rows, strides and pointers

@@ -12,8 +12,10 @@
 namespace fastllm::cuda {
 
 template <typename T, int VEC>
-__device__ __forceinline__ void normalize_row(T* __restrict__ out, const T* __restrict__ src,
-                                              const T* __restrict__ weight, int64_t num_vecs, float inv_rms) {
+// src is not __restrict__: in fused_add_rms_norm it is the residual this kernel just wrote
+// (a restrict-qualified read could become a non-coherent ld.global.nc of stale data).
+__device__ __forceinline__ void normalize_row(T* out, const T* src, const T* __restrict__ weight,
+                                              int64_t num_vecs, float inv_rms) {
   for (int64_t i = threadIdx.x; i < num_vecs; i += blockDim.x) {
     float v[VEC], w[VEC];
     load_floats<T, VEC>(src + i * VEC, v);
