@@ -86,8 +86,13 @@ def test_reshape_and_cache_writes_slots(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# Row lengths for every CUDA path: warp per row (<= 1024), the row in a CTA's registers
+# (aligned, <= 4096 16-byte chunks), two passes with 16-byte accesses (longer aligned rows),
+# and the scalar two-pass kernel (rows not a multiple of 16 bytes).
 @pytest.mark.parametrize("shape,causal_offset", [((3, 17, 17), 0), ((2, 5, 33), 28), ((4, 6, 9), -2),
-                                                 ((7, 1000), None), ((3, 131), None)])
+                                                 ((7, 1000), None), ((3, 131), None),
+                                                 ((2, 40, 2048), 2008), ((3, 8192), None),
+                                                 ((2, 3, 2050), 5), ((2, 20000), None)])
 def test_fused_softmax_matches_float64(device, dtype, shape, causal_offset):
     scores = (torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 4).to(dtype).to(device)
     out = torch.empty_like(scores)

@@ -2,8 +2,10 @@
 // rows_per_matrix rows keeps columns c <= r % rows_per_matrix + causal_offset. Row r's
 // scores are multiplied by scale * row_scale[r] (row_scale [num_rows] float32, or null
 // for 1): per-row inverse temperatures when sampling, in the same single pass.
-// Short rows: one warp per row, the row held in registers (one read, one write).
-// Long rows (vocabulary-sized): one CTA per row, an online max/sum pass, then a write pass.
+// Short rows (<= 1024): one warp per row, the row held in registers (one read, one write).
+// Mid rows (<= 32k, aligned): one CTA per row, the row in registers, 16-byte accesses.
+// Long rows (vocabulary-sized): one CTA per row, an online max/sum pass, then a write pass
+// (16-byte accesses when aligned).
 #pragma once
 #include <cfloat>
 #include <cstdint>
@@ -108,6 +110,120 @@ __global__ void softmax_block_kernel(SoftmaxParams p) {
   // Pass 2: write probabilities (masked columns -> 0).
   for (int64_t c = threadIdx.x; c < p.num_cols; c += blockDim.x) {
     y[c] = from_float<T>(c < visible ? __expf(to_float(x[c]) * scale - gmax) * inv : 0.f);
+  }
+}
+
+// Block-wide max / sum; every thread gets the result. `scratch` is this reduction's own
+// __shared__ float[32] (a second reduction needs a second array: no barrier between).
+__device__ __forceinline__ float block_allreduce_max(float x, float* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  x = warp_max(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < num_warps ? scratch[lane] : -FLT_MAX;
+  return warp_max(x);
+}
+__device__ __forceinline__ float block_allreduce_sum(float x, float* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  x = warp_sum(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < num_warps ? scratch[lane] : 0.f;
+  return warp_sum(x);
+}
+
+// Mid-length rows (1k .. 32k columns, e.g. attention scores of long prompts): one CTA per
+// row holding the whole row in registers, CHUNKS 16-byte vectors per thread, so every
+// element is read once and written once with 16-byte accesses. Needs num_cols % VEC == 0
+// and 16-byte aligned rows (the launcher checks).
+template <typename T, int CHUNKS>
+__global__ void __launch_bounds__(512) softmax_block_regs_kernel(SoftmaxParams p) {
+  constexpr int VEC = VecTraits<T>::kSize;
+  __shared__ float s_max[32], s_sum[32];
+  const int64_t row = blockIdx.x;
+  const T* x = static_cast<const T*>(p.scores) + row * p.num_cols;
+  T* y = static_cast<T*>(p.out) + row * p.num_cols;
+  const int64_t visible = visible_cols(p, row);
+  const float scale = row_scale_of(p, row);
+  const int64_t num_chunks = p.num_cols / VEC;
+  float v[CHUNKS][VEC];
+  float mx = -FLT_MAX;
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    const int64_t chunk = threadIdx.x + (int64_t)i * blockDim.x;
+    if (chunk < num_chunks) load_vec(x + chunk * VEC, v[i]);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int64_t c = chunk * VEC + j;
+      v[i][j] = chunk < num_chunks && c < visible ? v[i][j] * scale : -FLT_MAX;
+      mx = fmaxf(mx, v[i][j]);
+    }
+  }
+  mx = block_allreduce_max(mx, s_max);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    const int64_t chunk = threadIdx.x + (int64_t)i * blockDim.x;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      v[i][j] = chunk < num_chunks && chunk * VEC + j < visible ? __expf(v[i][j] - mx) : 0.f;
+      sum += v[i][j];
+    }
+  }
+  sum = block_allreduce_sum(sum, s_sum);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;  // fully masked row -> zeros
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    const int64_t chunk = threadIdx.x + (int64_t)i * blockDim.x;
+    if (chunk >= num_chunks) continue;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[i][j] *= inv;
+    store_vec(y + chunk * VEC, v[i]);
+  }
+}
+
+// Vocabulary-sized rows (e.g. 128k float32 logits): the two-pass block kernel above with
+// 16-byte loads and stores (same alignment needs as softmax_block_regs_kernel).
+template <typename T>
+__global__ void softmax_block_vec_kernel(SoftmaxParams p) {
+  constexpr int VEC = VecTraits<T>::kSize;
+  __shared__ float s_max[32], s_sum[32];
+  const int64_t row = blockIdx.x;
+  const T* x = static_cast<const T*>(p.scores) + row * p.num_cols;
+  T* y = static_cast<T*>(p.out) + row * p.num_cols;
+  const int64_t visible = visible_cols(p, row);
+  const float scale = row_scale_of(p, row);
+  const int64_t num_chunks = p.num_cols / VEC;
+  // Pass 1: an online (max, sum) per thread over its chunks' visible columns.
+  float mx = -FLT_MAX, sum = 0.f;
+  for (int64_t chunk = threadIdx.x; chunk * VEC < visible; chunk += blockDim.x) {
+    float v[VEC];
+    load_vec(x + chunk * VEC, v);
+    float cmx = -FLT_MAX;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      v[j] = chunk * VEC + j < visible ? v[j] * scale : -FLT_MAX;
+      cmx = fmaxf(cmx, v[j]);
+    }
+    const float m_new = fmaxf(mx, cmx);
+    float csum = 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) csum += chunk * VEC + j < visible ? __expf(v[j] - m_new) : 0.f;
+    sum = sum * __expf(mx - m_new) + csum;
+    mx = m_new;
+  }
+  const float gmax = block_allreduce_max(mx, s_max);
+  const float gsum = block_allreduce_sum(sum > 0.f ? sum * __expf(mx - gmax) : 0.f, s_sum);
+  const float inv = gsum > 0.f ? 1.f / gsum : 0.f;
+  // Pass 2: write probabilities (masked columns -> 0).
+  for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += blockDim.x) {
+    float v[VEC];
+    load_vec(x + chunk * VEC, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      v[j] = chunk * VEC + j < visible ? __expf(v[j] * scale - gmax) * inv : 0.f;
+    }
+    store_vec(y + chunk * VEC, v);
   }
 }
 
