@@ -1,4 +1,4 @@
-#include <algorithm>
+#include <cstdint>
 
 #include "fastllm/cuda/launchers.h"
 #include "fastllm/cuda/nvtx.h"
@@ -10,12 +10,12 @@ static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 
 template <typename T, int VEC>
 static cudaError_t launch_vec(void* out, const void* x, int64_t num_tokens, int64_t inter, cudaStream_t stream) {
-  constexpr int kThreads = 128;  // small CTAs: a decode row (T = 1) still spreads over many SMs
-  const int64_t work = num_tokens * (inter / VEC);
-  // Enough CTAs to cover the work once, capped (the grid-stride loop does the rest).
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 16));
-  silu_and_mul_kernel<T, VEC><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(x),
-                                                                num_tokens, inter);
+  constexpr int kThreads = 128;  // small CTAs: a decode row (T = 1) still spreads over several SMs
+  const int64_t chunks_per_row = inter / VEC;
+  const int64_t blocks_per_row = (chunks_per_row + kThreads - 1) / kThreads;
+  if (num_tokens > INT32_MAX || blocks_per_row > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(blocks_per_row));
+  silu_and_mul_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(x), inter);
   return cudaGetLastError();
 }
 
