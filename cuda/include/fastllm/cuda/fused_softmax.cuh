@@ -113,6 +113,18 @@ __global__ void softmax_block_kernel(SoftmaxParams p) {
   }
 }
 
+// One row of a CTA-per-row kernel: its input, output, visible columns and scale.
+template <typename T>
+struct SoftmaxRow {
+  const T* x;
+  T* y;
+  int64_t visible;
+  float scale;
+  __device__ SoftmaxRow(const SoftmaxParams& p, int64_t row)
+      : x(static_cast<const T*>(p.scores) + row * p.num_cols), y(static_cast<T*>(p.out) + row * p.num_cols),
+        visible(visible_cols(p, row)), scale(row_scale_of(p, row)) {}
+};
+
 // Block-wide max / sum; every thread gets the result. `scratch` is this reduction's own
 // __shared__ float[32] (a second reduction needs a second array: no barrier between).
 __device__ __forceinline__ float block_allreduce_max(float x, float* scratch) {
@@ -140,11 +152,11 @@ template <typename T, int CHUNKS>
 __global__ void __launch_bounds__(512) softmax_block_regs_kernel(SoftmaxParams p) {
   constexpr int VEC = VecTraits<T>::kSize;
   __shared__ float s_max[32], s_sum[32];
-  const int64_t row = blockIdx.x;
-  const T* x = static_cast<const T*>(p.scores) + row * p.num_cols;
-  T* y = static_cast<T*>(p.out) + row * p.num_cols;
-  const int64_t visible = visible_cols(p, row);
-  const float scale = row_scale_of(p, row);
+  const SoftmaxRow<T> r(p, blockIdx.x);
+  const T* x = r.x;
+  T* y = r.y;
+  const int64_t visible = r.visible;
+  const float scale = r.scale;
   const int64_t num_chunks = p.num_cols / VEC;
   float v[CHUNKS][VEC];
   float mx = -FLT_MAX;
@@ -188,11 +200,11 @@ template <typename T>
 __global__ void softmax_block_vec_kernel(SoftmaxParams p) {
   constexpr int VEC = VecTraits<T>::kSize;
   __shared__ float s_max[32], s_sum[32];
-  const int64_t row = blockIdx.x;
-  const T* x = static_cast<const T*>(p.scores) + row * p.num_cols;
-  T* y = static_cast<T*>(p.out) + row * p.num_cols;
-  const int64_t visible = visible_cols(p, row);
-  const float scale = row_scale_of(p, row);
+  const SoftmaxRow<T> r(p, blockIdx.x);
+  const T* x = r.x;
+  T* y = r.y;
+  const int64_t visible = r.visible;
+  const float scale = r.scale;
   const int64_t num_chunks = p.num_cols / VEC;
   // Pass 1: an online (max, sum) per thread over its chunks' visible columns.
   float mx = -FLT_MAX, sum = 0.f;
