@@ -1,4 +1,8 @@
 """Every native op against its float64 torch reference (fastllm.reference)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -259,3 +263,26 @@ def test_paged_attention_reads_only_each_sequences_own_keys(device, group, num_k
     ops.paged_attention(out, q, kc, vc, bt, sl, qsl, 0.125, max_query_len=max(q_lens))
     assert not out.isnan().any()
     assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, 0.125)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ops.torch_paged_attention_available(), reason="torch has no paged varlen_attn")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_torch_prefill_backend_matches_float64(dtype, block_size):
+    # The alternative prefill path (FASTLLM_PREFILL_BACKEND=torch) keeps paged_attention's
+    # contract: queries are the last q_len positions (bottom-right causal alignment).
+    seq_lens, q_lens = PREFILL_BATCHES[0]
+    q, kc, vc, bt, sl, qsl = make_paged_batch(seq_lens, q_lens, 32, 8, 128, block_size, dtype, "cuda", seed=21)
+    out = torch.empty_like(q)
+    try:
+        ops.torch_paged_attention(out, q, kc, vc, bt, sl, qsl, 128 ** -0.5, max(q_lens))
+    except RuntimeError as e:
+        pytest.skip(f"this torch refuses the case: {e}")
+    assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, 128 ** -0.5)) < TOL[dtype]
+
+
+def test_unknown_prefill_backend_is_refused():
+    env = {**os.environ, "FASTLLM_PREFILL_BACKEND": "flashy"}
+    proc = subprocess.run([sys.executable, "-c", "import fastllm.ops"], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "FASTLLM_PREFILL_BACKEND='flashy'" in proc.stderr

@@ -7,6 +7,9 @@ the Python layers work everywhere. Shapes are documented in `fastllm.reference`.
 """
 from __future__ import annotations
 
+import inspect
+import os
+
 import torch
 from torch.utils.dlpack import to_dlpack
 
@@ -69,6 +72,35 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
         reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
+# Which kernel runs CUDA prefill (steps with max_query_len > 1): "fastllm" (the tensor-core
+# paged kernel) or "torch" (torch's flash attention over the same paged cache, where torch
+# has torch.nn.attention.varlen with block_table). `bench kernels` times both; pick the faster.
+PREFILL_BACKENDS = ("fastllm", "torch")
+prefill_backend = os.environ.get("FASTLLM_PREFILL_BACKEND", "fastllm")
+if prefill_backend not in PREFILL_BACKENDS:
+    raise ValueError(f"FASTLLM_PREFILL_BACKEND={prefill_backend!r}: choose from {', '.join(PREFILL_BACKENDS)}")
+
+
+def torch_paged_attention_available() -> bool:
+    """Whether this torch has paged varlen flash attention (block_table), on a CUDA build."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and "block_table" in inspect.signature(varlen_attn).parameters
+
+
+def torch_paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                          scale: float, max_query_len: int) -> None:
+    """paged_attention's contract on torch's flash attention (fp16/bf16, CUDA): causal with
+    the queries at the end of each sequence (flash-attention's bottom-right alignment)."""
+    from torch.nn.attention.varlen import varlen_attn
+    max_keys = block_tables.shape[1] * k_cache.shape[1]
+    out.copy_(varlen_attn(query, k_cache, v_cache, query_start_loc, None, int(max_query_len), max_keys,
+                          scale=float(scale), window_size=(-1, 0), enable_gqa=True,
+                          seqused_k=seq_lens, block_table=block_tables))
+
+
 def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
                     query_start_loc, scale: float, max_query_len: int | None = None) -> None:
     """out[T, H, D] = causal attention of query[T, H, D] over each sequence's paged K/V.
@@ -77,7 +109,11 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
     max_query_len, the longest q_len in the batch known on the host, picks the CUDA
     kernels: 1 runs the decode kernel alone (what CUDA graphs capture), > 1 sends
     sequences with q_len > 1 to the tensor-core prefill kernel; None means unknown."""
-    if _native_for("paged_attention", query) and (query.is_cpu or query.shape[-1] in (64, 128)):
+    if (prefill_backend == "torch" and query.is_cuda and max_query_len is not None and max_query_len > 1
+            and query.dtype in (torch.float16, torch.bfloat16)):
+        torch_paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                              scale, max_query_len)
+    elif _native_for("paged_attention", query) and (query.is_cpu or query.shape[-1] in (64, 128)):
         if query.is_cpu or not _dense_rows(query):
             query = query.contiguous()
         workspace = None

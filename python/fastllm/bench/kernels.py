@@ -291,7 +291,32 @@ def bench_attention(case: AttentionCase, dtype: torch.dtype, device, ceilings: d
                 speedup=median(peer_times) / result["median_s"], rel_error=sdpa_err,
                 matches_reference=sdpa_err <= _REL_TOL[dtype])
     result["peers"] = {"sdpa_contiguous_gqa_expanded": peer}
+    if dtype in (torch.float16, torch.bfloat16) and ops.torch_paged_attention_available():
+        result["peers"]["torch_varlen_paged"] = _torch_paged_peer(x, case, expected, result, ceilings,
+                                                                  nbytes, flops, warmup, iters)
     return result
+
+
+def _torch_paged_peer(x: dict, case: AttentionCase, expected: torch.Tensor, result: dict, ceilings: dict,
+                      nbytes: int, flops: Optional[int], warmup: int, iters: int) -> dict:
+    """torch's flash attention over the same paged cache (varlen_attn with block_table): the
+    like-for-like peer, and the alternative prefill path (FASTLLM_PREFILL_BACKEND=torch).
+    Some torch builds refuse small pages or shapes: the reason is recorded instead."""
+    out = torch.empty_like(x["query"])
+
+    def run() -> None:
+        ops.torch_paged_attention(out, x["query"], x["k_cache"], x["v_cache"], x["block_tables"],
+                                  x["seq_lens"], x["query_start_loc"], x["scale"], case.q_len)
+    try:
+        run()
+        err = relative_error(out, expected)
+        times, _ = time_op(run, x["query"].device, warmup, iters)
+    except (RuntimeError, ValueError, TypeError) as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}", "speedup": float("nan")}
+    peer = _metrics(median(times), nbytes, flops, ceilings)
+    peer.update(speedup=median(times) / result["median_s"], rel_error=err,
+                matches_reference=err <= _REL_TOL[x["query"].dtype])
+    return peer
 
 
 def bench_softmax(case: SoftmaxCase, dtype: torch.dtype, device, ceilings: dict,
