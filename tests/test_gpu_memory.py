@@ -168,7 +168,7 @@ def test_kv_sizing_reserves_for_graphs_only_when_they_will_be_captured(monkeypat
     total, others = 64 * MiB, 3 * MiB
     monkeypatch.setattr(torch.cuda, "mem_get_info",
                         lambda *a: (total - others - memory.reserved, total))
-    monkeypatch.setattr(cuda_graphs, "graphs_enabled", lambda cfg, device: enabled)
+    monkeypatch.setattr(cuda_graphs, "graphs_enabled", lambda cfg, device, model_config=None: enabled)
     prefill, decode = 5 * MiB, 300_000
 
     def forward(ids, positions, kv_caches, meta):
@@ -287,7 +287,10 @@ def test_static_buffers_allocate_what_static_buffer_bytes_says():
                                max_blocks_per_seq=512, vocab_size=128256, device="cuda",
                                capturer=EagerCapturer())
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() - before == static_buffer_bytes(256, 512, 128256)
+    # The caching allocator may keep up to 1 MiB past a large (> 1 MiB) tensor's end when
+    # it does not split a fresh 2 MiB-rounded segment; only the logits buffer is that big.
+    grew, expected = torch.cuda.memory_allocated() - before, static_buffer_bytes(256, 512, 128256)
+    assert expected <= grew <= expected + (1 << 20)
     del runner
 
 

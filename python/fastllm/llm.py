@@ -47,6 +47,10 @@ class LLM:
                                                     tokenizer=tokenizer)
         self._request_counter = itertools.count()
 
+    def close(self) -> None:
+        """Release the engine's page-locked swap space now (see LLMEngine.close)."""
+        self.llm_engine.close()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

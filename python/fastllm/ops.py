@@ -7,6 +7,7 @@ the Python layers work everywhere. Shapes are documented in `fastllm.reference`.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -90,6 +91,11 @@ def torch_paged_attention_available() -> bool:
     return torch.cuda.is_available() and "block_table" in inspect.signature(varlen_attn).parameters
 
 
+@functools.cache
+def _torch_paged_ok() -> bool:
+    return torch_paged_attention_available()
+
+
 def torch_paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                           scale: float, max_query_len: int) -> None:
     """paged_attention's contract on torch's flash attention (fp16/bf16, CUDA): causal with
@@ -111,6 +117,9 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
     sequences with q_len > 1 to the tensor-core prefill kernel; None means unknown."""
     if (prefill_backend == "torch" and query.is_cuda and max_query_len is not None and max_query_len > 1
             and query.dtype in (torch.float16, torch.bfloat16)):
+        if not _torch_paged_ok():
+            raise RuntimeError(f"FASTLLM_PREFILL_BACKEND=torch needs torch.nn.attention.varlen.varlen_attn "
+                               f"with block_table, which torch {torch.__version__} does not have")
         torch_paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                               scale, max_query_len)
     elif _native_for("paged_attention", query) and (query.is_cpu or query.shape[-1] in (64, 128)):

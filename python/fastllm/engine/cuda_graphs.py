@@ -101,7 +101,9 @@ def static_buffer_specs(max_batch_size: int, max_blocks_per_seq: int,
 
 def static_buffer_bytes(max_batch_size: int, max_blocks_per_seq: int, vocab_size: int) -> int:
     """Device bytes the static buffers take: each tensor's bytes rounded up to the caching
-    allocator's granule, which is what torch.cuda.memory_allocated() grows by."""
+    allocator's granule (a tensor over 1 MiB may hold up to 1 MiB more, when the allocator
+    does not split the rest of its 2 MiB-rounded segment off; the budget's per-tensor
+    slack covers that)."""
     total = 0
     for shape, dtype in static_buffer_specs(max_batch_size, max_blocks_per_seq, vocab_size).values():
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -150,7 +152,9 @@ class CudaGraphCapturer:
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # Captured on the warm-up stream: its cuBLAS workspace already exists (outside
+            # the pool) instead of a fresh one for torch's own capture stream.
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.warmup_stream):
                 fn()
             torch.cuda.synchronize(self.device)
         self.graphs.append(graph)
@@ -180,9 +184,17 @@ def can_capture(device) -> bool:
     return torch.device(device).type == "cuda" and ops.cuda_available()
 
 
-def graphs_enabled(engine_config, device) -> bool:
+def model_capturable(model_config) -> bool:
+    """Whether every op of a decode step runs a CUDA kernel for this model: the torch
+    reference paged attention (head_dim other than 64/128) reads sizes back to the host,
+    so its capture would fail (and leave the allocator mid-capture)."""
+    return model_config.head_dim in (64, 128) and "paged_attention" in ops.build_info().get("cuda_ops", [])
+
+
+def graphs_enabled(engine_config, device, model_config=None) -> bool:
     """Whether build_decode_graphs will try to capture (what the KV sizing reserves for)."""
-    return not engine_config.enforce_eager and can_capture(device)
+    return (not engine_config.enforce_eager and can_capture(device)
+            and (model_config is None or model_capturable(model_config)))
 
 
 def make_capturer(device: torch.device):
@@ -300,6 +312,10 @@ def build_decode_graphs(model, kv_caches: list, model_config, engine_config, dev
     device has no capturer, or capturing fails -- graphs are an optimisation and never
     stop the engine from starting."""
     if engine_config.enforce_eager:
+        return None
+    if capturer is None and torch.device(device).type == "cuda" and not model_capturable(model_config):
+        logger.info("head_dim %d has no CUDA paged attention kernel; decode steps run eagerly",
+                    model_config.head_dim)
         return None
     capturer = capturer if capturer is not None else make_capturer(device)
     if capturer is None:

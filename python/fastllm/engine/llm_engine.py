@@ -65,8 +65,11 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release the runner's page-locked swap space now rather than at garbage
-        collection. The engine cannot swap afterwards; idempotent."""
+        collection. The engine cannot swap afterwards (preemption falls back to
+        recompute); idempotent."""
         self.runner.close()
+        self.scheduler.free_swap_blocks.clear()
+        self.scheduler.num_swap_blocks = 0
 
     @classmethod
     def from_pretrained(cls, model: str, engine_config: Optional[EngineConfig] = None,

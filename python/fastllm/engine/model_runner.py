@@ -28,12 +28,14 @@ processes use come off first; the KV cache gets the rest (kv_blocks_for_budget).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
 import torch
 
 from fastllm.engine import cuda_graphs
@@ -199,9 +201,10 @@ class ModelRunner:
         peak = max(torch.cuda.max_memory_allocated(self.device),
                    torch.cuda.max_memory_reserved(self.device))
         graph_reserve = 0
-        if cuda_graphs.graphs_enabled(cfg, self.device):
+        if cuda_graphs.graphs_enabled(cfg, self.device, self.model_config):
             graph_reserve = self._profile_decode_graphs(caches)
         del caches
+        gc.collect()  # what a reference cycle still holds goes back before measuring
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         # Memory other processes hold counts against us too.
@@ -234,6 +237,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         activations = max(torch.cuda.max_memory_allocated(self.device) - allocated,
                           torch.cuda.max_memory_reserved(self.device) - reserved)
+        runner._replays.clear()  # the replay closures refer back to the runner: a cycle
         del runner
         return static + max(0, activations)
 

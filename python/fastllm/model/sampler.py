@@ -264,14 +264,16 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     logit -= frequency * count_in_output + presence * (count_in_output > 0)."""
     num_rows, vocab_size = logits.shape
     out_rows, out_ids = batch.output_tokens
+    # Flat index_add_ / index_fill_: no host-side index checks (an index_put_ may read its
+    # indices back to the host, a sync per step on some torch versions).
     counts = torch.zeros(num_rows, vocab_size, dtype=logits.dtype, device=logits.device)
-    counts.index_put_((out_rows, out_ids), torch.ones_like(out_ids, dtype=logits.dtype),
-                      accumulate=True)
+    counts.view(-1).index_add_(0, out_rows * vocab_size + out_ids,
+                               torch.ones_like(out_ids, dtype=logits.dtype))
     seen_in_output = counts > 0
     if batch.prompt_tokens is not None:
         prompt_rows, prompt_ids = batch.prompt_tokens
         seen = seen_in_output.clone()
-        seen[prompt_rows, prompt_ids] = True
+        seen.view(-1).index_fill_(0, prompt_rows * vocab_size + prompt_ids, True)
         penalty = batch.repetition_penalty.unsqueeze(1).expand_as(logits)
         penalty = torch.where(seen, penalty, torch.ones_like(penalty))
         logits.copy_(torch.where(logits > 0, logits / penalty, logits * penalty))
