@@ -286,3 +286,32 @@ def test_unknown_prefill_backend_is_refused():
     env = {**os.environ, "FASTLLM_PREFILL_BACKEND": "flashy"}
     proc = subprocess.run([sys.executable, "-c", "import fastllm.ops"], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "FASTLLM_PREFILL_BACKEND='flashy'" in proc.stderr
+
+
+@pytest.fixture
+def prefill_variant_restored():
+    before = ops.prefill_variant()
+    yield
+    ops.set_prefill_variant(before)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ops.PREFILL_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,num_kv_heads,head_dim", [(4, 8, 128), (3, 3, 64), (1, 4, 64), (8, 1, 128)])
+def test_prefill_variants_match_float64(prefill_variant_restored, variant, dtype, group, num_kv_heads, head_dim):
+    # Both fragment-load variants of the tensor-core kernel (ldmatrix, plain shared loads).
+    ops.set_prefill_variant(variant)
+    assert ops.prefill_variant() == variant
+    q, kc, vc, bt, sl, qsl = make_paged_batch([700, 1, 300, 129], [700, 1, 64, 129], num_kv_heads * group,
+                                              num_kv_heads, head_dim, 16, dtype, "cuda", seed=31)
+    out = torch.empty_like(q)
+    ops.paged_attention(out, q, kc, vc, bt, sl, qsl, head_dim ** -0.5, max_query_len=700)
+    assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, head_dim ** -0.5)) < TOL[dtype]
+
+
+def test_prefill_variant_names_are_checked(prefill_variant_restored):
+    with pytest.raises(ValueError, match="prefill variant"):
+        ops.set_prefill_variant("wgmma")
+    ops.set_prefill_variant("lds")
+    assert ops.prefill_variant() == ("lds" if ops.build_info().get("cuda") else "ldmatrix")

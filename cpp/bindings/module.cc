@@ -36,6 +36,9 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("cuda_available", &fastllm::cuda_available, "True when CUDA kernels are built and a GPU can run them");
+  m.def("set_prefill_variant", &fastllm::set_prefill_variant, py::arg("name"),
+        "CUDA prefill attention fragment loads: 'ldmatrix' (default) or 'lds'");
+  m.def("prefill_variant", &fastllm::prefill_variant);
   m.def("build_info", [] {
     py::dict info;
     info["native"] = true;

@@ -49,6 +49,23 @@ std::string cuda_archs() {
 #endif
 }
 
+void set_prefill_variant(const std::string& name) {
+  if (name != "ldmatrix" && name != "lds") {
+    throw ArgValueError("prefill variant must be 'ldmatrix' or 'lds', got '" + name + "'");
+  }
+#ifdef FASTLLM_WITH_CUDA
+  cuda::set_paged_prefill_ldmatrix(name == "ldmatrix");
+#endif
+}
+
+std::string prefill_variant() {
+#ifdef FASTLLM_WITH_CUDA
+  return cuda::paged_prefill_ldmatrix() ? "ldmatrix" : "lds";
+#else
+  return "ldmatrix";
+#endif
+}
+
 #ifndef FASTLLM_WITH_CUDA
 [[noreturn]] static void no_cuda_kernel(const char* op) {
   throw ArgValueError(std::string(op) + ": CUDA tensors given but this build has no CUDA kernels");

@@ -59,11 +59,19 @@ static cudaError_t dispatch_heads(PagedAttentionParams& p, int num_tokens, cudaS
   return launch_decode<T, D, 1>(p, num_tokens, stream);
 }
 
-// Sequences with q_len > 1 go to the tensor-core kernel; the decode kernel then skips them.
+static bool g_prefill_ldmatrix = true;
+void set_paged_prefill_ldmatrix(bool on) { g_prefill_ldmatrix = on; }
+bool paged_prefill_ldmatrix() { return g_prefill_ldmatrix; }
+
+// Sequences filling a 64-row tile go to the tensor-core kernel; the decode kernel skips them.
 template <typename T, int D>
 static cudaError_t launch_prefill(PagedAttentionParams& p, int num_tokens, cudaStream_t stream) {
   const dim3 grid(prefill_grid_x(num_tokens, p.num_seqs, p.num_heads / p.num_kv_heads), p.num_kv_heads);
-  paged_prefill_kernel<T, D><<<grid, kPrefillThreads, 0, stream>>>(p);
+  if (g_prefill_ldmatrix) {
+    paged_prefill_kernel<T, D, true><<<grid, kPrefillThreads, 0, stream>>>(p);
+  } else {
+    paged_prefill_kernel<T, D, false><<<grid, kPrefillThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

@@ -82,6 +82,22 @@ if prefill_backend not in PREFILL_BACKENDS:
     raise ValueError(f"FASTLLM_PREFILL_BACKEND={prefill_backend!r}: choose from {', '.join(PREFILL_BACKENDS)}")
 
 
+PREFILL_VARIANTS = ("ldmatrix", "lds")
+
+
+def set_prefill_variant(name: str) -> None:
+    """The CUDA prefill kernel's K/V fragment loads: "ldmatrix" (default) or "lds" (plain
+    shared loads, the reference variant). FASTLLM_PREFILL_VARIANT sets it at import."""
+    if name not in PREFILL_VARIANTS:
+        raise ValueError(f"prefill variant {name!r}: choose from {', '.join(PREFILL_VARIANTS)}")
+    if _C is not None:
+        _C.set_prefill_variant(name)
+
+
+def prefill_variant() -> str:
+    return _C.prefill_variant() if _C is not None else PREFILL_VARIANTS[0]
+
+
 def torch_paged_attention_available() -> bool:
     """Whether this torch has paged varlen flash attention (block_table), on a CUDA build."""
     try:
@@ -89,6 +105,9 @@ def torch_paged_attention_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available() and "block_table" in inspect.signature(varlen_attn).parameters
+
+
+set_prefill_variant(os.environ.get("FASTLLM_PREFILL_VARIANT", "ldmatrix"))
 
 
 @functools.cache

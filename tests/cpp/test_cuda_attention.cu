@@ -81,9 +81,13 @@ void run_case(int num_heads, int num_kv_heads, int head_dim, int max_query_len) 
 
 TEST(CudaPagedAttention, MixedStepMatchesCpu) {
   if (fastllm::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (int max_query_len : {150, 1, -1}) {  // tensor-core prefill + decode; decode kernel alone; unknown
-    run_case(32, 8, 128, max_query_len);
-    run_case(9, 3, 64, max_query_len);
-    run_case(4, 4, 64, max_query_len);
+  for (bool ldmatrix : {true, false}) {  // both fragment-load variants of the prefill kernel
+    fastllm::cuda::set_paged_prefill_ldmatrix(ldmatrix);
+    for (int max_query_len : {150, 1, -1}) {  // tensor-core prefill + decode; decode kernel alone; unknown
+      run_case(32, 8, 128, max_query_len);
+      run_case(9, 3, 64, max_query_len);
+      run_case(4, 4, 64, max_query_len);
+    }
   }
+  fastllm::cuda::set_paged_prefill_ldmatrix(true);
 }

@@ -15,6 +15,11 @@ bool cuda_available();                 // ... and a GPU + driver can run them
 std::vector<std::string> cuda_ops();   // ops with a CUDA kernel in this build
 std::string cuda_archs();              // the archs compiled for ("" without CUDA)
 
+// The CUDA prefill kernel's fragment loads: "ldmatrix" (default) or "lds" (plain shared
+// loads, the reference variant). ValueError for another name.
+void set_prefill_variant(const std::string& name);
+std::string prefill_variant();
+
 // key/value [T, Hkv, D] may be views of the fused qkv projection output: any token
 // stride, the [Hkv, D] dims of each token contiguous.
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,

@@ -47,6 +47,10 @@ cudaError_t reshape_and_cache(const void* key, const void* value, void* k_cache,
 // paged_attention_workspace_bytes(...) bytes (0 when no split is needed), so memory
 // stays with the caller's allocator (and CUDA graphs capture no allocation).
 bool paged_attention_supports(int head_dim);
+// Which fragment loads the prefill kernel uses: ldmatrix (default) or plain shared loads
+// (the reference variant; tests and benches compare the two).
+void set_paged_prefill_ldmatrix(bool on);
+bool paged_prefill_ldmatrix();
 size_t paged_attention_workspace_bytes(int num_tokens, int num_heads, int head_dim, int max_blocks,
                                        int block_size);
 cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, int64_t q_token_stride,

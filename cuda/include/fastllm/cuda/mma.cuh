@@ -59,6 +59,28 @@ __device__ __forceinline__ uint32_t pack_u16(uint16_t lo, uint16_t hi) {
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
+// Four 8x8 b16 matrices from shared memory: lanes 8i .. 8i+7 give the row addresses
+// (16 bytes each) of matrix i; lane l receives in r[i] matrix i's elements
+// (row l / 4, cols 2 (l % 4), +1) -- with .trans, (rows 2 (l % 4), +1, col l / 4).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem_row) {
+#if FASTLLM_SM80
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem_row) {
+#if FASTLLM_SM80
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+#endif
+}
+
 // 16-byte global -> shared copy that bypasses registers; src_bytes 0 zero-fills dst.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
 #if FASTLLM_SM80

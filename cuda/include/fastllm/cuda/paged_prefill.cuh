@@ -63,7 +63,9 @@ __device__ __forceinline__ bool find_prefill_tile(const int32_t* qsl, int num_se
   return false;
 }
 
-template <typename T, int D>
+// LDSM: K and V fragments by ldmatrix (.trans for V), four 8x8 matrices per instruction,
+// else by 32-bit / 16-bit shared loads (3 loads per mma; kept as the reference variant).
+template <typename T, int D, bool LDSM>
 __global__ void __launch_bounds__(kPrefillThreads)
 paged_prefill_kernel(PagedAttentionParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -163,12 +165,25 @@ paged_prefill_kernel(PagedAttentionParams p) {
 #pragma unroll
     for (int nc = 0; nc < NC; ++nc) {
       s[nc][0] = s[nc][1] = s[nc][2] = s[nc][3] = 0.f;
-      const T* krow = s_k + (nc * 8 + g) * STRIDE + 2 * t;  // B[k][n] = K[key n][dim k]
+      if constexpr (LDSM) {
+        // Matrices (keys nc*8 .. +7) x (dims 16 kc + 0..7 | 8..15) for kc = 2 kp, 2 kp + 1
+        // are b[0..1] of k-step 2 kp and b[2..3] of 2 kp + 1 (B[k][n] = K[key n][dim k]).
+        const int m = lane / 8, r = lane % 8;
 #pragma unroll
-      for (int kc = 0; kc < KC; ++kc) {
-        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(krow + kc * 16),
-                               *reinterpret_cast<const uint32_t*>(krow + kc * 16 + 8)};
-        Mma::mma(s[nc], qf[kc], b);
+        for (int kp = 0; kp < KC / 2; ++kp) {
+          uint32_t b[4];
+          ldmatrix_x4(b, s_k + (nc * 8 + r) * STRIDE + (2 * kp + m / 2) * 16 + (m % 2) * 8);
+          Mma::mma(s[nc], qf[2 * kp], b);
+          Mma::mma(s[nc], qf[2 * kp + 1], b + 2);
+        }
+      } else {
+        const T* krow = s_k + (nc * 8 + g) * STRIDE + 2 * t;  // B[k][n] = K[key n][dim k]
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) {
+          const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(krow + kc * 16),
+                                 *reinterpret_cast<const uint32_t*>(krow + kc * 16 + 8)};
+          Mma::mma(s[nc], qf[kc], b);
+        }
       }
     }
 
@@ -216,19 +231,32 @@ paged_prefill_kernel(PagedAttentionParams p) {
 
     // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of keys
     // kk*16 .. kk*16+15; B[k][n] = V[key k][dim n], two rows apart per register.
-    const uint16_t* v16 = reinterpret_cast<const uint16_t*>(s_v);
+    [[maybe_unused]] const uint16_t* v16 = reinterpret_cast<const uint16_t*>(s_v);
 #pragma unroll
     for (int kk = 0; kk < NC / 2; ++kk) {
       const uint32_t a[4] = {Mma::pack(s[2 * kk][0], s[2 * kk][1]), Mma::pack(s[2 * kk][2], s[2 * kk][3]),
                              Mma::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                              Mma::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const int k0 = kk * 16 + 2 * t;
+      if constexpr (LDSM) {
+        // Transposed matrices (keys kk*16 + 0..7 | 8..15) x (dims 8 dc .. +7) for
+        // dc = 2 dp, 2 dp + 1: b[0..1] of n-tile 2 dp, b[2..3] of 2 dp + 1.
+        const int m = lane / 8, r = lane % 8;
 #pragma unroll
-      for (int dc = 0; dc < DC; ++dc) {
-        const int col = dc * 8 + g;
-        const uint32_t b[2] = {pack_u16(v16[k0 * STRIDE + col], v16[(k0 + 1) * STRIDE + col]),
-                               pack_u16(v16[(k0 + 8) * STRIDE + col], v16[(k0 + 9) * STRIDE + col])};
-        Mma::mma(o[dc], a, b);
+        for (int dp = 0; dp < DC / 2; ++dp) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, s_v + (kk * 16 + (m % 2) * 8 + r) * STRIDE + (2 * dp + m / 2) * 8);
+          Mma::mma(o[2 * dp], a, b);
+          Mma::mma(o[2 * dp + 1], a, b + 2);
+        }
+      } else {
+        const int k0 = kk * 16 + 2 * t;
+#pragma unroll
+        for (int dc = 0; dc < DC; ++dc) {
+          const int col = dc * 8 + g;
+          const uint32_t b[2] = {pack_u16(v16[k0 * STRIDE + col], v16[(k0 + 1) * STRIDE + col]),
+                                 pack_u16(v16[(k0 + 8) * STRIDE + col], v16[(k0 + 9) * STRIDE + col])};
+          Mma::mma(o[dc], a, b);
+        }
       }
     }
   }
