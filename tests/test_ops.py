@@ -315,3 +315,18 @@ def test_prefill_variant_names_are_checked(prefill_variant_restored):
         ops.set_prefill_variant("wgmma")
     ops.set_prefill_variant("lds")
     assert ops.prefill_variant() == ("lds" if ops.build_info().get("cuda") else "ldmatrix")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_variants_are_bitwise_equal(prefill_variant_restored, head_dim):
+    # ldmatrix and plain shared loads fill the same fragments, fed to the same mma in the
+    # same order: any difference is a fragment-layout bug, not rounding.
+    q, kc, vc, bt, sl, qsl = make_paged_batch([500, 200], [500, 80], 32, 8, head_dim, 16, torch.bfloat16,
+                                              "cuda", seed=41)
+    outs = {}
+    for variant in ops.PREFILL_VARIANTS:
+        ops.set_prefill_variant(variant)
+        outs[variant] = torch.empty_like(q)
+        ops.paged_attention(outs[variant], q, kc, vc, bt, sl, qsl, head_dim ** -0.5, max_query_len=500)
+    assert torch.equal(*outs.values())
