@@ -359,6 +359,8 @@ BAD_INPUTS = [
      ValueError, "out: overlaps"),
     (ops.silu_and_mul, _silu_args, dict(x=lambda a: torch.randn(4, 15)), ValueError, "x: the last dim"),
     (ops.silu_and_mul, _silu_args, dict(out=lambda a: torch.empty(4, 16)), ValueError, "out"),
+    (ops.silu_and_mul, _silu_args, dict(x=lambda a: _shared[:64].view(4, 16), out=lambda a: _shared[8:40].view(4, 8)),
+     ValueError, "out: overlaps"),
     (ops.silu_and_mul, _silu_args, dict(out=lambda a: torch.empty(4, 8, dtype=torch.float16)), TypeError, "out"),
     (ops.rotary_embedding, _rotary_args, dict(cos=lambda a: a["cos"].double()), TypeError, "cos"),
     (ops.rotary_embedding, _rotary_args, dict(sin=lambda a: torch.randn(4, 8)), ValueError, "sin"),

@@ -72,6 +72,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("paged_attention_workspace_bytes", &fastllm::paged_attention_workspace_bytes, py::arg("num_tokens"),
         py::arg("num_heads"), py::arg("head_dim"), py::arg("max_blocks"), py::arg("block_size"),
+        py::arg("device") = -1,
         "bytes of split-context workspace the CUDA paged_attention needs (0: none)");
   m.def("fused_softmax", [](py::capsule out, py::capsule scores, float scale, bool causal, int64_t causal_offset,
                             py::object row_scale, int64_t stream) {

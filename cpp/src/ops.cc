@@ -159,6 +159,7 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   }
 #ifdef FASTLLM_WITH_CUDA
   const cuda::DeviceGuard device_guard(key.device_id);  // launch on the tensors' GPU
+  check_cuda(device_guard.status(), "reshape_and_cache");
   check_cuda(cuda::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slot_mapping.ptr<int64_t>(),
                                      T, row_elems, key_stride, value_stride, elem_bytes,
                                      reinterpret_cast<cudaStream_t>(stream)),
@@ -256,6 +257,8 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
     throw ArgValueError("query: CUDA kernels need 16-byte aligned token rows, got a token stride of " +
                         std::to_string(q_token_stride) + " elements");
   }
+  const cuda::DeviceGuard device_guard(query.device_id);  // sizes and launches for the tensors' GPU
+  check_cuda(device_guard.status(), "paged_attention");
   const size_t needed = cuda::paged_attention_workspace_bytes(static_cast<int>(T), static_cast<int>(H),
                                                               static_cast<int>(D), static_cast<int>(block_tables.size(1)),
                                                               static_cast<int>(k_cache.size(1)));
@@ -269,7 +272,6 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
     throw ArgValueError("workspace: needs " + std::to_string(needed) + " bytes (paged_attention_workspace_bytes), got " +
                         std::to_string(workspace_bytes));
   }
-  const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
   check_cuda(cuda::paged_attention(scalar_type(query.dtype), out.data, query.data, q_token_stride, k_cache.data,
                                    v_cache.data, block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
                                    query_start_loc.ptr<int32_t>(), static_cast<int>(T), static_cast<int>(S),
@@ -287,13 +289,15 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
 }
 
 int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t max_blocks,
-                                        int64_t block_size) {
+                                        int64_t block_size, int64_t device) {
 #ifdef FASTLLM_WITH_CUDA
+  const cuda::DeviceGuard device_guard(static_cast<int>(device));  // the split count follows its SM count
+  check_cuda(device_guard.status(), "paged_attention_workspace_bytes");
   return static_cast<int64_t>(cuda::paged_attention_workspace_bytes(static_cast<int>(num_tokens), static_cast<int>(num_heads),
                                                                     static_cast<int>(head_dim), static_cast<int>(max_blocks),
                                                                     static_cast<int>(block_size)));
 #else
-  (void)num_tokens, (void)num_heads, (void)head_dim, (void)max_blocks, (void)block_size;
+  (void)num_tokens, (void)num_heads, (void)head_dim, (void)max_blocks, (void)block_size, (void)device;
   return 0;
 #endif
 }
@@ -330,6 +334,7 @@ void fused_softmax(const TensorView& out, const TensorView& scores, float scale,
   }
 #ifdef FASTLLM_WITH_CUDA
   const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
+  check_cuda(device_guard.status(), "fused_softmax");
   check_cuda(cuda::fused_softmax(scalar_type(scores.dtype), out.data, scores.data, row_scale_ptr, rows, cols,
                                  rows_per_matrix, scale, causal, causal_offset, reinterpret_cast<cudaStream_t>(stream)),
              "fused_softmax");
@@ -395,6 +400,7 @@ void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weig
   require_cuda(x, "rms_norm");
 #ifdef FASTLLM_WITH_CUDA
   const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
+  check_cuda(device_guard.status(), "rms_norm");
   check_cuda(cuda::rms_norm(scalar_type(x.dtype), out.data, x.data, weight.data, x.size(0), x.size(1), eps,
                             reinterpret_cast<cudaStream_t>(stream)),
              "rms_norm");
@@ -419,6 +425,7 @@ void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const T
   require_cuda(x, "fused_add_rms_norm");
 #ifdef FASTLLM_WITH_CUDA
   const cuda::DeviceGuard device_guard(x.device_id);  // launch on the tensors' GPU
+  check_cuda(device_guard.status(), "fused_add_rms_norm");
   check_cuda(cuda::fused_add_rms_norm(scalar_type(x.dtype), x.data, residual.data, weight.data, x.size(0), x.size(1),
                                       eps, reinterpret_cast<cudaStream_t>(stream)),
              "fused_add_rms_norm");
@@ -434,6 +441,7 @@ void check_silu_and_mul(const TensorView& out, const TensorView& x) {
   }
   out.check_rank(2).check_dtype(x.dtype).check_contiguous().check_same_device(x);
   out.check_size(0, x.size(0), "num_tokens").check_size(1, x.size(1) / 2, "intermediate_size");
+  if (overlaps(out, x)) throw ArgValueError("out: overlaps x (other CTAs may still read what it overwrites)");
 }
 
 void silu_and_mul(const TensorView& out, const TensorView& x, int64_t stream) {
@@ -441,6 +449,7 @@ void silu_and_mul(const TensorView& out, const TensorView& x, int64_t stream) {
   require_cuda(x, "silu_and_mul");
 #ifdef FASTLLM_WITH_CUDA
   const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
+  check_cuda(device_guard.status(), "silu_and_mul");
   check_cuda(cuda::silu_and_mul(scalar_type(x.dtype), out.data, x.data, x.size(0), x.size(1) / 2,
                                 reinterpret_cast<cudaStream_t>(stream)),
              "silu_and_mul");
@@ -473,6 +482,7 @@ void rotary_embedding(const TensorView& query, const TensorView& key, const Tens
   require_cuda(query, "rotary_embedding");
 #ifdef FASTLLM_WITH_CUDA
   const cuda::DeviceGuard device_guard(query.device_id);  // launch on the tensors' GPU
+  check_cuda(device_guard.status(), "rotary_embedding");
   check_cuda(cuda::rotary_embedding(scalar_type(query.dtype), query.data, key.data, cos.data, sin.data, query.size(0),
                                     static_cast<int>(query.size(1)), static_cast<int>(key.size(1)),
                                     static_cast<int>(query.size(2)), token_stride(query), token_stride(key),

@@ -13,10 +13,14 @@ int device_count() {
 }
 
 DeviceGuard::DeviceGuard(int device) {
+  if (device < 0) return;
   int current = 0;
-  if (cudaGetDevice(&current) == cudaSuccess && current != device && cudaSetDevice(device) == cudaSuccess) {
-    previous_ = current;
+  status_ = cudaGetDevice(&current);
+  if (status_ == cudaSuccess && current != device) {
+    status_ = cudaSetDevice(device);
+    if (status_ == cudaSuccess) previous_ = current;
   }
+  if (status_ != cudaSuccess) cudaGetLastError();
 }
 
 DeviceGuard::~DeviceGuard() {

@@ -59,6 +59,7 @@ cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, const
                           cudaStream_t stream) {
   FASTLLM_NVTX_RANGE("fused_softmax");
   if (num_rows == 0 || num_cols == 0) return cudaSuccess;
+  if (num_rows > INT32_MAX) return cudaErrorInvalidValue;  // rows are grid.x blocks (or warps of them)
   const SoftmaxParams p{out, scores, row_scale, num_rows, num_cols, rows_per_matrix, causal_offset, scale, causal};
   switch (dtype) {
     case ScalarType::kF32: return launch<float>(p, stream);

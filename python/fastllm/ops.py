@@ -147,7 +147,8 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
         workspace = None
         if query.is_cuda:  # split-context partials, from torch's caching allocator
             nbytes = _C.paged_attention_workspace_bytes(query.shape[0], query.shape[1], query.shape[2],
-                                                        block_tables.shape[1], k_cache.shape[1])
+                                                        block_tables.shape[1], k_cache.shape[1],
+                                                        query.device.index)
             if nbytes:
                 workspace = to_dlpack(torch.empty(nbytes // 4, dtype=torch.float32, device=query.device))
         _C.paged_attention(*_dl(out, query, k_cache, v_cache, block_tables, seq_lens,

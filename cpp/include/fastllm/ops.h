@@ -34,8 +34,9 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
                      const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
                      const TensorView& query_start_loc, float scale, int64_t max_query_len,
                      const TensorView* workspace, int64_t stream);
+// `device`: the CUDA device the call will run on (its SM count sets the split count); -1 = current.
 int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t max_blocks,
-                                        int64_t block_size);
+                                        int64_t block_size, int64_t device);
 
 // `row_scale` (may be null): float32 [num_rows] (num_rows = scores.numel() / last dim),
 // multiplied into each row's scale (per-row inverse temperatures when sampling).

@@ -3,7 +3,8 @@
 // scores are multiplied by scale * row_scale[r] (row_scale [num_rows] float32, or null
 // for 1): per-row inverse temperatures when sampling, in the same single pass.
 // Short rows (<= 1024): one warp per row, the row held in registers (one read, one write).
-// Mid rows (<= 32k, aligned): one CTA per row, the row in registers, 16-byte accesses.
+// Mid rows (up to 4096 16-byte chunks: 32k bf16 / 16k fp32 columns, aligned): one CTA per
+// row, the row in registers, 16-byte accesses.
 // Long rows (vocabulary-sized): one CTA per row, an online max/sum pass, then a write pass
 // (16-byte accesses when aligned).
 #pragma once
@@ -144,7 +145,7 @@ __device__ __forceinline__ float block_allreduce_sum(float x, float* scratch) {
   return warp_sum(x);
 }
 
-// Mid-length rows (1k .. 32k columns, e.g. attention scores of long prompts): one CTA per
+// Mid-length rows (1k .. 4096 16-byte chunks, e.g. attention scores of long prompts): one CTA per
 // row holding the whole row in registers, CHUNKS 16-byte vectors per thread, so every
 // element is read once and written once with 16-byte accesses. Needs num_cols % VEC == 0
 // and 16-byte aligned rows (the launcher checks).
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(512) softmax_block_regs_kernel(SoftmaxParams p
 #pragma unroll
   for (int i = 0; i < CHUNKS; ++i) {
     const int64_t chunk = threadIdx.x + (int64_t)i * blockDim.x;
-    if (chunk < num_chunks) load_vec(x + chunk * VEC, v[i]);
+    if (chunk < num_chunks && chunk * VEC < visible) load_vec(x + chunk * VEC, v[i]);  // masked: not read
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = chunk * VEC + j;

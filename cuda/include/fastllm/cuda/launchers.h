@@ -16,15 +16,19 @@ int device_count();
 // Makes `device` the current device for the guard's lifetime: kernels launch on the
 // current device, which need not be the one holding the tensors (torch's current
 // device is its own state, not the runtime's).
+// device < 0: leave the current device alone. status(): cudaSuccess, or why the switch
+// failed (the runtime's sticky error is cleared, so later calls are not blamed for it).
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device);
   ~DeviceGuard();
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
+  cudaError_t status() const { return status_; }
 
  private:
   int previous_ = -1;  // -1: nothing to restore
+  cudaError_t status_ = cudaSuccess;
 };
 
 // key/value rows of row_elems elements (elem_bytes each) -> caches at slot_mapping (slot

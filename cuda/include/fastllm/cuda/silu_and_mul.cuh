@@ -13,7 +13,8 @@ namespace fastllm::cuda {
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 
 // Grid (num_tokens, ceil(inter / VEC / blockDim.x)): one VEC-wide chunk of one token's
-// row per thread, no index division. VEC divides inter; x and out VEC-aligned.
+// row per thread, no index division. VEC divides inter; with VEC > 1, x and out are
+// 16-byte aligned.
 template <typename T, int VEC>
 __global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t inter) {
   const int64_t token = blockIdx.x;
