@@ -153,22 +153,18 @@ template <typename T, int CHUNKS>
 __global__ void __launch_bounds__(512) softmax_block_regs_kernel(SoftmaxParams p) {
   constexpr int VEC = VecTraits<T>::kSize;
   __shared__ float s_max[32], s_sum[32];
-  const SoftmaxRow<T> r(p, blockIdx.x);
-  const T* x = r.x;
-  T* y = r.y;
-  const int64_t visible = r.visible;
-  const float scale = r.scale;
+  const SoftmaxRow<T> row(p, blockIdx.x);
   const int64_t num_chunks = p.num_cols / VEC;
   float v[CHUNKS][VEC];
   float mx = -FLT_MAX;
 #pragma unroll
   for (int i = 0; i < CHUNKS; ++i) {
     const int64_t chunk = threadIdx.x + (int64_t)i * blockDim.x;
-    if (chunk < num_chunks && chunk * VEC < visible) load_vec(x + chunk * VEC, v[i]);  // masked: not read
+    if (chunk < num_chunks && chunk * VEC < row.visible) load_vec(row.x + chunk * VEC, v[i]);  // masked: not read
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t c = chunk * VEC + j;
-      v[i][j] = chunk < num_chunks && c < visible ? v[i][j] * scale : -FLT_MAX;
+      v[i][j] = chunk < num_chunks && c < row.visible ? v[i][j] * row.scale : -FLT_MAX;
       mx = fmaxf(mx, v[i][j]);
     }
   }
@@ -179,7 +175,7 @@ __global__ void __launch_bounds__(512) softmax_block_regs_kernel(SoftmaxParams p
     const int64_t chunk = threadIdx.x + (int64_t)i * blockDim.x;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      v[i][j] = chunk < num_chunks && chunk * VEC + j < visible ? __expf(v[i][j] - mx) : 0.f;
+      v[i][j] = chunk < num_chunks && chunk * VEC + j < row.visible ? __expf(v[i][j] - mx) : 0.f;
       sum += v[i][j];
     }
   }
@@ -191,7 +187,7 @@ __global__ void __launch_bounds__(512) softmax_block_regs_kernel(SoftmaxParams p
     if (chunk >= num_chunks) continue;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[i][j] *= inv;
-    store_vec(y + chunk * VEC, v[i]);
+    store_vec(row.y + chunk * VEC, v[i]);
   }
 }
 
@@ -201,27 +197,23 @@ template <typename T>
 __global__ void softmax_block_vec_kernel(SoftmaxParams p) {
   constexpr int VEC = VecTraits<T>::kSize;
   __shared__ float s_max[32], s_sum[32];
-  const SoftmaxRow<T> r(p, blockIdx.x);
-  const T* x = r.x;
-  T* y = r.y;
-  const int64_t visible = r.visible;
-  const float scale = r.scale;
+  const SoftmaxRow<T> row(p, blockIdx.x);
   const int64_t num_chunks = p.num_cols / VEC;
   // Pass 1: an online (max, sum) per thread over its chunks' visible columns.
   float mx = -FLT_MAX, sum = 0.f;
-  for (int64_t chunk = threadIdx.x; chunk * VEC < visible; chunk += blockDim.x) {
+  for (int64_t chunk = threadIdx.x; chunk * VEC < row.visible; chunk += blockDim.x) {
     float v[VEC];
-    load_vec(x + chunk * VEC, v);
+    load_vec(row.x + chunk * VEC, v);
     float cmx = -FLT_MAX;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      v[j] = chunk * VEC + j < visible ? v[j] * scale : -FLT_MAX;
+      v[j] = chunk * VEC + j < row.visible ? v[j] * row.scale : -FLT_MAX;
       cmx = fmaxf(cmx, v[j]);
     }
     const float m_new = fmaxf(mx, cmx);
     float csum = 0.f;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) csum += chunk * VEC + j < visible ? __expf(v[j] - m_new) : 0.f;
+    for (int j = 0; j < VEC; ++j) csum += chunk * VEC + j < row.visible ? __expf(v[j] - m_new) : 0.f;
     sum = sum * __expf(mx - m_new) + csum;
     mx = m_new;
   }
@@ -230,13 +222,13 @@ __global__ void softmax_block_vec_kernel(SoftmaxParams p) {
   const float inv = gsum > 0.f ? 1.f / gsum : 0.f;
   // Pass 2: write probabilities (masked columns -> 0).
   for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += blockDim.x) {
-    float v[VEC];
-    load_vec(x + chunk * VEC, v);
+    float v[VEC] = {};
+    if (chunk * VEC < row.visible) load_vec(row.x + chunk * VEC, v);  // masked chunks: not read
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      v[j] = chunk * VEC + j < visible ? __expf(v[j] * scale - gmax) * inv : 0.f;
+      v[j] = chunk * VEC + j < row.visible ? __expf(v[j] * row.scale - gmax) * inv : 0.f;
     }
-    store_vec(y + chunk * VEC, v);
+    store_vec(row.y + chunk * VEC, v);
   }
 }
 
