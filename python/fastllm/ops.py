@@ -184,49 +184,35 @@ def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = N
 # -- fused decoder-layer ops: CUDA kernels; on CPU the torch reference, after the same -----
 # -- argument checks the CUDA op runs (so a bad argument is named on every device) ------
 
-def _fused_kernel_for(op: str, tensor: torch.Tensor) -> bool:
-    """Whether `op` runs as a CUDA kernel. CPU tensors never do: the reference there is
-    the torch math the layers ran before these kernels existed (HF's rounding points),
-    so CPU output is bit-for-bit what it was."""
-    return _C is not None and tensor.is_cuda and op in _CUDA_OPS
+def _run_fused(op: str, tensors: tuple, scalars: tuple = ()) -> None:
+    """The CUDA kernel `op` on CUDA tensors; elsewhere the same argument checks (when _C is
+    built), then the torch reference -- the math the layers ran before these kernels
+    existed (HF's rounding points), so CPU output is bit-for-bit what it was."""
+    first = tensors[0]
+    if _C is not None and first.is_cuda and op in _CUDA_OPS:
+        getattr(_C, op)(*_dl(*tensors), *scalars, _stream(first))
+        return
+    if _C is not None:
+        getattr(_C, "check_" + op)(*_dl(*tensors))
+    getattr(reference, op)(*tensors, *scalars)
 
 
 def rms_norm(out, x, weight, eps: float) -> None:
     """out [T, hidden] = weight [hidden] * dtype(x * rsqrt(mean(x^2) + eps)) (LlamaRMSNorm)."""
-    if _fused_kernel_for("rms_norm", x):
-        _C.rms_norm(*_dl(out, x, weight), float(eps), _stream(x))
-        return
-    if _C is not None:
-        _C.check_rms_norm(*_dl(out, x, weight))
-    reference.rms_norm(out, x, weight, eps)
+    _run_fused("rms_norm", (out, x, weight), (float(eps),))
 
 
 def fused_add_rms_norm(x, residual, weight, eps: float) -> None:
     """In place, x and residual [T, hidden]: residual += x, then x = rms_norm(residual)."""
-    if _fused_kernel_for("fused_add_rms_norm", x):
-        _C.fused_add_rms_norm(*_dl(x, residual, weight), float(eps), _stream(x))
-        return
-    if _C is not None:
-        _C.check_fused_add_rms_norm(*_dl(x, residual, weight))
-    reference.fused_add_rms_norm(x, residual, weight, eps)
+    _run_fused("fused_add_rms_norm", (x, residual, weight), (float(eps),))
 
 
 def silu_and_mul(out, x) -> None:
     """x [T, 2I] = [gate | up] -> out [T, I] = silu(gate) * up."""
-    if _fused_kernel_for("silu_and_mul", x):
-        _C.silu_and_mul(*_dl(out, x), _stream(x))
-        return
-    if _C is not None:
-        _C.check_silu_and_mul(*_dl(out, x))
-    reference.silu_and_mul(out, x)
+    _run_fused("silu_and_mul", (out, x))
 
 
 def rotary_embedding(query, key, cos, sin) -> None:
     """Rotate-half RoPE in place on query [T, H, D] and key [T, Hkv, D] (views of the
     fused qkv output are fine: any token stride); cos, sin [T, D/2] in their dtype."""
-    if _fused_kernel_for("rotary_embedding", query):
-        _C.rotary_embedding(*_dl(query, key, cos, sin), _stream(query))
-        return
-    if _C is not None:
-        _C.check_rotary_embedding(*_dl(query, key, cos, sin))
-    reference.rotary_embedding(query, key, cos, sin)
+    _run_fused("rotary_embedding", (query, key, cos, sin))

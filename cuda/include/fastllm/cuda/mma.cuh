@@ -22,32 +22,27 @@
 
 namespace fastllm::cuda {
 
+// D (16x8 fp32) += A (16x16) * B (16x8), elements of type TYPE ("f16" or "bf16").
+#if FASTLLM_SM80
+#define FASTLLM_MMA_M16N8K16(TYPE, c, a, b)                                                              \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                   \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                          \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+#else
+#define FASTLLM_MMA_M16N8K16(TYPE, c, a, b) ((void)c, (void)a, (void)b)
+#endif
+
 template <typename T> struct MmaType;
 template <> struct MmaType<__half> {
-  __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) {
-#if FASTLLM_SM80
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
+  __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) { FASTLLM_MMA_M16N8K16("f16", c, a, b); }
   __device__ static uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
 };
 template <> struct MmaType<__nv_bfloat16> {
-  __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) {
-#if FASTLLM_SM80
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
+  __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) { FASTLLM_MMA_M16N8K16("bf16", c, a, b); }
   __device__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -62,22 +57,17 @@ __device__ __forceinline__ uint32_t pack_u16(uint16_t lo, uint16_t hi) {
 // Four 8x8 b16 matrices from shared memory: lanes 8i .. 8i+7 give the row addresses
 // (16 bytes each) of matrix i; lane l receives in r[i] matrix i's elements
 // (row l / 4, cols 2 (l % 4), +1) -- with .trans, (rows 2 (l % 4), +1, col l / 4).
+template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem_row) {
 #if FASTLLM_SM80
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem_row) {
-#if FASTLLM_SM80
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
+  if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+  }
 #endif
 }
 

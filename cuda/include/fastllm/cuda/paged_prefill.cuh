@@ -172,7 +172,7 @@ paged_prefill_kernel(PagedAttentionParams p) {
 #pragma unroll
         for (int kp = 0; kp < KC / 2; ++kp) {
           uint32_t b[4];
-          ldmatrix_x4(b, s_k + (nc * 8 + r) * STRIDE + (2 * kp + m / 2) * 16 + (m % 2) * 8);
+          ldmatrix_x4<false>(b, s_k + (nc * 8 + r) * STRIDE + (2 * kp + m / 2) * 16 + (m % 2) * 8);
           Mma::mma(s[nc], qf[2 * kp], b);
           Mma::mma(s[nc], qf[2 * kp + 1], b + 2);
         }
@@ -244,7 +244,7 @@ paged_prefill_kernel(PagedAttentionParams p) {
 #pragma unroll
         for (int dp = 0; dp < DC / 2; ++dp) {
           uint32_t b[4];
-          ldmatrix_x4_trans(b, s_v + (kk * 16 + (m % 2) * 8 + r) * STRIDE + (2 * dp + m / 2) * 8);
+          ldmatrix_x4<true>(b, s_v + (kk * 16 + (m % 2) * 8 + r) * STRIDE + (2 * dp + m / 2) * 8);
           Mma::mma(o[2 * dp], a, b);
           Mma::mma(o[2 * dp + 1], a, b + 2);
         }
