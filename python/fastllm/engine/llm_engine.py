@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 
 from fastllm.config import EngineConfig
-from fastllm.detokenizer import IncrementalDetokenizer, find_stop_string
+from fastllm.tokenizer.detokenizer import IncrementalDetokenizer, find_stop_string
 from fastllm.engine.block_manager import BlockManager
 from fastllm.engine.model_runner import ModelRunner, SampledToken
 from fastllm.engine.scheduler import Scheduler

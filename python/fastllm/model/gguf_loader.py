@@ -62,7 +62,7 @@ def load_gguf_model(path: str, dtype="auto", device="cpu"):
 
 def config_from_gguf(reader, path: str = "<gguf>") -> ModelConfig:
     """ModelConfig from GGUF metadata ({arch}.* hyperparameters). Token ids (bos, eos,
-    end-of-generation) are the tokenizer's business: fastllm.gguf_tokenizer reads them."""
+    end-of-generation) are the tokenizer's business: fastllm.tokenizer.gguf_vocab reads them."""
     arch = _value(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"{path}: general.architecture {arch!r} is not supported; "

@@ -81,7 +81,7 @@ def test_generate_does_not_import_the_benchmarks():
     import sys
     code = ("import sys, fastllm.generate; "
             "assert not any(m.startswith('fastllm.bench') for m in sys.modules), sorted(sys.modules)")
-    env_path = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "python")
+    env_path = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "python")
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": env_path})
 
 

@@ -11,7 +11,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fastllm.detokenizer import IncrementalDetokenizer  # noqa: E402
+from fastllm.tokenizer.detokenizer import IncrementalDetokenizer  # noqa: E402
 from fastllm.model import default_model  # noqa: E402
 from fastllm.tokenizer import Tokenizer  # noqa: E402
 

@@ -8,7 +8,7 @@
 
 Encoding runs the `tokenizers` library (Rust) without its post-processor; BOS/EOS are
 added here from add_bos_token/add_eos_token, so a Hugging Face directory and a GGUF
-file follow one rule. Streaming decode lives in `fastllm.detokenizer`.
+file follow one rule. Streaming decode lives in `fastllm.tokenizer.detokenizer`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Union
 
 from tokenizers import Tokenizer as _Backend
 
-from fastllm.chat_template import render_chat_template
+from fastllm.tokenizer.chat_template import render_chat_template
 from fastllm.config import read_json as _read_json
 
 
@@ -80,7 +80,7 @@ class Tokenizer:
 
     @classmethod
     def _from_gguf(cls, path: Path) -> "Tokenizer":
-        from fastllm.gguf_tokenizer import load_gguf_tokenizer
+        from fastllm.tokenizer.gguf_vocab import load_gguf_tokenizer
 
         data = load_gguf_tokenizer(path)
         return cls(data.backend, bos_token=data.bos_token, eos_token=data.eos_token,

@@ -11,7 +11,7 @@ import torch
 from fastllm.bench import hardware
 from fastllm.bench.runner import time_op
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 

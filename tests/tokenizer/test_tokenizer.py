@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import AddedToken, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, \
     processors, trainers  # noqa: E402
 
-from fastllm.detokenizer import IncrementalDetokenizer, find_stop_string  # noqa: E402
+from fastllm.tokenizer.detokenizer import IncrementalDetokenizer, find_stop_string  # noqa: E402
 from fastllm.tokenizer import Tokenizer  # noqa: E402
 
 CORPUS = ["Hello world, this is a small corpus for training.",
