@@ -129,8 +129,9 @@ def test_generate_builds_only_final_outputs(llm, monkeypatch):
     from fastllm.sampling_params import RequestOutputKind
     engine = llm.llm_engine
     built = []
-    make_output = engine._make_output
-    monkeypatch.setattr(engine, "_make_output", lambda g: built.append(g.request_id) or make_output(g))
+    make_output = engine.output_processor.make_output
+    monkeypatch.setattr(engine.output_processor, "make_output",
+                        lambda g: built.append(g.request_id) or make_output(g))
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = llm.generate([[5, 6, 7], [8, 9], [10]], sp, use_tqdm=False)
     assert len(built) == 3 and [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]

@@ -223,8 +223,9 @@ def test_sweep_and_throughput_share_one_engine_loop(monkeypatch):
     run_batch = throughput.run_batch
     monkeypatch.setattr(sweep, "run_batch", lambda *a, **k: calls.append(a[1]) or run_batch(*a, **k))
     built = []
-    make_output = engine._make_output
-    monkeypatch.setattr(engine, "_make_output", lambda g: built.append(g.request_id) or make_output(g))
+    make_output = engine.output_processor.make_output
+    monkeypatch.setattr(engine.output_processor, "make_output",
+                        lambda g: built.append(g.request_id) or make_output(g))
     point = sweep.run_requests(engine, prompts, 5, "p")
     assert calls == [prompts] and len(built) == 3
     assert point["output_tokens"] == 15 and point["kv_blocks_peak"] > 0

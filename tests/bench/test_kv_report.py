@@ -73,7 +73,7 @@ def test_bench_module_re_exports_the_engine_report():
     from fastllm.engine import stats
     assert kv_report.kv_cache_report is stats.kv_cache_report
     assert kv_report.track_kv_peak is stats.track_kv_peak
-    assert not hasattr(kv_report, "kv_bytes_per_token")     # ModelRunner.kv_bytes_per_block is the one
+    assert not hasattr(kv_report, "kv_bytes_per_token")     # kv_cache.kv_bytes_per_block is the one
 
 
 def test_generate_does_not_import_the_benchmarks():
@@ -110,7 +110,7 @@ def test_engine_kv_report_matches_the_block_manager():
     assert report["max_model_len"] == 512 and report["block_size"] == 4
     # tiny preset: 2 layers x 2 KV heads x 16 dims x 2 x 4 bytes (float32).
     assert report["bytes_per_token"] == 2 * 2 * 16 * 2 * 4
-    assert report["bytes_per_token"] * 4 == engine.runner.kv_bytes_per_block()
+    assert report["bytes_per_token"] * 4 == engine.runner.kv.bytes_per_block
 
 
 def test_engine_kv_report_counts_a_shared_prefix_once():

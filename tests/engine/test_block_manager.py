@@ -9,9 +9,9 @@ from fastllm.sampling_params import SamplingParams
 ALLOCATORS = ["python"] + (["native"] if ops.native_available() else [])
 
 
-def make_bm(kind, num_blocks=8, block_size=4, prefix=True):
+def make_bm(kind, num_blocks=8, block_size=4, prefix=True, num_swap_blocks=0):
     alloc = reference.BlockAllocator(num_blocks) if kind == "python" else ops.BlockAllocator(num_blocks)
-    return BlockManager(num_blocks, block_size, prefix, allocator=alloc)
+    return BlockManager(num_blocks, block_size, prefix, allocator=alloc, num_swap_blocks=num_swap_blocks)
 
 
 def make_seq(tokens, n=1):
@@ -40,9 +40,8 @@ def test_slots_follow_block_table(kind):
     assert bm.allocate_slots(seq, 10)
     assert len(seq.block_table) == 3            # ceil(10 / 4)
     assert len(set(seq.block_table)) == 3
-    slots = [bm.slot(seq, p) for p in range(10)]
-    assert slots == [seq.block_table[p // 4] * 4 + p % 4 for p in range(10)]
-    assert len(set(slots)) == 10
+    slots = [seq.block_table[p // 4] * 4 + p % 4 for p in range(10)]
+    assert len(set(slots)) == 10                # distinct blocks: no two positions share a slot
     seq.num_computed_tokens = 10
     assert bm.blocks_needed(seq, 2) == 0        # position 10, 11 fit the third block
     assert bm.blocks_needed(seq, 3) == 1
@@ -56,7 +55,7 @@ def test_allocate_is_all_or_nothing(kind):
     bm = make_bm(kind, num_blocks=3)
     a, b = make_seq(list(range(8))), make_seq(list(range(100, 108)))
     assert bm.allocate_slots(a, 8)              # 2 blocks
-    assert not bm.can_allocate(b, 8)
+    assert bm.blocks_needed(b, 8) == 2 > bm.num_free_blocks
     assert not bm.allocate_slots(b, 8)
     assert b.block_table == [] and bm.num_free_blocks == 1
     bm.free(a)
@@ -148,15 +147,18 @@ def test_fork_shares_full_blocks_copies_partial(kind, prompt_len):
     run_prefill(bm, parent)
     from fastllm.engine.sequence import Sequence
     child = Sequence(group.prompt_token_ids, group, 1)
-    copy = bm.fork(parent, child)
+    assert bm.fork(parent, child)
+    copies = bm.take_copies()
+    assert bm.take_copies() == []               # handed out once
     assert child.block_table[:2] == parent.block_table[:2]
     for blk in parent.block_table[:2]:
         assert bm.allocator.ref_count(blk) == 2
     if prompt_len % 4:
-        src, dst = copy
+        [(src, dst)] = copies
         assert src == parent.block_table[2] and dst == child.block_table[2] and src != dst
+        assert not bm.is_private_from(child, 0) and bm.is_private_from(child, 8)
     else:
-        assert copy is None and len(child.block_table) == 2
+        assert copies == [] and len(child.block_table) == 2
     assert child.num_computed_tokens == prompt_len
     bm.free(parent)
     bm.free(child)
@@ -186,3 +188,48 @@ def test_py_allocator_contract():
     a.free(x)
     assert a.allocate() == y                      # never-cached block first
     assert a.allocate() == x and a.evictions == 1 and a.lookup(7) == -1
+
+
+@pytest.mark.parametrize("kind", ALLOCATORS)
+def test_fork_without_a_free_block_leaves_the_child_untouched(kind):
+    bm = make_bm(kind, num_blocks=3, prefix=False)
+    group = SequenceGroup("fork", None, list(range(10)), SamplingParams(n=2))
+    parent = group.seqs[0]
+    run_prefill(bm, parent)                       # all 3 blocks, the last one partial
+    from fastllm.engine.sequence import Sequence
+    child = Sequence(group.prompt_token_ids, group, 1)
+    assert not bm.fork(parent, child)
+    assert child.block_table == [] and child.num_computed_tokens == 0 and bm.take_copies() == []
+    assert [bm.allocator.ref_count(b) for b in parent.block_table] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("kind", ALLOCATORS)
+def test_swap_space_ids_are_the_block_managers(kind):
+    """swap_out frees the GPU blocks and hands back (GPU, CPU) pairs; swap_in the reverse
+    into fresh GPU blocks; undo_swap_in restores the swapped state; free() returns CPU
+    blocks too; disable_swap refuses while KV is still swapped out."""
+    bm = make_bm(kind, num_blocks=6, num_swap_blocks=3)
+    a = make_seq(list(range(10)))
+    run_prefill(bm, a)
+    gpu = list(a.block_table)
+    assert bm.can_swap_out(a)
+    out_pairs = bm.swap_out(a)
+    assert [g for g, _ in out_pairs] == gpu and len({c for _, c in out_pairs}) == 3
+    assert a.block_table == [] and bm.num_used_blocks == 0 and bm.num_swap_blocks_used == 3
+    assert not bm.can_swap_out(make_seq([1]))     # no block held: nothing to swap
+    with pytest.raises(RuntimeError, match="swap blocks still hold KV"):
+        bm.disable_swap()
+    cpu = list(a.swapped_kv)
+    in_pairs = bm.swap_in(a)
+    assert [c for c, _ in in_pairs] == cpu and [g for _, g in in_pairs] == a.block_table
+    assert a.swapped_kv is None and bm.num_swap_blocks_used == 0 and bm.num_used_blocks == 3
+    bm.undo_swap_in(a, cpu)
+    assert a.swapped_kv == cpu and a.block_table == [] and bm.num_swap_blocks_used == 3
+    bm.free(a)
+    assert bm.num_swap_blocks_used == 0 and a.swapped_kv is None
+    bm.disable_swap()
+    b = make_seq(list(range(20, 30)))
+    run_prefill(bm, b)
+    assert not bm.can_swap_out(b) and bm.num_swap_blocks == 0
+    bm.free(b)
+    assert_all_free(bm)

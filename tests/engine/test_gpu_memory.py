@@ -20,8 +20,9 @@ from fastllm.engine.cuda_graphs import (DecodeGraphRunner, EagerCapturer, captur
                                         static_buffer_bytes, static_buffer_specs)
 from fastllm.engine.host_memory import PinnedHostTensor
 from fastllm.engine.llm_engine import LLMEngine
-from fastllm.engine.model_runner import kv_blocks_for_budget
-from fastllm.engine.scheduler import SchedulerOutput
+from fastllm.engine import kv_cache
+from fastllm.engine.kv_cache import kv_blocks_for_budget
+from fastllm.engine.step_data import SchedulerOutput
 from fastllm.sampling_params import SamplingParams
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -123,7 +124,7 @@ class FakeCudaMemory:
 @pytest.mark.parametrize("max_num_seqs,activation,segments", [(300, 7000, 8192), (5, 9000, 2048)])
 def test_decode_graph_profile_measures_one_forward_at_the_largest_bucket(
         monkeypatch, max_num_seqs, activation, segments):
-    """ModelRunner._profile_decode_graphs (a GPU code path) with torch.cuda's counters
+    """kv_cache.profile_decode_graphs (a GPU code path) with torch.cuda's counters
     faked: it runs one forward pass through the graph runner's code at the largest
     bucket on padding inputs, and reserves the static buffers plus that pass's peak
     (allocated or reserved, whichever is larger)."""
@@ -141,21 +142,20 @@ def test_decode_graph_profile_measures_one_forward_at_the_largest_bucket(
                       meta.seq_lens.clone(), kv_caches))
         memory.transient(activation, segments)
         return torch.zeros(ids.shape[0], mc.vocab_size)
-    runner.model = forward
-    got = runner._profile_decode_graphs(runner.kv_caches)
+    got = kv_cache.profile_decode_graphs(forward, runner.kv.kv_caches, mc, engine.config, "cpu")
     bucket = min(max_num_seqs, cuda_graphs.MAX_CAPTURE_BATCH_SIZE)
     width = 10                                                    # 40 tokens / 4
     assert len(calls) == 1
     ids, slots, tables, lens, kv = calls[0]
     assert ids.shape == (bucket,) and not ids.any() and torch.all(slots == -1)
     assert tables.shape == (bucket, width) and not tables.any() and torch.all(lens == 1)
-    assert kv is runner.kv_caches
+    assert kv is runner.kv.kv_caches
     assert got == static_buffer_bytes(bucket, width, mc.vocab_size) + max(activation, segments)
 
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_kv_sizing_reserves_for_graphs_only_when_they_will_be_captured(monkeypatch, enabled):
-    """ModelRunner._profile_gpu_blocks with faked counters: the prefill profile's peak,
+    """kv_cache.profile_gpu_blocks with faked counters: the profile step's peak,
     then -- only when graphs will be captured -- the decode graphs' reserve, come off
     gpu_memory_utilization of the device before the KV blocks are counted."""
     mc = model_config(vocab_size=64, num_layers=2)
@@ -175,8 +175,8 @@ def test_kv_sizing_reserves_for_graphs_only_when_they_will_be_captured(monkeypat
         memory.transient(prefill if ids.shape[0] > 8 else decode, 0)
         return torch.zeros(meta.seq_lens.shape[0], mc.vocab_size)
     runner.model = forward
-    per_block = runner.kv_bytes_per_block()
-    got = runner._profile_gpu_blocks(per_block)
+    per_block = runner.kv.bytes_per_block
+    got = kv_cache.profile_gpu_blocks(runner, per_block)
     peak = 1000 + prefill                # allocated at the reset + the prefill pass
     reserve = (static_buffer_bytes(8, 10, mc.vocab_size) + decode) if enabled else 0
     assert got == kv_blocks_for_budget(total, 0.5, peak, others, reserve, per_block, 4)
@@ -255,15 +255,16 @@ def test_cpu_swap_space_is_plain_memory_and_close_releases_it(fake_cuda):
     engine = LLMEngine(_Silent(), model_config(vocab_size=64, num_layers=3),
                        EngineConfig(block_size=4, num_kv_blocks=16, swap_space=0.0001),
                        None, device=torch.device("cpu"), dtype=torch.float32)
-    runner = engine.runner
-    assert runner.num_swap_blocks > 0 and runner.swap_tensor is not None
-    assert runner.swap_tensor.numel() * 4 == runner.num_swap_blocks * runner.kv_bytes_per_block()
+    kv = engine.runner.kv
+    assert kv.num_swap_blocks > 0 and kv.swap_tensor is not None
+    assert kv.swap_tensor.numel() * 4 == kv.num_swap_blocks * kv.bytes_per_block
     engine.close()
-    assert runner.swap_tensor is None and runner.swap_caches == []
+    assert kv.swap_tensor is None and kv.swap_caches == []
+    assert engine.block_manager.num_swap_blocks == 0              # no more swap-outs scheduled
     engine.close()
     assert rt.registered == []
     with pytest.raises(RuntimeError, match="no swap space"):      # never a silent no-op
-        runner.apply_cache_ops(SchedulerOutput(blocks_to_swap_out=[(1, 0)]))
+        kv.apply_cache_ops(SchedulerOutput(blocks_to_swap_out=[(1, 0)]))
 
 
 class _Silent:
@@ -312,7 +313,7 @@ def test_engine_at_095_utilization_stays_within_it():
     runner = engine.runner
     assert runner.graph_runner is not None, "capture failed (see the warning)"
     assert runner.graph_runner.max_batch_size == 256
-    kv_bytes = runner.num_kv_blocks * runner.kv_bytes_per_block()
+    kv_bytes = runner.num_kv_blocks * runner.kv.bytes_per_block
     assert kv_bytes > 0.5 * total                     # the budget was really used
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, ignore_eos=True, seed=1)
     for i in range(12):
@@ -335,11 +336,11 @@ def test_engine_at_095_utilization_stays_within_it():
 @pytest.mark.cuda
 def test_swap_space_is_registered_and_round_trips_a_block():
     engine = _cuda_engine(num_kv_blocks=32, swap_space=0.01, enforce_eager=True)
-    runner = engine.runner
+    runner = engine.runner.kv
     swap = runner.swap_tensor
     assert swap.is_pinned() and runner._swap_memory.registered
     # Exactly the blocks asked for, not a power of two.
-    assert swap.numel() * swap.element_size() == runner.num_swap_blocks * runner.kv_bytes_per_block()
+    assert swap.numel() * swap.element_size() == runner.num_swap_blocks * runner.bytes_per_block
     gen = torch.Generator(device="cuda").manual_seed(0)
     for k, v in runner.kv_caches:
         k[3:5].copy_(torch.randn(k[3:5].shape, generator=gen, device="cuda"))

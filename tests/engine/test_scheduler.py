@@ -110,7 +110,7 @@ def assert_clean(engine):
     assert all(alloc.ref_count(b) == 0 for b in range(bm.num_blocks))
     sch = engine.scheduler
     assert not sch.running and not sch.waiting and not sch.swapped and not sch.groups
-    assert sch.num_swap_blocks_used == 0
+    assert engine.block_manager.num_swap_blocks_used == 0
 
 
 def random_prompts(n, rng, lo=1, hi=40):
@@ -480,8 +480,9 @@ def test_final_only_builds_one_output_per_request(monkeypatch):
     from fastllm.sampling_params import RequestOutputKind
     engine = make_engine(max_model_len=64)
     built = []
-    make_output = engine._make_output
-    monkeypatch.setattr(engine, "_make_output", lambda g: built.append(g.request_id) or make_output(g))
+    make_output = engine.output_processor.make_output
+    monkeypatch.setattr(engine.output_processor, "make_output",
+                        lambda g: built.append(g.request_id) or make_output(g))
     prompts = random_prompts(6, random.Random(11))
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=6,
@@ -504,39 +505,42 @@ def test_runner_stages_the_batch_in_one_buffer():
     engine.add_request("b", [5, 6], SamplingParams(max_tokens=3))
     engine.step()
     sched = engine.scheduler.schedule()
-    input_ids, positions, meta = engine.runner.prepare(sched)
+    input_ids, positions, meta = engine.runner.inputs.prepare(sched.scheduled)
     storage = input_ids.untyped_storage().data_ptr()
     assert positions.untyped_storage().data_ptr() == storage
     assert meta.slot_mapping.untyped_storage().data_ptr() == storage
-    seqs = [s.seq for s in sched.scheduled]
+    seqs = [engine.scheduler.groups[rid].seqs[0] for rid in ("a", "b")]
+    assert [s.seq_id for s in sched.scheduled] == [s.seq_id for s in seqs]
     assert input_ids.tolist() == [s.token_ids[-1] for s in seqs]
     assert positions.tolist() == [s.num_tokens - 1 for s in seqs]
     bs = engine.block_manager.block_size
-    assert meta.slot_mapping.tolist() == [engine.block_manager.slot(s, s.num_tokens - 1) for s in seqs]
+    assert bs == 4
+    assert meta.slot_mapping.tolist() == [s.block_table[(s.num_tokens - 1) // bs] * bs
+                                          + (s.num_tokens - 1) % bs for s in seqs]
     assert meta.seq_lens.dtype == torch.int32 and meta.seq_lens.tolist() == [s.num_tokens for s in seqs]
     assert meta.query_start_loc.tolist() == [0, 1, 2]
     assert meta.block_tables.dtype == torch.int32
     assert meta.block_tables[0, :len(seqs[0].block_table)].tolist() == seqs[0].block_table
-    assert bs == 4
 
 
 def test_penalty_inputs_only_for_penalized_rows_and_the_prompt_goes_up_once(monkeypatch):
     """Token lists only for penalized rows; a repetition-penalty prompt is uploaded the
-    first time it is needed and then passed as the group's cached device tensor."""
-    from fastllm.engine import model_runner
+    first time it is needed and then passed as the runner's cached device tensor."""
+    from fastllm.engine import input_batch
     calls = []
-    original = model_runner.SamplingBatch.stage
+    original = input_batch.SamplingBatch.stage
 
     def spy(params, gens, prompts, outputs, *args, **kwargs):
         staged = original(params, gens, prompts, outputs, *args, **kwargs)
         calls.append((list(params), list(prompts), list(outputs), dict(staged.arrays)))
         return staged
-    monkeypatch.setattr(model_runner.SamplingBatch, "stage", staticmethod(spy))
+    monkeypatch.setattr(input_batch.SamplingBatch, "stage", staticmethod(spy))
     engine = make_engine(max_model_len=64)
     engine.add_request("plain", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     engine.add_request("pen", [8, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
                                                      repetition_penalty=1.5))
-    group = engine.scheduler.groups["pen"]
+    engine.step()
+    state = engine.runner.requests["pen"]          # the runner's, keyed by request id
     run_all(engine)
     assert len(calls) == 4
     uploaded_prompt_ids = []
@@ -550,7 +554,7 @@ def test_penalty_inputs_only_for_penalized_rows_and_the_prompt_goes_up_once(monk
                 if step == 0:
                     assert prompt == [8, 9]
                 else:
-                    assert prompt is group.device_prompt_tokens       # made once, reused
+                    assert prompt is state.device_prompt             # made once, reused
                     assert prompt.tolist() == [8, 9]
     assert uploaded_prompt_ids == [8, 9]
 
@@ -558,10 +562,10 @@ def test_penalty_inputs_only_for_penalized_rows_and_the_prompt_goes_up_once(monk
 def test_sampling_batch_is_built_before_the_forward_in_one_upload(monkeypatch):
     """The step's sampling batch depends only on the schedule: it is built (and uploaded
     as views of one buffer) before the model runs, so its host work overlaps the forward."""
-    from fastllm.engine import model_runner
+    from fastllm.engine import input_batch
     events = []
-    original = model_runner.SamplingBatch.stage
-    monkeypatch.setattr(model_runner.SamplingBatch, "stage", staticmethod(
+    original = input_batch.SamplingBatch.stage
+    monkeypatch.setattr(input_batch.SamplingBatch, "stage", staticmethod(
         lambda *a, **k: events.append("batch") or original(*a, **k)))
 
     class RecordingModel(FakeModel):
@@ -608,11 +612,21 @@ def test_a_step_samples_at_most_max_num_seqs_rows_at_once():
 def test_kv_sizing_profiles_the_sampler_at_its_peak(monkeypatch):
     """The GPU profile samples max_num_seqs rows of the whole vocab with every filter,
     penalty and logprobs on, over non-empty token lists: a real step's peak."""
-    engine = make_engine(max_num_seqs=7)
+    from fastllm.engine import kv_cache
+    from fastllm.model.layers import allocate_kv_caches
+    engine = make_engine(max_num_seqs=7, max_num_batched_tokens=1100)
     runner = engine.runner
     seen = []
-    monkeypatch.setattr(runner, "sampler", lambda logits, batch: seen.append((logits.shape, batch)))
-    runner._profile_sampler()
+    sampler = runner.sampler
+    monkeypatch.setattr(runner, "sampler",
+                        lambda logits, batch: seen.append((logits.shape, batch)) or sampler(logits, batch))
+    fed = runner.model.tokens_fed
+    out, num_blocks = kv_cache.profile_step(engine.config, VOCAB)
+    result = runner.profile_step(out, allocate_kv_caches(engine.model_config, num_blocks, 4))
+    # max_model_len 512: prompts of 512, 512 and 76 tokens, all fed through the real path.
+    assert [s.num_tokens for s in out.scheduled] == [512, 512, 76]
+    assert runner.model.tokens_fed - fed == 1100
+    assert sum(len(t) for t in result.sampled) == 7 and len(runner.requests) == 0
     (shape, batch), = seen
     assert tuple(shape) == (7, VOCAB)
     assert batch.top_p is not None and batch.top_k is not None and batch.min_p is not None
@@ -628,10 +642,13 @@ def test_the_seed_does_not_depend_on_the_startup_profile(monkeypatch):
     """torch.manual_seed(seed) runs after the runner is built: the KV profile (here run
     on CPU as on a GPU) draws as many random numbers as max_num_seqs asks for, and must
     not change the unseeded samples."""
+    from fastllm.engine import kv_cache
     from fastllm.engine.model_runner import ModelRunner
+    from fastllm.model.layers import allocate_kv_caches
 
     def profiled(self):
-        self._profile_sampler()
+        out, num_blocks = kv_cache.profile_step(self.config, VOCAB)
+        self.profile_step(out, allocate_kv_caches(self.model_config, num_blocks, self.config.block_size))
         return 64
     monkeypatch.setattr(ModelRunner, "_auto_num_blocks", profiled)
     samples = []
@@ -653,17 +670,19 @@ def test_swap_space_is_one_tensor_with_per_layer_views():
     engine = LLMEngine(FakeModel(), model_config,
                        EngineConfig(block_size=4, num_kv_blocks=16, swap_space=0.0001),
                        FakeTokenizer(), device=torch.device("cpu"), dtype=torch.float32)
-    runner = engine.runner
-    n = runner.num_swap_blocks
-    assert n == int(0.0001 * (1 << 30)) // runner.kv_bytes_per_block() > 0
-    assert tuple(runner.swap_tensor.shape) == (3, 2, n) + tuple(runner.kv_caches[0][0].shape[1:])
-    assert len(runner.swap_caches) == 3
-    base = runner.swap_tensor.untyped_storage().data_ptr()
-    for layer, (k, v) in enumerate(runner.swap_caches):
+    kv = engine.runner.kv
+    n = kv.num_swap_blocks
+    assert n == int(0.0001 * (1 << 30)) // kv.bytes_per_block > 0
+    assert kv.bytes_per_block == 2 * 3 * 4 * 2 * 4 * 4          # K+V, layers, block, heads, dim, fp32
+    assert engine.block_manager.num_swap_blocks == n             # the ids are the block manager's
+    assert tuple(kv.swap_tensor.shape) == (3, 2, n) + tuple(kv.kv_caches[0][0].shape[1:])
+    assert len(kv.swap_caches) == 3
+    base = kv.swap_tensor.untyped_storage().data_ptr()
+    for layer, (k, v) in enumerate(kv.swap_caches):
         assert k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() == base
-        assert k.data_ptr() == runner.swap_tensor[layer, 0].data_ptr()
-        assert v.data_ptr() == runner.swap_tensor[layer, 1].data_ptr()
-        assert k.shape == (n,) + runner.kv_caches[layer][0].shape[1:]
+        assert k.data_ptr() == kv.swap_tensor[layer, 0].data_ptr()
+        assert v.data_ptr() == kv.swap_tensor[layer, 1].data_ptr()
+        assert k.shape == (n,) + kv.kv_caches[layer][0].shape[1:]
 
 
 def test_failed_block_moves_abort_a_forked_child_that_was_not_scheduled(monkeypatch):
@@ -678,16 +697,16 @@ def test_failed_block_moves_abort_a_forked_child_that_was_not_scheduled(monkeypa
 
     def without_the_fork():
         out = schedule()
-        out.scheduled = [s for s in out.scheduled if s.seq.request_id != "fork"]
+        out.scheduled = [s for s in out.scheduled if s.request_id != "fork"]
         return out
     monkeypatch.setattr(engine.scheduler, "schedule", without_the_fork)
-    apply = engine.runner.apply_cache_ops
+    apply = engine.runner.kv.apply_cache_ops
 
     def failing(out):
         if out.blocks_to_copy:
             raise RuntimeError("copy failed")
         apply(out)
-    monkeypatch.setattr(engine.runner, "apply_cache_ops", failing)
+    monkeypatch.setattr(engine.runner.kv, "apply_cache_ops", failing)
     with pytest.raises(RuntimeError, match="copy failed"):
         engine.step()
     assert_clean(engine)
@@ -699,19 +718,19 @@ def test_a_failed_update_aborts_and_frees_everything(monkeypatch):
     engine.add_request("a", list(range(3, 12)), sp)
     engine.add_request("b", [5, 6], SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()
-    check_stop = engine._check_stop
+    check_stop = engine.scheduler._check_stop
     calls = []
 
     def failing(seq):
         calls.append(seq)
         if len(calls) == 2:                          # halfway through the step's update
-            raise RuntimeError("detokenizer fell over")
-        check_stop(seq)
-    monkeypatch.setattr(engine, "_check_stop", failing)
+            raise RuntimeError("stop check fell over")
+        return check_stop(seq)
+    monkeypatch.setattr(engine.scheduler, "_check_stop", failing)
     with pytest.raises(RuntimeError, match="fell over"):
         engine.step()
     assert_clean(engine)
-    monkeypatch.setattr(engine, "_check_stop", check_stop)
+    monkeypatch.setattr(engine.scheduler, "_check_stop", check_stop)
     engine.add_request("c", [7, 8, 9], sp)
     out = run_all(engine)
     assert out["c"].outputs[0].token_ids == reference_generate([7, 8, 9], 8, ignore_eos=True)
@@ -723,11 +742,11 @@ def test_a_too_short_block_table_raises_instead_of_writing_block_0():
     engine.add_request("long", list(range(3, 15)), SamplingParams(max_tokens=2))    # 3 blocks
     engine.add_request("short", [5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=2))  # 2 blocks
     sched = engine.scheduler.schedule()
-    short = sched.scheduled[1].seq
+    short = sched.scheduled[1]
     assert short.request_id == "short" and len(short.block_table) == 2
     short.block_table = short.block_table[:1]        # a bug: positions 4, 5 have no block
     with pytest.raises(RuntimeError, match="block_table has 1 blocks"):
-        engine.runner.prepare(sched)
+        engine.runner.inputs.prepare(sched.scheduled)
 
 
 def test_swap_in_without_blocks_is_an_error_not_a_silent_overrun(monkeypatch):
@@ -750,8 +769,8 @@ def test_swap_in_without_blocks_is_an_error_not_a_silent_overrun(monkeypatch):
     def snapshot():
         return dict(swapped=[(seq, list(seq.swapped_kv), seq.status) for seq in sch.swapped],
                     running=[(seq, list(seq.block_table)) for seq in sch.running],
-                    free_swap=sorted(sch.free_swap_blocks), num_free=bm.num_free_blocks,
-                    pending_copies=list(sch._pending_copies))
+                    free_swap=sorted(bm._free_swap_blocks), num_free=bm.num_free_blocks,
+                    pending_copies=list(bm._pending_copies))
 
     def recording_schedule():
         before.append(snapshot())
@@ -774,5 +793,5 @@ def test_swap_in_without_blocks_is_an_error_not_a_silent_overrun(monkeypatch):
     drive()
     for i, prompt in enumerate(prompts):
         assert finished[str(i)].outputs[0].token_ids == reference_generate(prompt, 20, ignore_eos=True)
-    assert sch.num_swap_blocks_used == 0
+    assert engine.block_manager.num_swap_blocks_used == 0
     assert_clean(engine)

@@ -11,6 +11,11 @@ goes before its head.
 n > 1 samples (fork): the children share the parent's full prompt blocks (ref_count += 1)
 and each gets its own copy of the partial last block, so no copy-on-write is ever needed:
 full blocks are read-only, and every sequence writes only into blocks it alone holds.
+The copy goes out in the next step's SchedulerOutput (take_copies).
+
+Swap space: `num_swap_blocks` CPU blocks (the runner holds the memory; this class hands
+out the ids). swap_out / swap_in move a sequence's KV between the pools and return the
+(src, dst) block pairs for the runner to copy; the scheduler only sees block tables.
 """
 from __future__ import annotations
 
@@ -18,15 +23,14 @@ from typing import Optional
 
 from fastllm import ops
 from fastllm.engine.sequence import Sequence
+from fastllm.utils import cdiv, check_positive_int
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 allocator=None):
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}")
-        if num_blocks <= 0:
-            raise ValueError(f"num_kv_blocks must be positive, got {num_blocks}")
+                 allocator=None, num_swap_blocks: int = 0):
+        check_positive_int("block_size", block_size)
+        check_positive_int("num_kv_blocks", num_blocks)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -38,6 +42,9 @@ class BlockManager:
         # count lookups of admissions that were rolled back for lack of blocks).
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        self._pending_copies: list[tuple[int, int]] = []   # fork copies for the next step
+        self.num_swap_blocks = num_swap_blocks
+        self._free_swap_blocks: list[int] = list(range(num_swap_blocks - 1, -1, -1))
 
     # -- capacity --------------------------------------------------------------------
     @property
@@ -48,15 +55,16 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.allocator.num_in_use
 
+    @property
+    def num_swap_blocks_used(self) -> int:
+        return self.num_swap_blocks - len(self._free_swap_blocks)
+
     def blocks_for_tokens(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = self.blocks_for_tokens(seq.num_computed_tokens + num_new_tokens)
         return max(0, total - len(seq.block_table))
-
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) <= self.allocator.num_free
 
     # -- hashing ---------------------------------------------------------------------
     def _block_hash(self, seq: Sequence, i: int) -> int:
@@ -104,9 +112,6 @@ class BlockManager:
             seq.block_table.append(self.allocator.allocate())
         return True
 
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
-
     def commit_computed(self, seq: Sequence) -> None:
         """After a forward pass: offer newly full, computed blocks to the prefix cache."""
         if not self.enable_prefix_caching:
@@ -120,32 +125,102 @@ class BlockManager:
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
 
     def free(self, seq: Sequence) -> None:
+        """Give back every block seq holds, on the GPU and in swap space."""
+        self._free_gpu(seq)
+        if seq.swapped_kv is not None:
+            self._free_swap_blocks.extend(seq.swapped_kv)
+            seq.swapped_kv = None
+
+    def _free_gpu(self, seq: Sequence) -> None:
         # Tail first: the LRU then evicts this sequence's tail before its (more shareable) head.
         for block_id in reversed(seq.block_table):
             self.allocator.free(block_id)
         seq.block_table = []
 
-    def fork(self, parent: Sequence, child: Sequence) -> Optional[tuple[int, int]]:
+    def is_private_from(self, seq: Sequence, position: int) -> bool:
+        """Whether every block of seq holding positions >= position is seq's alone and
+        not offered to the prefix cache, so its KV may be rewritten."""
+        first = position // self.block_size
+        return first >= seq.num_registered_blocks and all(
+            self.allocator.ref_count(b) == 1 for b in seq.block_table[first:])
+
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
         """Give `child` the parent's KV: shared full blocks, a private copy of the partial
-        last block. Returns (src, dst) for the caller to copy on the device, None when no
-        copy is needed; raises RuntimeError (child untouched) when no block is free."""
+        last block (queued for the runner: take_copies). False, child untouched, when no
+        block is free for that copy."""
         bs = self.block_size
         num_full = parent.num_computed_tokens // bs
         partial = parent.num_computed_tokens % bs != 0
         if partial and self.allocator.num_free == 0:
-            raise RuntimeError("no free KV block for the forked sample's last block")
+            return False
         for block_id in parent.block_table[:num_full]:
             self.allocator.share(block_id)
         child.block_table = list(parent.block_table[:num_full])
-        copy = None
         if partial:
             dst = self.allocator.allocate()
             child.block_table.append(dst)
-            copy = (parent.block_table[num_full], dst)
+            self._pending_copies.append((parent.block_table[num_full], dst))
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)
         child.num_registered_blocks = min(parent.num_registered_blocks, num_full)
-        return copy
+        return True
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) block copies queued since the last call, for the next step."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    def requeue_copies(self, copies: list[tuple[int, int]]) -> None:
+        """Copies taken for a step that never ran: first in the next take_copies()."""
+        self._pending_copies = list(copies) + self._pending_copies
+
+    # -- swap space ------------------------------------------------------------------
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return 0 < len(seq.block_table) <= len(self._free_swap_blocks)
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Move seq's KV to swap space: its GPU blocks are free for this very step (the
+        runner copies them out before the forward pass writes anything). Returns the
+        (GPU block, CPU block) pairs; call only when can_swap_out(seq)."""
+        cpu_blocks = [self._free_swap_blocks.pop() for _ in seq.block_table]
+        pairs = list(zip(seq.block_table, cpu_blocks))
+        self._free_gpu(seq)
+        seq.swapped_kv = cpu_blocks
+        return pairs
+
+    def swap_in_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Free GPU blocks a swap-in of seq takes with num_new_tokens to compute: its
+        swapped blocks, then whatever more the new tokens need."""
+        return max(len(seq.swapped_kv), self.blocks_for_tokens(seq.num_computed_tokens + num_new_tokens))
+
+    def swap_in(self, seq: Sequence) -> Optional[list[tuple[int, int]]]:
+        """Bring seq's KV back to fresh GPU blocks: (CPU block, GPU block) pairs, or None
+        (nothing changed) when too few blocks are free."""
+        cpu_blocks = seq.swapped_kv
+        if len(cpu_blocks) > self.allocator.num_free:
+            return None
+        seq.block_table = [self.allocator.allocate() for _ in cpu_blocks]
+        seq.num_registered_blocks = 0   # re-offered to the prefix cache on the next commit
+        seq.swapped_kv = None
+        # Reusable from the next step on: swap-outs only happen in steps that preempt,
+        # and those return before any swap-in, so no step both reads and writes them.
+        self._free_swap_blocks.extend(cpu_blocks)
+        return list(zip(cpu_blocks, seq.block_table))
+
+    def undo_swap_in(self, seq: Sequence, cpu_blocks: list[int]) -> None:
+        """Revert a swap_in whose copies never ran: the KV is still in cpu_blocks."""
+        self._free_gpu(seq)
+        taken = set(cpu_blocks)
+        self._free_swap_blocks = [b for b in self._free_swap_blocks if b not in taken]
+        seq.swapped_kv = list(cpu_blocks)
+
+    def disable_swap(self) -> None:
+        """No more swap space (the runner released it); every swapped sequence must have
+        been freed first."""
+        if self.num_swap_blocks_used:
+            raise RuntimeError(f"{self.num_swap_blocks_used} swap blocks still hold KV")
+        self.num_swap_blocks = 0
+        self._free_swap_blocks = []
 
     def reset_prefix_cache(self) -> None:
         self.allocator.reset_prefix_cache()

@@ -40,6 +40,7 @@ import torch
 
 from fastllm import ops
 from fastllm.model.layers import AttentionMetadata
+from fastllm.utils import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def capture_shape(model_config, engine_config) -> CaptureShape:
     if engine_config.max_model_len is not None:
         max_len = min(max_len, engine_config.max_model_len)
     return CaptureShape(batch_sizes=capture_batch_sizes(engine_config.max_num_seqs),
-                        max_blocks_per_seq=-(-max_len // engine_config.block_size),
+                        max_blocks_per_seq=cdiv(max_len, engine_config.block_size),
                         vocab_size=model_config.vocab_size)
 
 
@@ -107,7 +108,7 @@ def static_buffer_bytes(max_batch_size: int, max_blocks_per_seq: int, vocab_size
     total = 0
     for shape, dtype in static_buffer_specs(max_batch_size, max_blocks_per_seq, vocab_size).values():
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        total += -(-nbytes // ALLOCATOR_GRANULE) * ALLOCATOR_GRANULE
+        total += cdiv(nbytes, ALLOCATOR_GRANULE) * ALLOCATOR_GRANULE
     return total
 
 
@@ -264,6 +265,11 @@ class DecodeGraphRunner:
         warm-up runs write nothing to the KV cache."""
         for b in reversed(self.batch_sizes):
             self._replays[b] = self.capturer.capture(self._forward_fn(b))
+
+    def release(self) -> None:
+        """Drop the captured graphs: their replay closures refer back to this runner (a
+        reference cycle), so without this its buffers wait for the cycle collector."""
+        self._replays.clear()
 
     def bucket_for(self, num_seqs: int) -> int:
         for b in self.batch_sizes:

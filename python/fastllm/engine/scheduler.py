@@ -1,4 +1,5 @@
-"""Continuous-batching scheduler: which tokens of which sequences run in the next step.
+"""Continuous-batching scheduler: which tokens of which sequences run in the next step,
+and all the bookkeeping after it.
 
 Each step has a token budget (max_num_batched_tokens) and a cap on running sequences
 (max_num_seqs). Running sequences go first, in arrival order: decodes (1 token) and
@@ -6,56 +7,36 @@ ongoing prefill chunks; then swapped-out sequences come back; then waiting reque
 admitted FCFS, their prompt chunked to what is left of the budget when chunked prefill is
 on. When the KV cache runs out, the most recently arrived running sequence is preempted:
 by recompute (its blocks are freed and it goes back to the head of the waiting queue) or,
-with swap_space > 0, by copying its KV to CPU memory until blocks free up again.
+with swap space, by copying its KV to CPU memory until blocks free up again.
 
-The scheduler only decides: the block moves (swap out, swap in, fork copies) go out in
-SchedulerOutput and the ModelRunner carries them out before its forward pass, so data
-flows one way (engine -> scheduler -> block manager; engine -> runner -> sampler).
+schedule() -> SchedulerOutput (plain data, fastllm.engine.step_data): the tokens to
+feed, their block tables, and the block moves (swap out, swap in, fork copies) the
+runner carries out before its forward pass. update(SchedulerOutput, RunnerOutput) then
+does everything the step's samples imply, as vLLM's update_from_output / check_stop do:
+computed tokens, appended samples, n > 1 forks, stop tokens and lengths, freeing.
+Every block id comes from the BlockManager; data flows one way (engine -> scheduler ->
+block manager; engine -> runner -> sampler; plain data back).
 """
 from __future__ import annotations
 
 import bisect
 import collections
 import logging
-from dataclasses import dataclass, field
+import time
 from typing import Optional
 
 from fastllm.engine.block_manager import BlockManager
 from fastllm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from fastllm.engine.step_data import (NewRequest, RunnerOutput, SampledToken, ScheduledSeq,
+                                      SchedulerOutput)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_tokens: int            # tokens fed this step: positions [num_computed, num_computed + num_tokens)
-    num_samples: int = 0       # tokens to sample from its last row (0 mid-prefill; n when a group forks)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    num_batched_tokens: int = 0
-    preempted: list[Sequence] = field(default_factory=list)
-    # Block moves for the runner, applied before the forward pass (see ModelRunner.apply_cache_ops):
-    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (GPU block, CPU block)
-    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)   # (CPU block, GPU block)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)      # (src, dst): forks since the last step
-
-    @property
-    def has_cache_ops(self) -> bool:
-        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled and not self.has_cache_ops
-
-
 class Scheduler:
-    def __init__(self, config, block_manager: BlockManager, num_swap_blocks: int = 0):
-        """num_swap_blocks: blocks of CPU swap space (ModelRunner.num_swap_blocks); 0 = always
-        preempt by recompute."""
+    def __init__(self, config, block_manager: BlockManager):
+        """Swap space is the block manager's (num_swap_blocks); none = always preempt by
+        recompute."""
         self.config = config
         self.block_manager = block_manager
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -66,43 +47,39 @@ class Scheduler:
         self.num_swaps_out = 0
         self.num_prefill_tokens_computed = 0    # prompt (and recomputed) tokens fed to the model
         self.num_decode_tokens_computed = 0
-        self.num_swap_blocks = num_swap_blocks
-        self.free_swap_blocks: list[int] = list(range(num_swap_blocks - 1, -1, -1))
-        self._pending_copies: list[tuple[int, int]] = []   # fork copies for the next step
-
-    @property
-    def num_swap_blocks_used(self) -> int:
-        return self.num_swap_blocks - len(self.free_swap_blocks)
+        self._runner_requests: set[str] = set()   # sent to the runner in a NewRequest
+        self._finished_ids: list[str] = []        # of those, finished since the last output
 
     # -- queue management --------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
         """Queue a request, or raise ValueError if it could never run."""
         cfg, bm = self.config, self.block_manager
-        if group.request_id in self.groups:
-            raise ValueError(f"request_id {group.request_id!r} is already in flight")
+        rid = group.request_id
+        if rid in self.groups:
+            raise ValueError(f"request_id {rid!r} is already in flight")
         if group.prompt_len == 0:
-            raise ValueError(f"request {group.request_id!r}: prompt is empty")
+            raise ValueError(f"request {rid!r}: prompt is empty")
         if group.prompt_len >= cfg.max_model_len:
             raise ValueError(
-                f"request {group.request_id!r}: prompt ({group.prompt_len} tokens) leaves no room "
+                f"request {rid!r}: prompt ({group.prompt_len} tokens) leaves no room "
                 f"to generate within max_model_len={cfg.max_model_len}")
         max_tokens = self.max_new_tokens(group)
         total = group.prompt_len + max_tokens
         if total > cfg.max_model_len:
             raise ValueError(
-                f"request {group.request_id!r}: prompt ({group.prompt_len} tokens) + max_tokens "
+                f"request {rid!r}: prompt ({group.prompt_len} tokens) + max_tokens "
                 f"({max_tokens}) = {total} exceeds max_model_len={cfg.max_model_len}")
         if bm.blocks_for_tokens(total) > bm.num_blocks:
             raise ValueError(
-                f"request {group.request_id!r} needs {bm.blocks_for_tokens(total)} KV blocks "
+                f"request {rid!r} needs {bm.blocks_for_tokens(total)} KV blocks "
                 f"({total} tokens) but the whole cache has {bm.num_blocks} blocks of "
                 f"{bm.block_size} tokens; raise num_kv_blocks / gpu_memory_utilization or "
                 f"lower max_tokens")
         if not cfg.enable_chunked_prefill and total > cfg.max_num_batched_tokens:
             raise ValueError(
-                f"request {group.request_id!r}: {total} tokens do not fit max_num_batched_tokens="
+                f"request {rid!r}: {total} tokens do not fit max_num_batched_tokens="
                 f"{cfg.max_num_batched_tokens} with chunked prefill disabled")
-        self.groups[group.request_id] = group
+        self.groups[rid] = group
         self.waiting.append(group.seqs[0])
 
     def max_new_tokens(self, group: SequenceGroup) -> int:
@@ -136,25 +113,19 @@ class Scheduler:
 
     # -- preemption ---------------------------------------------------------------------
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        bm = self.block_manager
         self.running.remove(seq)
         self.num_preemptions += 1
-        out.preempted.append(seq)
-        n = len(seq.block_table)
-        if n and len(self.free_swap_blocks) >= n:
-            # The GPU blocks are free for this very step: the runner copies them out
-            # before the forward pass writes anything.
-            cpu_blocks = [self.free_swap_blocks.pop() for _ in range(n)]
-            out.blocks_to_swap_out.extend(zip(seq.block_table, cpu_blocks))
-            seq.swapped_kv = cpu_blocks
+        if bm.can_swap_out(seq):
+            out.blocks_to_swap_out.extend(bm.swap_out(seq))
             self.num_swaps_out += 1
-            self.block_manager.free(seq)
             seq.status = SequenceStatus.SWAPPED
             seq.num_preemptions += 1
             keys = [s.sort_key() for s in self.swapped]
             self.swapped.insert(bisect.bisect(keys, seq.sort_key()), seq)
             how = "swapped out to CPU"
         else:
-            self.block_manager.free(seq)
+            bm.free(seq)
             seq.reset_for_recompute()
             self._insert_waiting(seq)
             how = "will be recomputed"
@@ -163,65 +134,57 @@ class Scheduler:
                 "KV cache is full: preempted request %r (%s); %d preemption(s) so far. Raise "
                 "num_kv_blocks or gpu_memory_utilization, or lower max_num_seqs / "
                 "max_num_batched_tokens%s.", seq.request_id, how, self.num_preemptions,
-                "" if self.num_swap_blocks else ", or set swap_space")
+                "" if bm.num_swap_blocks else ", or set swap_space")
 
-    def _swap_in_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        """Free blocks a swap-in of seq takes with num_new_tokens to compute: its swapped KV
-        blocks, then whatever more the new tokens need. Exact, not assuming the swapped
-        blocks cover exactly the computed tokens."""
-        bm = self.block_manager
-        return max(len(seq.swapped_kv), bm.blocks_for_tokens(seq.num_computed_tokens + num_new_tokens))
-
-    def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> bool:
-        cpu_blocks = seq.swapped_kv
-        if len(cpu_blocks) > self.block_manager.num_free_blocks:
-            return False
-        block_ids = [self.block_manager.allocator.allocate() for _ in cpu_blocks]
-        out.blocks_to_swap_in.extend(zip(cpu_blocks, block_ids))
-        seq.block_table = block_ids
-        seq.num_registered_blocks = 0   # re-offered to the prefix cache on the next commit
-        seq.swapped_kv = None
-        # Reusable from the next step on: swap-outs only happen in steps that preempt,
-        # and those return before any swap-in, so no step both reads and writes them.
-        self.free_swap_blocks.extend(cpu_blocks)
-        return True
+    def stop_swapping(self) -> None:
+        """The swap space is going away (LLMEngine.close): swapped sequences go back to
+        the waiting queue to be recomputed, and preemption recomputes from now on."""
+        while self.swapped:
+            seq = self.swapped.popleft()
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+            seq.num_registered_blocks = 0
+            self._insert_waiting(seq)
+        self.block_manager.disable_swap()
 
     # -- the step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        cfg, bm = self.config, self.block_manager
-        out = SchedulerOutput(blocks_to_copy=self._pending_copies)
-        self._pending_copies = []
-        budget = cfg.max_num_batched_tokens
+        out = SchedulerOutput(blocks_to_copy=self.block_manager.take_copies())
+        picked: list[tuple[Sequence, int]] = []     # (seq, tokens to feed)
+        budget, preempted = self._schedule_running(out, picked, self.config.max_num_batched_tokens)
+        if not preempted:                 # a step that preempts admits nothing else
+            budget = self._schedule_swapped(out, picked, budget)
+            if not self.swapped:
+                self._schedule_waiting(picked, budget)
+        return self._finish(out, picked)
 
-        def add(seq: Sequence, n: int) -> None:
-            nonlocal budget
-            samples = 0
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                samples = seq.group.n if not seq.group.forked else 1
-            out.scheduled.append(ScheduledSeq(seq, n, samples))
-            budget -= n
-
-        # 1. Running sequences, oldest first; preempt from the newest end when blocks run out.
+    def _schedule_running(self, out: SchedulerOutput, picked: list, budget: int) -> tuple[int, bool]:
+        """Running sequences, oldest first; preempt from the newest end when blocks run out.
+        -> (budget left, whether anything was preempted)."""
+        preempted = False
         idx = 0
         while idx < len(self.running) and budget > 0:
             seq = self.running[idx]
             n = min(seq.num_uncomputed_tokens, budget)
-            while not bm.allocate_slots(seq, n):
+            while not self.block_manager.allocate_slots(seq, n):
                 self._preempt(self.running[-1], out)
+                preempted = True
                 if seq.status is not SequenceStatus.RUNNING:   # it was the newest: nothing left
                     break
             if seq.status is SequenceStatus.RUNNING:
-                add(seq, n)
+                picked.append((seq, n))
+                budget -= n
                 idx += 1
-        if out.preempted:
-            return self._finish(out)
+        return budget, preempted
 
-        # 2. Swapped-out sequences come back before anything new is admitted.
+    def _schedule_swapped(self, out: SchedulerOutput, picked: list, budget: int) -> int:
+        """Swapped-out sequences come back before anything new is admitted."""
+        bm = self.block_manager
         swapped_in: list[tuple[Sequence, list[int]]] = []     # (seq, its swap-space blocks)
-        while self.swapped and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.swapped[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if self._swap_in_blocks_needed(seq, n) > bm.num_free_blocks:
+            if bm.swap_in_blocks_needed(seq, n) > bm.num_free_blocks:
                 break
             self.swapped.popleft()
             cpu_blocks = seq.swapped_kv
@@ -230,19 +193,22 @@ class Scheduler:
             # neither call can fail. If one does anyway (a bug), going on would feed the model
             # positions past the end of seq's block table: undo this call's swap-ins (the
             # runner has seen none of them) so the queues stay consistent, then raise.
-            ok = self._swap_in(seq, out)
+            pairs = bm.swap_in(seq)
             swapped_in.append((seq, cpu_blocks))
-            if not (ok and bm.allocate_slots(seq, n)):
-                self._undo_swap_ins(out, swapped_in)
+            if pairs is None or not bm.allocate_slots(seq, n):
+                self._undo_swap_ins(out, picked, swapped_in)
                 raise RuntimeError(f"scheduler: no KV blocks for {n} tokens of swapped-in "
                                    f"sequence {seq.seq_id} (request {seq.request_id!r}) after "
                                    f"the free-block check passed")
+            out.blocks_to_swap_in.extend(pairs)
             self._insert_running(seq)
-            add(seq, n)
-        if self.swapped:
-            return self._finish(out)
+            picked.append((seq, n))
+            budget -= n
+        return budget
 
-        # 3. Admit waiting requests FCFS (head-of-line: stop at the first that does not fit).
+    def _schedule_waiting(self, picked: list, budget: int) -> None:
+        """Admit waiting requests FCFS (head-of-line: stop at the first that does not fit)."""
+        cfg, bm = self.config, self.block_manager
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
             num_cached = bm.acquire_cached_prefix(seq)
@@ -257,85 +223,214 @@ class Scheduler:
             self.waiting.popleft()
             bm.record_admission(seq, num_cached)
             self._insert_running(seq)
-            add(seq, n)
-        return self._finish(out)
+            picked.append((seq, n))
+            budget -= n
 
-    def _undo_swap_ins(self, out: SchedulerOutput, swapped_in: list) -> None:
+    def _undo_swap_ins(self, out: SchedulerOutput, picked: list, swapped_in: list) -> None:
         """Put the sequences swapped in by this schedule() back in swap space as they were
         (their KV is still there: the copies in out.blocks_to_swap_in never ran) and keep
         this step's fork copies pending, so a failed schedule() loses nothing."""
         undone = {id(seq) for seq, _ in swapped_in}
-        out.scheduled = [s for s in out.scheduled if id(s.seq) not in undone]
+        picked[:] = [(seq, n) for seq, n in picked if id(seq) not in undone]
         for seq, cpu_blocks in reversed(swapped_in):     # popped from the head, in order
             if seq in self.running:
                 self.running.remove(seq)
-            self.block_manager.free(seq)
-            taken = set(cpu_blocks)
-            self.free_swap_blocks = [b for b in self.free_swap_blocks if b not in taken]
-            seq.swapped_kv = cpu_blocks
+            self.block_manager.undo_swap_in(seq, cpu_blocks)
             seq.status = SequenceStatus.SWAPPED
             self.swapped.appendleft(seq)
         out.blocks_to_swap_in.clear()
-        self._pending_copies = out.blocks_to_copy + self._pending_copies
+        self.block_manager.requeue_copies(out.blocks_to_copy)
 
     def _rollback_admission(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
 
-    def _finish(self, out: SchedulerOutput) -> SchedulerOutput:
-        # Feed sequences to the model in arrival order (stable batches, easy to read).
-        out.scheduled.sort(key=lambda s: s.seq.sort_key())
-        out.num_batched_tokens = sum(s.num_tokens for s in out.scheduled)
+    def _finish(self, out: SchedulerOutput, picked: list) -> SchedulerOutput:
+        """The picked sequences as plain data, in arrival order (stable batches, easy to
+        read); the requests the runner sees for the first time; the finished ones."""
+        picked.sort(key=lambda p: p[0].sort_key())
+        now = time.time()
+        for seq, n in picked:
+            out.scheduled.append(self._scheduled_seq(seq, n))
+            group = seq.group
+            if group.first_scheduled_time is None:
+                group.first_scheduled_time = now
+            if group.request_id not in self._runner_requests:
+                self._runner_requests.add(group.request_id)
+                out.new_requests.append(NewRequest(group.request_id, group.prompt_token_ids,
+                                                   group.sampling_params))
+        if not out.is_empty:      # else they wait for a step that reaches the runner
+            out.finished_request_ids, self._finished_ids = self._finished_ids, []
         return out
 
-    # -- after the forward pass -----------------------------------------------------------
-    def mark_computed(self, out: SchedulerOutput) -> None:
-        for s in out.scheduled:
-            seq = s.seq
-            if s.num_tokens > 1 or seq.num_output_tokens == 0:
-                self.num_prefill_tokens_computed += s.num_tokens
-            else:
-                self.num_decode_tokens_computed += s.num_tokens
-            seq.num_computed_tokens += s.num_tokens
-            seq.num_tokens_fed += s.num_tokens
-            self.block_manager.commit_computed(seq)
+    def _scheduled_seq(self, seq: Sequence, n: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        samples = 0
+        if start + n == seq.num_tokens:
+            samples = seq.group.n if not seq.group.forked else 1
+        penalized = samples and seq.params.has_penalties
+        return ScheduledSeq(
+            request_id=seq.request_id, seq_id=seq.seq_id, token_ids=seq.token_ids[start:start + n],
+            start=start, block_table=list(seq.block_table), num_samples=samples,
+            num_output_tokens=seq.num_output_tokens,
+            output_token_ids=seq.output_token_ids if penalized else None)
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    # -- after the step -------------------------------------------------------------------
+    def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
+        """Apply a step's results; returns the sequences that got new tokens (forked
+        children included), for output processing. Finished ones are already freed."""
+        if result.seq_ids != [s.seq_id for s in out.scheduled]:
+            raise ValueError("RunnerOutput.seq_ids do not match the SchedulerOutput's sequences")
+        live = [self._live_seq(s) for s in out.scheduled]
+        for s, seq in zip(out.scheduled, live):
+            if seq is not None:
+                self._mark_computed(seq, s.num_tokens)
+        now = time.time()
+        appended: list[Sequence] = []
+        for seq, sampled in zip(live, result.sampled):
+            if seq is None or not sampled:
+                continue
+            if not seq.group.forked:
+                appended.extend(self._fork(seq, sampled, now))
+            else:
+                self._append(seq, sampled, now)
+                appended.append(seq)
+        return appended
+
+    def _live_seq(self, s: ScheduledSeq) -> Optional[Sequence]:
+        group = self.groups.get(s.request_id)
+        if group is None:
+            return None           # aborted since it was scheduled
+        for seq in group.seqs:
+            if seq.seq_id == s.seq_id and not seq.status.is_finished:
+                return seq
+        return None
+
+    def _mark_computed(self, seq: Sequence, num_tokens: int) -> None:
+        if num_tokens > 1 or seq.num_output_tokens == 0:
+            self.num_prefill_tokens_computed += num_tokens
+        else:
+            self.num_decode_tokens_computed += num_tokens
+        seq.num_computed_tokens += num_tokens
+        seq.num_tokens_fed += num_tokens
+        self.block_manager.commit_computed(seq)
+
+    def rollback(self, seq: Sequence, num_tokens: int) -> None:
+        """Forget the KV of seq's last num_tokens computed tokens: the next time seq runs,
+        they are fed again (speculative decoding: the rejected draft tokens' KV; the caller
+        replaces those token ids first). Only tokens in blocks seq alone holds and that
+        are not in the prefix cache can be rolled back (others' KV must not change)."""
+        if not 0 <= num_tokens <= seq.num_computed_tokens:
+            raise ValueError(f"rollback num_tokens must be in [0, {seq.num_computed_tokens}], "
+                             f"got {num_tokens}")
+        new_computed = seq.num_computed_tokens - num_tokens
+        if not self.block_manager.is_private_from(seq, new_computed):
+            raise ValueError(f"sequence {seq.seq_id}: tokens from position {new_computed} on "
+                             f"share KV blocks (prefix cache or forks) and cannot be rolled back")
+        seq.num_computed_tokens = new_computed
+
+    def _append(self, seq: Sequence, sampled: list[SampledToken], now: float) -> None:
+        """Advance seq by the sampled tokens, in order, up to the first that stops it."""
+        for tok in sampled:
+            seq.append_token(tok.token_id, now)
+            if seq.params.logprobs is not None:
+                seq.logprobs = seq.logprobs or []
+                seq.logprobs.append(tok.top_logprobs or {})
+                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + (tok.logprob or 0.0)
+            if self._check_stop(seq):
+                return
+
+    def _fork(self, parent: Sequence, sampled: list[SampledToken], now: float) -> list[Sequence]:
+        """The prompt just completed: sample i goes to sequence i; samples 1.. are new
+        sequences sharing the parent's prompt KV."""
+        group = parent.group
+        children = []
+        for i, tok in enumerate(sampled[1:], start=1):
+            child = Sequence(group.prompt_token_ids, group, i)
+            child.token_ids = list(parent.token_ids)
+            self._append(child, [tok], now)
+            children.append(child)
+        group.seqs.extend(children)
+        group.forked = True
+        for child in children:            # before the parent's stop check can free its KV
+            if not child.status.is_finished:
+                self._place_child(parent, child)
+        self._append(parent, sampled[:1], now)
+        return [parent] + children
+
+    def _place_child(self, parent: Sequence, child: Sequence) -> None:
         """Start sample `child` (its first token already appended) from the parent's KV, or
         queue it for recompute when no block or running slot is free."""
-        if len(self.running) < self.config.max_num_seqs:
-            try:
-                copy = self.block_manager.fork(parent, child)
-            except RuntimeError:
-                copy = False
-            if copy is not False:
-                if copy is not None:
-                    self._pending_copies.append(copy)     # the runner copies it next step
-                self._insert_running(child)
-                return
+        if len(self.running) < self.config.max_num_seqs and self.block_manager.fork(parent, child):
+            self._insert_running(child)
+            return
         child.block_hashes = list(parent.block_hashes)
         self._insert_waiting(child)
 
+    def _check_stop(self, seq: Sequence) -> bool:
+        """vLLM's order: min_tokens, stop token ids / eos, then length (stop strings are
+        the output processor's: stop_at_string). True when seq finished."""
+        params = seq.params
+        last = seq.token_ids[-1]
+        if seq.num_output_tokens >= params.min_tokens and last in params.all_stop_token_ids:
+            # vLLM: stop_reason is the id for stop_token_ids, None for eos.
+            seq.stop_reason = last if last in params.stop_token_ids else None
+            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            return True
+        if (seq.num_output_tokens >= self.max_new_tokens(seq.group)
+                or seq.num_tokens >= self.config.max_model_len):
+            self.finish(seq, SequenceStatus.FINISHED_LENGTH)
+            return True
+        return False
+
+    def stop_at_string(self, seq: Sequence, stop: str) -> None:
+        """seq's text reached stop string `stop` (found by the output processor). A stop
+        string wins over the length limit its last token also reached."""
+        seq.stop_reason = stop
+        if seq.status.is_finished:
+            seq.status = SequenceStatus.FINISHED_STOPPED
+        else:
+            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         self._remove(seq)
-        self._release(seq)
+        self.block_manager.free(seq)
         seq.status = status
 
-    def _release(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
-        if seq.swapped_kv is not None:
-            self.free_swap_blocks.extend(seq.swapped_kv)
-            seq.swapped_kv = None
-
     def abort(self, request_id: str) -> Optional[SequenceGroup]:
-        group = self.groups.pop(request_id, None)
+        group = self.groups.get(request_id)
         if group is None:
             return None
         for seq in group.seqs:
             if not seq.status.is_finished:
                 self.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        self.retire(group)
         return group
 
     def retire(self, group: SequenceGroup) -> None:
+        """Forget a finished request; the runner drops its state with the next step."""
         self.groups.pop(group.request_id, None)
+        if group.request_id in self._runner_requests:
+            self._runner_requests.discard(group.request_id)
+            self._finished_ids.append(group.request_id)
+
+    def failed_step_requests(self, out: SchedulerOutput, cache_ops_failed: bool) -> list[str]:
+        """The requests a failed step leaves in an unknown state: the scheduled ones; when
+        execute() failed (block moves maybe half done), also those whose KV a block move
+        of this step was to fill."""
+        ids = {s.request_id for s in out.scheduled}
+        if cache_ops_failed:
+            # Swapped out in this step: the copy to CPU may not have happened.
+            swapped_to = {cpu for _, cpu in out.blocks_to_swap_out}
+            ids.update(seq.request_id for seq in self.swapped
+                       if swapped_to.intersection(seq.swapped_kv))
+            # A forked child's last block is a copy made in this step; the child may not
+            # be scheduled this step, and would run on with a garbage block.
+            copied_to = {dst for _, dst in out.blocks_to_copy}
+            if copied_to:
+                for group in self.groups.values():
+                    if any(copied_to.intersection(seq.block_table) for seq in group.seqs
+                           if not seq.status.is_finished):
+                        ids.add(group.request_id)
+        return sorted(ids)

@@ -59,7 +59,7 @@ class Sequence:
         self.stop_reason = None                  # the stop string or token id that finished it
         self.swapped_kv: Optional[list[int]] = None   # CPU swap block ids while SWAPPED
         self.output_text = ""                   # detokenized output (stop string trimmed)
-        self.detokenizer = None                  # incremental detokenizer state, engine's
+        self.detokenizer = None                  # incremental detokenizer (the output processor's)
         self.cumulative_logprob = None
         self.logprobs = None                     # list of {token_id: Logprob} when asked
         self.first_token_time: Optional[float] = None
@@ -137,12 +137,8 @@ class SequenceGroup:
         self.forked = self.n == 1
         self.finish_time: Optional[float] = None
         self.first_scheduled_time: Optional[float] = None
-        self.generator = None         # torch.Generator shared by the samples when seeded
         self.num_returned_tokens = [0] * self.n    # per sample, for delta outputs
         self.num_returned_chars = [0] * self.n
-        # The prompt as a [prompt_len] int64 tensor on the engine's device, cached by the
-        # runner the first time a repetition penalty needs it (no re-upload every step).
-        self.device_prompt_tokens = None
 
     @property
     def prompt_len(self) -> int:

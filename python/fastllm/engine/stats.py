@@ -107,7 +107,7 @@ def kv_cache_report(seq_lens: Sequence[int], block_size: int, max_model_len: int
     contiguous_*       the same for max_model_len slots reserved per sequence
     memory_saving_x    contiguous slots / paged slots
     prefix_hit_rate    prefix_hits / prefix_queries (None when nothing was queried)
-    *_bytes            with bytes_per_token (ModelRunner.kv_bytes_per_block / block_size)
+    *_bytes            with bytes_per_token (KVCache.bytes_per_block / block_size)
 
     block_fill: tokens in each distinct block the sequences hold (BlockManager.block_fill),
     when blocks are shared; without it every sequence is taken to own its blocks.
@@ -208,7 +208,7 @@ def engine_kv_report(engine) -> dict:
                            prefix_hits=int(bm.prefix_hit_tokens),
                            prefix_queries=int(bm.prefix_queried_tokens),
                            preemptions=int(sched.num_preemptions),
-                           bytes_per_token=engine.runner.kv_bytes_per_block() // bm.block_size,
+                           bytes_per_token=engine.runner.kv.bytes_per_block // bm.block_size,
                            block_fill=list(bm.block_fill(running).values()))
 
 

@@ -7,7 +7,7 @@
 
 from_requests = stage (host only: numpy arrays, no device access) + upload + finish. An
 engine stages the batch before launching the forward pass and uploads the arrays in one
-pinned copy (ModelRunner.prepare_sampling), so building it never waits for the device.
+pinned copy (InputBatch.prepare_sampling), so building it never waits for the device.
 
 Order of operations (vLLM's v0 order):
   1. raw logprobs = log_softmax(logits) -- what `logprobs` reports, as vLLM does by default
