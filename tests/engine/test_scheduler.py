@@ -795,3 +795,113 @@ def test_swap_in_without_blocks_is_an_error_not_a_silent_overrun(monkeypatch):
         assert finished[str(i)].outputs[0].token_ids == reference_generate(prompt, 20, ignore_eos=True)
     assert engine.block_manager.num_swap_blocks_used == 0
     assert_clean(engine)
+
+
+def test_close_with_swapped_running_and_waiting_requests_loses_nothing():
+    """close() releases the swap space: the swapped-out request goes back to be
+    recomputed, the engine swaps no more, and every request -- swapped, running, waiting --
+    still finishes with the reference tokens, leaving no block in use."""
+    engine = make_engine(max_num_batched_tokens=8, num_kv_blocks=24, swap_space=0.001,
+                         max_model_len=96, max_num_seqs=2)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = {"old": list(range(5, 45)), "victim": list(range(3, 15)), "queued": [7, 8, 9]}
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, sp)
+    sch = engine.scheduler
+    victim = sch.groups["victim"].seqs[0]
+    finished = {}
+    for _ in range(200):
+        if victim.status is SequenceStatus.SWAPPED:
+            break
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert victim.status is SequenceStatus.SWAPPED and sch.running and sch.waiting
+    assert engine.block_manager.num_swap_blocks_used > 0
+    engine.close()
+    assert not sch.swapped and victim.status is SequenceStatus.WAITING
+    assert victim.num_computed_tokens == 0 and victim.swapped_kv is None
+    assert engine.block_manager.num_swap_blocks == engine.block_manager.num_swap_blocks_used == 0
+    swaps = sch.num_swaps_out
+    finished.update(run_all(engine))
+    assert sch.num_swaps_out == swaps                # no swap-out (or swap-in) after close
+    for rid, p in prompts.items():
+        assert finished[rid].outputs[0].token_ids == reference_generate(p, 40, ignore_eos=True)
+        assert finished[rid].outputs[0].finish_reason == "length"
+    engine.close()                                   # idempotent
+    assert_clean(engine)
+
+
+def test_rollback_refeeds_the_forgotten_tokens_and_changes_nothing_else():
+    """Scheduler.rollback(seq, k): the KV of the last k computed tokens is forgotten and
+    fed again the next step (one chunk of k + 1 tokens), outputs unchanged. Tokens in
+    shared or prefix-cached blocks cannot be rolled back."""
+    engine = make_engine(max_model_len=64, enable_prefix_caching=False)
+    prompt = list(range(3, 13))
+    engine.add_request("a", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for _ in range(4):
+        engine.step()                                # prefill + 3 decodes
+    seq = engine.scheduler.groups["a"].seqs[0]
+    assert seq.num_computed_tokens == seq.num_tokens - 1 == 13
+    blocks = list(seq.block_table)
+    with pytest.raises(ValueError, match="rollback num_tokens"):
+        engine.scheduler.rollback(seq, 14)
+    engine.scheduler.rollback(seq, 5)
+    assert seq.num_computed_tokens == 8 and seq.block_table == blocks
+    calls = engine.runner.model.calls
+    n = len(calls)
+    out = run_all(engine)
+    assert calls[n] == 6                             # the 5 forgotten tokens + the last one
+    assert out["a"].outputs[0].token_ids == reference_generate(prompt, 12, ignore_eos=True)
+    assert_clean(engine)
+
+    cached = make_engine(max_model_len=64)           # prefix caching on
+    cached.add_request("b", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    cached.step()
+    seq = cached.scheduler.groups["b"].seqs[0]       # 10 computed: blocks 0, 1 registered
+    with pytest.raises(ValueError, match="cannot be rolled back"):
+        cached.scheduler.rollback(seq, 3)
+    cached.scheduler.rollback(seq, 2)                # positions 8, 9: block 2, its own
+    assert seq.num_computed_tokens == 8
+    out = run_all(cached)
+    assert out["b"].outputs[0].token_ids == reference_generate(prompt, 12, ignore_eos=True)
+    assert_clean(cached)
+
+
+def _one_step_result(out, tokens_per_seq):
+    from fastllm.engine.step_data import RunnerOutput, SampledToken
+    return RunnerOutput(seq_ids=[s.seq_id for s in out.scheduled],
+                        sampled=[[SampledToken(t) for t in tokens_per_seq(s)] for s in out.scheduled])
+
+
+def test_update_advances_a_sequence_by_k_tokens_up_to_the_first_stop():
+    """A RunnerOutput may carry k > 1 tokens for a sequence (speculative decoding's
+    accepted tokens): update() appends them in order, checks stops after each, and drops
+    what follows a stop token or the length limit."""
+    engine = make_engine(max_model_len=64)
+    sch = engine.scheduler
+    engine.add_request("k", [5, 6, 7], SamplingParams(temperature=0, max_tokens=10,
+                                                      stop_token_ids=[33]))
+    engine.add_request("len", [8, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    out = sch.schedule()
+    scripted = {"k": [20, 21, 22], "len": [40, 41, 42]}
+    grown = sch.update(out, _one_step_result(out, lambda s: scripted[s.request_id]))
+    k, length = sch.groups["k"].seqs[0], sch.groups["len"].seqs[0]
+    assert grown == [k, length]
+    assert k.output_token_ids == [20, 21, 22] and k.num_computed_tokens == 3
+    assert length.output_token_ids == [40, 41, 42]
+    out = sch.schedule()                             # k feeds its 3 new tokens
+    assert [s.token_ids for s in out.scheduled] == [[20, 21, 22], [40, 41, 42]]
+    scripted = {"k": [23, 33, 24], "len": [43, 44]}
+    sch.update(out, _one_step_result(out, lambda s: scripted[s.request_id]))
+    assert k.output_token_ids == [20, 21, 22, 23, 33] and k.status is SequenceStatus.FINISHED_STOPPED
+    assert k.stop_reason == 33 and k.block_table == []
+    assert length.output_token_ids == [40, 41, 42, 43] and length.status is SequenceStatus.FINISHED_LENGTH
+    assert not sch.running and engine.block_manager.num_used_blocks == 0
+
+
+def test_update_refuses_a_runner_output_for_other_sequences():
+    engine = make_engine(max_model_len=64)
+    engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3))
+    out = engine.scheduler.schedule()
+    from fastllm.engine.step_data import RunnerOutput
+    with pytest.raises(ValueError, match="seq_ids"):
+        engine.scheduler.update(out, RunnerOutput(seq_ids=[-5], sampled=[[]]))
