@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fastllm.utils import check_positive_int
+
 # HF `architectures[0]` values the Llama-family model implements.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -68,9 +70,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim",
                      "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
@@ -227,9 +227,7 @@ class EngineConfig:
 
     def __post_init__(self):
         def positive_int(name):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+            check_positive_int(f"EngineConfig.{name}", getattr(self, name))
 
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_seq_len_to_capture"):
             positive_int(name)

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from fastllm.utils import cdiv
+
 
 def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     block_size = k_cache.shape[1]
@@ -38,7 +40,7 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
 def gather_kv(cache, block_table, seq_len: int):
     """[seq_len, num_kv_heads, head_dim] rows of one sequence, in position order."""
     block_size = cache.shape[1]
-    num_blocks = (seq_len + block_size - 1) // block_size
+    num_blocks = cdiv(seq_len, block_size)
     rows = cache[block_table[:num_blocks].long()].flatten(0, 1)
     return rows[:seq_len]
 

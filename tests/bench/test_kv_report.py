@@ -68,14 +68,6 @@ def test_shared_blocks_count_once():
         kv_cache_report([20], block_size=16, max_model_len=64, block_fill=[16, 17])
 
 
-def test_bench_module_re_exports_the_engine_report():
-    from fastllm.bench import kv_report
-    from fastllm.engine import stats
-    assert kv_report.kv_cache_report is stats.kv_cache_report
-    assert kv_report.track_kv_peak is stats.track_kv_peak
-    assert not hasattr(kv_report, "kv_bytes_per_token")     # kv_cache.kv_bytes_per_block is the one
-
-
 def test_generate_does_not_import_the_benchmarks():
     import subprocess
     import sys

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from fastllm.bench.runner import median, progress, sync, time_op, write_json
+from fastllm.utils import check_positive_int
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -47,8 +48,7 @@ BUSBW_FORMULA = "algbw * 2*(n-1)/n, algbw = bytes / time (slowest rank)"
 def gemm_flops(m: int, n: int, k: int) -> int:
     """FLOPs of C[M,N] = A[M,K] @ B[K,N]: M*N dot products of length K, each K multiply-adds."""
     for name, v in (("M", m), ("N", n), ("K", k)):
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"GEMM {name} must be a positive integer, got {v!r}")
+        check_positive_int(f"GEMM {name}", v)
     return 2 * m * n * k
 
 

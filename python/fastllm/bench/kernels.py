@@ -39,6 +39,7 @@ import torch
 from fastllm import ops, reference
 from fastllm.bench.hardware import bench_copy, bench_gemm
 from fastllm.bench.runner import median, time_op, write_json
+from fastllm.utils import cdiv, check_positive_int
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -129,13 +130,12 @@ def paged_attention_bytes(num_seqs: int, seq_len: int, q_len: int, num_heads: in
     for name, v in (("num_seqs", num_seqs), ("seq_len", seq_len), ("q_len", q_len),
                     ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                     ("head_dim", head_dim), ("block_size", block_size), ("elem_bytes", elem_bytes)):
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_int(name, v)
     if q_len > seq_len:
         raise ValueError(f"q_len ({q_len}) cannot exceed seq_len ({seq_len})")
     kv = 2 * num_seqs * seq_len * num_kv_heads * head_dim * elem_bytes
     q_and_out = 2 * num_seqs * q_len * num_heads * head_dim * elem_bytes
-    blocks_per_seq = -(-seq_len // block_size)
+    blocks_per_seq = cdiv(seq_len, block_size)
     metadata = (num_seqs * blocks_per_seq + num_seqs + num_seqs + 1) * _INDEX_BYTES
     return kv + q_and_out + metadata
 
@@ -190,7 +190,7 @@ def make_attention_inputs(case: AttentionCase, dtype: torch.dtype, device, seed:
     positions. Block 0 is left unused (the null block)."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)    # drawn on the device: GBs on a GPU
-    blocks_per_seq = -(-case.seq_len // case.block_size)
+    blocks_per_seq = cdiv(case.seq_len, case.block_size)
     num_blocks = case.num_seqs * blocks_per_seq + 1
     kv_shape = (num_blocks, case.block_size, case.num_kv_heads, case.head_dim)
     k_cache = torch.randn(kv_shape, generator=gen, device=device, dtype=dtype)
@@ -543,7 +543,7 @@ def measure_ceilings(device, dtype: torch.dtype, small: bool, warmup: int, iters
 def run_kernels(device="auto", dtype: str = "auto", small: Optional[bool] = None,
                 warmup: Optional[int] = None, iters: Optional[int] = None,
                 only: Optional[list] = None) -> dict:
-    from fastllm.engine.llm_engine import resolve_device
+    from fastllm.model.loader import resolve_device
     device = resolve_device(device)
     on_gpu = device.type == "cuda"
     small = (not on_gpu) if small is None else small

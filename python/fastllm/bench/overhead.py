@@ -23,6 +23,7 @@ from fastllm.bench import models
 from fastllm.bench.runner import write_json
 from fastllm.config import EngineConfig
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
+from fastllm.utils import cdiv
 
 
 def add_arguments(parser) -> None:
@@ -55,7 +56,7 @@ def measure(loaded, batch: int, input_len: int, steps: int, warmup: int, seed: i
     """Median host overhead and step time (seconds) over `steps` all-decode steps."""
     max_len = input_len + warmup + steps + 8
     cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(batch * input_len, 256),
-                       max_model_len=max_len, num_kv_blocks=batch * (-(-max_len // 16)) + 1,
+                       max_model_len=max_len, num_kv_blocks=batch * cdiv(max_len, 16) + 1,
                        seed=seed)
     engine = models.make_engine(loaded, cfg)
     rng = random.Random(seed)

@@ -220,7 +220,7 @@ def resolve_preset(args) -> Optional[str]:
         raise ValueError(f"--random-weights {args.random_weights!r} and --config {args.config!r} disagree")
     if named:
         return named[0]
-    from fastllm.engine.llm_engine import resolve_device
+    from fastllm.model.loader import resolve_device
     return "llama3-8b" if resolve_device(args.device).type == "cuda" else "tiny"
 
 

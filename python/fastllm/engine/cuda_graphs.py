@@ -40,7 +40,7 @@ import torch
 
 from fastllm import ops
 from fastllm.model.layers import AttentionMetadata
-from fastllm.utils import cdiv
+from fastllm.utils import cdiv, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +225,7 @@ class DecodeGraphRunner:
                  vocab_size: int, device: torch.device, capturer):
         if not batch_sizes or any(b <= 0 for b in batch_sizes):
             raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
-        if max_blocks_per_seq <= 0:
-            raise ValueError(f"max_blocks_per_seq must be positive, got {max_blocks_per_seq}")
+        check_positive_int("max_blocks_per_seq", max_blocks_per_seq)
         self.model = model
         self.kv_caches = kv_caches
         self.batch_sizes = sorted(set(batch_sizes))

@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fastllm.utils import cdiv
+
 # Every packed array starts at a multiple of this (the widest element: int64 / float64),
 # so the device copy can be viewed as any dtype at its offset.
 _ALIGN = 8
@@ -59,7 +61,7 @@ class StagingBuffer:
         offsets, total = {}, 0
         for name, a in arrays.items():
             offsets[name] = total
-            total += -(-a.nbytes // _ALIGN) * _ALIGN
+            total += cdiv(a.nbytes, _ALIGN) * _ALIGN
         host = self.host(max(total, _ALIGN))
         buf = host.numpy()
         for name, a in arrays.items():

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from fastllm.utils import cdiv, check_positive_int
+
 
 @dataclass
 class RequestLatency:
@@ -112,8 +114,8 @@ def kv_cache_report(seq_lens: Sequence[int], block_size: int, max_model_len: int
     block_fill: tokens in each distinct block the sequences hold (BlockManager.block_fill),
     when blocks are shared; without it every sequence is taken to own its blocks.
     logical_tokens is sum(seq_lens), what a contiguous cache stores (no sharing)."""
-    _positive_int("block_size", block_size)
-    _positive_int("max_model_len", max_model_len)
+    check_positive_int("block_size", block_size)
+    check_positive_int("max_model_len", max_model_len)
     seq_lens = list(seq_lens)
     for i, n in enumerate(seq_lens):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -127,7 +129,7 @@ def kv_cache_report(seq_lens: Sequence[int], block_size: int, max_model_len: int
     if prefix_hits > prefix_queries:
         raise ValueError(f"prefix_hits ({prefix_hits}) exceeds prefix_queries ({prefix_queries})")
     if bytes_per_token is not None:
-        _positive_int("bytes_per_token", bytes_per_token)
+        check_positive_int("bytes_per_token", bytes_per_token)
     if block_fill is not None:
         block_fill = list(block_fill)
         for i, n in enumerate(block_fill):
@@ -137,7 +139,7 @@ def kv_cache_report(seq_lens: Sequence[int], block_size: int, max_model_len: int
     logical = sum(seq_lens)
     if block_fill is None:
         tokens = logical
-        blocks = sum(-(-n // block_size) for n in seq_lens)
+        blocks = sum(cdiv(n, block_size) for n in seq_lens)
     else:
         tokens, blocks = sum(block_fill), len(block_fill)
     slots = blocks * block_size
@@ -266,11 +268,6 @@ def track_kv_peak(engine):
             engine.step = outer
         else:
             del engine.step      # back to the class's method
-
-
-def _positive_int(name: str, v) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
 def _bytes(n: int) -> str:
