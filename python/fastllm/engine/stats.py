@@ -114,28 +114,10 @@ def kv_cache_report(seq_lens: Sequence[int], block_size: int, max_model_len: int
     block_fill: tokens in each distinct block the sequences hold (BlockManager.block_fill),
     when blocks are shared; without it every sequence is taken to own its blocks.
     logical_tokens is sum(seq_lens), what a contiguous cache stores (no sharing)."""
-    check_positive_int("block_size", block_size)
-    check_positive_int("max_model_len", max_model_len)
     seq_lens = list(seq_lens)
-    for i, n in enumerate(seq_lens):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"seq_lens[{i}] must be a non-negative integer, got {n!r}")
-        if n > max_model_len:
-            raise ValueError(f"seq_lens[{i}] = {n} exceeds max_model_len = {max_model_len}")
-    for name, v in (("prefix_hits", prefix_hits), ("prefix_queries", prefix_queries),
-                    ("preemptions", preemptions)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-    if prefix_hits > prefix_queries:
-        raise ValueError(f"prefix_hits ({prefix_hits}) exceeds prefix_queries ({prefix_queries})")
-    if bytes_per_token is not None:
-        check_positive_int("bytes_per_token", bytes_per_token)
-    if block_fill is not None:
-        block_fill = list(block_fill)
-        for i, n in enumerate(block_fill):
-            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= block_size:
-                raise ValueError(f"block_fill[{i}] must be an integer in [0, {block_size}], got {n!r}")
-
+    block_fill = None if block_fill is None else list(block_fill)
+    _check_report_inputs(seq_lens, block_size, max_model_len, prefix_hits, prefix_queries,
+                         preemptions, bytes_per_token, block_fill)
     logical = sum(seq_lens)
     if block_fill is None:
         tokens = logical
@@ -171,6 +153,29 @@ def kv_cache_report(seq_lens: Sequence[int], block_size: int, max_model_len: int
                       wasted_bytes=(slots - tokens) * bytes_per_token,
                       contiguous_bytes=contiguous_slots * bytes_per_token)
     return report
+
+
+def _check_report_inputs(seq_lens: list, block_size, max_model_len, prefix_hits, prefix_queries,
+                         preemptions, bytes_per_token, block_fill: Optional[list]) -> None:
+    check_positive_int("block_size", block_size)
+    check_positive_int("max_model_len", max_model_len)
+    for i, n in enumerate(seq_lens):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"seq_lens[{i}] must be a non-negative integer, got {n!r}")
+        if n > max_model_len:
+            raise ValueError(f"seq_lens[{i}] = {n} exceeds max_model_len = {max_model_len}")
+    for name, v in (("prefix_hits", prefix_hits), ("prefix_queries", prefix_queries),
+                    ("preemptions", preemptions)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+    if prefix_hits > prefix_queries:
+        raise ValueError(f"prefix_hits ({prefix_hits}) exceeds prefix_queries ({prefix_queries})")
+    if bytes_per_token is not None:
+        check_positive_int("bytes_per_token", bytes_per_token)
+    if block_fill is not None:
+        for i, n in enumerate(block_fill):
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= block_size:
+                raise ValueError(f"block_fill[{i}] must be an integer in [0, {block_size}], got {n!r}")
 
 
 def format_kv_report(report: dict) -> str:
