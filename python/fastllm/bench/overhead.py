@@ -8,8 +8,10 @@ model's own forward is timed inside it (a wrapper around `model.forward`), and
     host overhead = step() wall time - forward wall time
 
 i.e. scheduling, input and sampling packing, the sampler, and the post-step update and
-output processing. Median over the timed steps, per batch size. CPU only: on a GPU the
-forward is asynchronous and this subtraction would not mean the same thing.
+output processing. Median over the timed steps, per batch size, twice: in wall time, and
+in the CPU time of the engine's thread (time.thread_time; torch runs on that one thread,
+--threads 1), which other processes on a shared machine barely disturb. CPU only: on a
+GPU the forward is asynchronous and this subtraction would not mean the same thing.
 """
 from __future__ import annotations
 
@@ -33,27 +35,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="decode steps run before timing")
     parser.add_argument("--preset", default="tiny", choices=sorted(models.RANDOM_PRESETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--output-json", default=None)
 
 
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
 class _ForwardTimer:
-    """Wraps model.forward: adds each call's wall time to `seconds`."""
+    """Wraps model.forward: adds each call's (wall, thread CPU) time to `spent`."""
 
     def __init__(self, model):
-        self.seconds = 0.0
+        self.spent = (0.0, 0.0)
         self._forward = model.forward
         model.forward = self
 
     def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        start = _clocks()
         try:
             return self._forward(*args, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - t0
+            end = _clocks()
+            self.spent = (self.spent[0] + end[0] - start[0], self.spent[1] + end[1] - start[1])
 
 
 def measure(loaded, batch: int, input_len: int, steps: int, warmup: int, seed: int) -> dict:
-    """Median host overhead and step time (seconds) over `steps` all-decode steps."""
+    """Median host overhead (wall and thread CPU) and step time, in seconds, over
+    `steps` all-decode steps."""
     max_len = input_len + warmup + steps + 8
     cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(batch * input_len, 256),
                        max_model_len=max_len, num_kv_blocks=batch * cdiv(max_len, 16) + 1,
@@ -70,21 +79,21 @@ def measure(loaded, batch: int, input_len: int, steps: int, warmup: int, seed: i
     for _ in range(warmup):
         engine.step()
     timer = _ForwardTimer(loaded.model)
-    overheads, totals = [], []
+    walls, cpus, totals = [], [], []
     try:
         for _ in range(steps):
-            before = timer.seconds
-            t0 = time.perf_counter()
+            before, start = timer.spent, _clocks()
             engine.step()
-            total = time.perf_counter() - t0
-            totals.append(total)
-            overheads.append(total - (timer.seconds - before))
+            end, after = _clocks(), timer.spent
+            totals.append(end[0] - start[0])
+            walls.append(end[0] - start[0] - (after[0] - before[0]))
+            cpus.append(end[1] - start[1] - (after[1] - before[1]))
     finally:
         del loaded.model.forward          # back to the class's forward
     engine.abort_request([str(i) for i in range(batch)])
     engine.close()
-    return {"batch": batch, "host_overhead_s": statistics.median(overheads),
-            "step_s": statistics.median(totals)}
+    return {"batch": batch, "host_overhead_s": statistics.median(walls),
+            "host_overhead_cpu_s": statistics.median(cpus), "step_s": statistics.median(totals)}
 
 
 def run(args) -> None:
@@ -93,13 +102,15 @@ def run(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if any(b < 1 for b in args.batch):
         raise ValueError("--batch sizes must be >= 1")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads < 1:
+        raise ValueError("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
     loaded = models.load(random_weights=args.preset, device="cpu", dtype="float32", seed=args.seed)
     results = []
     for batch in args.batch:
         r = measure(loaded, batch, args.input_len, args.steps, args.warmup, args.seed)
         results.append(r)
-        print(f"batch {batch:>4}: host overhead {r['host_overhead_s'] * 1e3:.3f} ms/step "
-              f"(step {r['step_s'] * 1e3:.3f} ms)")
+        print(f"batch {batch:>4}: host overhead {r['host_overhead_cpu_s'] * 1e3:.3f} ms/step CPU, "
+              f"{r['host_overhead_s'] * 1e3:.3f} ms wall (step {r['step_s'] * 1e3:.3f} ms wall)")
     if args.output_json:
         write_json(args.output_json, {"preset": args.preset, "results": results})

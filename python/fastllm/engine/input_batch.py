@@ -144,7 +144,7 @@ class InputBatch:
         pinned copy. A step samples more rows than max_num_seqs only when n > 1 prompts
         complete together; it is then split into chunks of max_num_seqs rows, the most
         the sampler's memory was profiled for."""
-        rows, states, prompts, outputs, num_outputs = [], [], [], [], []
+        rows, states, params, gens, prompts, outputs, num_outputs = [], [], [], [], [], [], []
         for i, s in enumerate(scheduled):
             if not s.num_samples:
                 continue
@@ -153,11 +153,13 @@ class InputBatch:
             # The prompt only for the repetition penalty (most requests have none); it
             # goes up once per request: later steps pass its cached device tensor.
             prompt = None
-            if p.has_penalties and p.repetition_penalty != 1.0:
+            if p.repetition_penalty != 1.0:
                 prompt = state.device_prompt if state.device_prompt is not None else state.prompt_token_ids
             for _ in range(s.num_samples):
                 rows.append(i)
                 states.append(state)
+                params.append(p)
+                gens.append(state.generator)
                 prompts.append(prompt)
                 outputs.append(s.output_token_ids)
                 num_outputs.append(s.num_output_tokens)
@@ -167,8 +169,7 @@ class InputBatch:
         arrays = {}
         for c, a in enumerate(range(0, len(rows), self.max_num_seqs)):
             b = min(a + self.max_num_seqs, len(rows))
-            st = SamplingBatch.stage([r.params for r in states[a:b]], [r.generator for r in states[a:b]],
-                                     prompts[a:b], outputs[a:b], self.device,
+            st = SamplingBatch.stage(params[a:b], gens[a:b], prompts[a:b], outputs[a:b], self.device,
                                      num_output_tokens=num_outputs[a:b], vocab_size=self.vocab_size)
             staged.append((a, b, st))
             arrays.update((f"{c}/{name}", v) for name, v in st.arrays.items())
@@ -184,7 +185,7 @@ class InputBatch:
                 if states[a + j].device_prompt is None:
                     states[a + j].device_prompt = tensor
             chunks.append((a, b, batch))
-        return SamplingStep(rows=rows, params=[r.params for r in states], chunks=chunks,
+        return SamplingStep(rows=rows, params=params, chunks=chunks,
                             row_index=None if in_order else dev["rows"])
 
 

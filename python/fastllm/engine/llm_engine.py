@@ -165,16 +165,15 @@ class LLMEngine:
         self.num_steps += 1
         for seq, stop in self.output_processor.detokenize(seqs):
             self.scheduler.stop_at_string(seq, stop)
-        groups = list({seq.request_id: seq.group for seq in seqs}.values())
+        groups = {seq.group.request_id: seq.group for seq in seqs}.values()
+        finished = [group for group in groups if group.is_finished]
         now = time.time()
-        for group in groups:
-            if group.is_finished:
-                group.finish_time = now
+        for group in finished:
+            group.finish_time = now
         outputs = self.output_processor.make_outputs(groups)
-        for group in groups:
-            if group.is_finished:
-                self.scheduler.retire(group)
-                self.finished_latencies.append(request_latency(group))
+        for group in finished:
+            self.scheduler.retire(group)
+            self.finished_latencies.append(request_latency(group))
         return outputs
 
     # -- stats ---------------------------------------------------------------------------

@@ -32,6 +32,8 @@ class OutputProcessor:
         """Extend each sequence's output_text by its new tokens; the (seq, stop string)
         of those whose text now holds a stop string (the text is already cut there)."""
         stops = []
+        if self.tokenizer is None:        # no text: nothing to decode, no stop string to find
+            return stops
         for seq in seqs:
             params = seq.params
             # A stop token's own text is left out (eos is special and skipped anyway).
@@ -71,7 +73,7 @@ class OutputProcessor:
     def make_outputs(self, groups: Iterable[SequenceGroup]) -> list[RequestOutput]:
         """A RequestOutput per group whose output_kind asks for one this step."""
         return [self.make_output(g) for g in groups
-                if g.is_finished or g.sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY]
+                if g.sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY or g.is_finished]
 
     def make_output(self, group: SequenceGroup) -> RequestOutput:
         completions = [self._completion(group, seq)

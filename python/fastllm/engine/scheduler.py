@@ -264,17 +264,17 @@ class Scheduler:
             out.finished_request_ids, self._finished_ids = self._finished_ids, []
         return out
 
-    def _scheduled_seq(self, seq: Sequence, n: int) -> ScheduledSeq:
-        start = seq.num_computed_tokens
-        samples = 0
-        if start + n == seq.num_tokens:
-            samples = seq.group.n if not seq.group.forked else 1
-        penalized = samples and seq.params.has_penalties
-        return ScheduledSeq(
-            request_id=seq.request_id, seq_id=seq.seq_id, token_ids=seq.token_ids[start:start + n],
-            start=start, block_table=list(seq.block_table), num_samples=samples,
-            num_output_tokens=seq.num_output_tokens,
-            output_token_ids=seq.output_token_ids if penalized else None)
+    @staticmethod
+    def _scheduled_seq(seq: Sequence, n: int) -> ScheduledSeq:
+        # Runs per sequence per step: plain attribute reads, positional arguments.
+        group, tokens, start = seq.group, seq.token_ids, seq.num_computed_tokens
+        samples, output_ids = 0, None
+        if start + n == len(tokens):
+            samples = 1 if group.forked else group.n
+            if group.sampling_params.has_penalties:
+                output_ids = tokens[seq.prompt_len:]
+        return ScheduledSeq(group.request_id, seq.seq_id, tokens[start:start + n], start,
+                            seq.block_table.copy(), samples, len(tokens) - seq.prompt_len, output_ids)
 
     # -- after the step -------------------------------------------------------------------
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
@@ -332,9 +332,10 @@ class Scheduler:
 
     def _append(self, seq: Sequence, sampled: list[SampledToken], now: float) -> None:
         """Advance seq by the sampled tokens, in order, up to the first that stops it."""
+        want_logprobs = seq.group.sampling_params.logprobs is not None
         for tok in sampled:
             seq.append_token(tok.token_id, now)
-            if seq.params.logprobs is not None:
+            if want_logprobs:
                 seq.logprobs = seq.logprobs or []
                 seq.logprobs.append(tok.top_logprobs or {})
                 seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + (tok.logprob or 0.0)
@@ -371,15 +372,15 @@ class Scheduler:
     def _check_stop(self, seq: Sequence) -> bool:
         """vLLM's order: min_tokens, stop token ids / eos, then length (stop strings are
         the output processor's: stop_at_string). True when seq finished."""
-        params = seq.params
-        last = seq.token_ids[-1]
-        if seq.num_output_tokens >= params.min_tokens and last in params.all_stop_token_ids:
+        params = seq.group.sampling_params
+        tokens = seq.token_ids
+        last, num_output = tokens[-1], len(tokens) - seq.prompt_len
+        if num_output >= params.min_tokens and last in params.all_stop_token_ids:
             # vLLM: stop_reason is the id for stop_token_ids, None for eos.
             seq.stop_reason = last if last in params.stop_token_ids else None
             self.finish(seq, SequenceStatus.FINISHED_STOPPED)
             return True
-        if (seq.num_output_tokens >= self.max_new_tokens(seq.group)
-                or seq.num_tokens >= self.config.max_model_len):
+        if num_output >= self.max_new_tokens(seq.group) or len(tokens) >= self.config.max_model_len:
             self.finish(seq, SequenceStatus.FINISHED_LENGTH)
             return True
         return False

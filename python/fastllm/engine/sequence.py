@@ -13,6 +13,8 @@ import time
 from typing import Optional
 
 _seq_ids = itertools.count()
+# The finished statuses' values: a str set lookup (this is asked per sequence per step).
+_FINISHED_VALUES = frozenset(("stop", "length", "abort"))
 
 
 class SequenceStatus(enum.Enum):
@@ -25,8 +27,7 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+        return self._value_ in _FINISHED_VALUES
 
     @property
     def finish_reason(self) -> Optional[str]:
