@@ -505,7 +505,7 @@ def test_rollback_refeeds_the_forgotten_tokens_and_changes_nothing_else():
 def _one_step_result(out, tokens_per_seq):
     from fastllm.engine.step_data import RunnerOutput, SampledToken
     return RunnerOutput(seq_ids=[s.seq_id for s in out.scheduled],
-                        sampled=[[SampledToken(t) for t in tokens_per_seq(s)] for s in out.scheduled])
+                        sampled=[[SampledToken(t, None, None) for t in tokens_per_seq(s)] for s in out.scheduled])
 
 
 def test_update_advances_a_sequence_by_k_tokens_up_to_the_first_stop():

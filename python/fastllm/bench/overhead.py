@@ -10,7 +10,9 @@ model's own forward is timed inside it (a wrapper around `model.forward`), and
 i.e. scheduling, input and sampling packing, the sampler, and the post-step update and
 output processing. Median over the timed steps, per batch size, twice: in wall time, and
 in the CPU time of the engine's thread (time.thread_time; torch runs on that one thread,
---threads 1), which other processes on a shared machine barely disturb. CPU only: on a
+--threads 1), which other processes on a shared machine disturb less. With --repeat R
+the whole measurement runs R times and the smallest median is kept (load spikes from
+other processes only ever add time). CPU only: on a
 GPU the forward is asynchronous and this subtraction would not mean the same thing.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(models.RANDOM_PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per batch size; the fastest is kept")
     parser.add_argument("--output-json", default=None)
 
 
@@ -102,13 +105,15 @@ def run(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if any(b < 1 for b in args.batch):
         raise ValueError("--batch sizes must be >= 1")
-    if args.threads < 1:
-        raise ValueError("--threads must be >= 1")
+    if args.threads < 1 or args.repeat < 1:
+        raise ValueError("--threads and --repeat must be >= 1")
     torch.set_num_threads(args.threads)
     loaded = models.load(random_weights=args.preset, device="cpu", dtype="float32", seed=args.seed)
     results = []
     for batch in args.batch:
-        r = measure(loaded, batch, args.input_len, args.steps, args.warmup, args.seed)
+        runs = [measure(loaded, batch, args.input_len, args.steps, args.warmup, args.seed)
+                for _ in range(args.repeat)]
+        r = {key: min(run[key] for run in runs) if key != "batch" else batch for key in runs[0]}
         results.append(r)
         print(f"batch {batch:>4}: host overhead {r['host_overhead_cpu_s'] * 1e3:.3f} ms/step CPU, "
               f"{r['host_overhead_s'] * 1e3:.3f} ms wall (step {r['step_s'] * 1e3:.3f} ms wall)")

@@ -193,19 +193,18 @@ def sampled_tokens(sampled: SamplerOutput, params: list[SamplingParams]) -> list
     """The sampler's tensors as plain data, one SampledToken per row (logprobs where asked)."""
     token_ids = sampled.sampled_token_ids.tolist()       # the step's one wait for the device
     if sampled.sampled_logprobs is None:
-        return [SampledToken(t) for t in token_ids]
+        return [SampledToken(t, None, None) for t in token_ids]
     lps = sampled.sampled_logprobs.tolist()
     ranks = sampled.sampled_ranks.tolist()
     top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
     top_ids = sampled.top_token_ids.tolist() if sampled.top_token_ids is not None else None
     tokens = []
     for j, p in enumerate(params):
-        tok = SampledToken(token_ids[j])
-        if p.logprobs is not None:
-            tok.logprob = lps[j]
-            top = {tok.token_id: Logprob(lps[j], ranks[j])}
-            for r in range(p.logprobs if top_ids is not None else 0):
-                top.setdefault(top_ids[j][r], Logprob(top_lp[j][r], r + 1))
-            tok.top_logprobs = top
-        tokens.append(tok)
+        if p.logprobs is None:
+            tokens.append(SampledToken(token_ids[j], None, None))
+            continue
+        top = {token_ids[j]: Logprob(lps[j], ranks[j])}
+        for r in range(p.logprobs if top_ids is not None else 0):
+            top.setdefault(top_ids[j][r], Logprob(top_lp[j][r], r + 1))
+        tokens.append(SampledToken(token_ids[j], lps[j], top))
     return tokens

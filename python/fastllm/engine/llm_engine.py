@@ -166,11 +166,7 @@ class LLMEngine:
         for seq, stop in self.output_processor.detokenize(seqs):
             self.scheduler.stop_at_string(seq, stop)
         groups = {seq.group.request_id: seq.group for seq in seqs}.values()
-        finished = [group for group in groups if group.is_finished]
-        now = time.time()
-        for group in finished:
-            group.finish_time = now
-        outputs = self.output_processor.make_outputs(groups)
+        outputs, finished = self.output_processor.make_outputs(groups)
         for group in finished:
             self.scheduler.retire(group)
             self.finished_latencies.append(request_latency(group))

@@ -4,7 +4,7 @@ After Scheduler.update has appended a step's tokens (and finished the sequences 
 a stop token or their length), the engine hands the sequences that grew to
     stops = processor.detokenize(seqs)    # feed each its incremental detokenizer; stop strings
 then tells the scheduler about each (seq, stop string) hit, and builds
-    processor.make_outputs(groups)        # RequestOutputs, as each request's output_kind asks
+    outputs, finished = processor.make_outputs(groups)   # as each output_kind asks
 CUMULATIVE: everything so far, every step the request produced something; DELTA: only the
 new part (streaming); FINAL_ONLY: once, when it finishes. A running sequence's last
 characters may be the start of a stop string that a later token completes (and that is
@@ -70,10 +70,19 @@ class OutputProcessor:
         seq.output_text += new
         return len(new)
 
-    def make_outputs(self, groups: Iterable[SequenceGroup]) -> list[RequestOutput]:
-        """A RequestOutput per group whose output_kind asks for one this step."""
-        return [self.make_output(g) for g in groups
-                if g.sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY or g.is_finished]
+    def make_outputs(self, groups: Iterable[SequenceGroup]) -> tuple[list[RequestOutput], list[SequenceGroup]]:
+        """A RequestOutput per group whose output_kind asks for one this step, and the
+        groups that finished (their finish_time set now)."""
+        now = time.time()
+        outputs, finished = [], []
+        for group in groups:
+            done = group.is_finished
+            if done:
+                group.finish_time = now
+                finished.append(group)
+            if done or group.sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(self.make_output(group))
+        return outputs, finished
 
     def make_output(self, group: SequenceGroup) -> RequestOutput:
         completions = [self._completion(group, seq)

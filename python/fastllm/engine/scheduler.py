@@ -49,6 +49,7 @@ class Scheduler:
         self.num_decode_tokens_computed = 0
         self._runner_requests: set[str] = set()   # sent to the runner in a NewRequest
         self._finished_ids: list[str] = []        # of those, finished since the last output
+        self._in_flight: dict[int, Sequence] = {}  # seq id -> the last schedule()'s sequences
 
     # -- queue management --------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
@@ -251,8 +252,10 @@ class Scheduler:
         read); the requests the runner sees for the first time; the finished ones."""
         picked.sort(key=lambda p: p[0].sort_key())
         now = time.time()
+        self._in_flight = {}
         for seq, n in picked:
             out.scheduled.append(self._scheduled_seq(seq, n))
+            self._in_flight[seq.seq_id] = seq
             group = seq.group
             if group.first_scheduled_time is None:
                 group.first_scheduled_time = now
@@ -278,14 +281,24 @@ class Scheduler:
 
     # -- after the step -------------------------------------------------------------------
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
-        """Apply a step's results; returns the sequences that got new tokens (forked
-        children included), for output processing. Finished ones are already freed."""
+        """Apply the results of the last schedule()'s step; returns the sequences that
+        got new tokens (forked children included), for output processing. Finished ones
+        are already freed."""
         if result.seq_ids != [s.seq_id for s in out.scheduled]:
             raise ValueError("RunnerOutput.seq_ids do not match the SchedulerOutput's sequences")
         live = [self._live_seq(s) for s in out.scheduled]
+        commit = self.block_manager.commit_computed
         for s, seq in zip(out.scheduled, live):
-            if seq is not None:
-                self._mark_computed(seq, s.num_tokens)
+            if seq is None:
+                continue
+            n = len(s.token_ids)
+            if n > 1 or s.num_output_tokens == 0:
+                self.num_prefill_tokens_computed += n
+            else:
+                self.num_decode_tokens_computed += n
+            seq.num_computed_tokens += n
+            seq.num_tokens_fed += n
+            commit(seq)
         now = time.time()
         appended: list[Sequence] = []
         for seq, sampled in zip(live, result.sampled):
@@ -299,22 +312,10 @@ class Scheduler:
         return appended
 
     def _live_seq(self, s: ScheduledSeq) -> Optional[Sequence]:
-        group = self.groups.get(s.request_id)
-        if group is None:
-            return None           # aborted since it was scheduled
-        for seq in group.seqs:
-            if seq.seq_id == s.seq_id and not seq.status.is_finished:
-                return seq
-        return None
-
-    def _mark_computed(self, seq: Sequence, num_tokens: int) -> None:
-        if num_tokens > 1 or seq.num_output_tokens == 0:
-            self.num_prefill_tokens_computed += num_tokens
-        else:
-            self.num_decode_tokens_computed += num_tokens
-        seq.num_computed_tokens += num_tokens
-        seq.num_tokens_fed += num_tokens
-        self.block_manager.commit_computed(seq)
+        seq = self._in_flight.get(s.seq_id)
+        if seq is None or seq.status.is_finished:
+            return None           # not scheduled by this scheduler, or aborted since
+        return seq
 
     def rollback(self, seq: Sequence, num_tokens: int) -> None:
         """Forget the KV of seq's last num_tokens computed tokens: the next time seq runs,

@@ -147,6 +147,8 @@ class SequenceGroup:
 
     @property
     def is_finished(self) -> bool:
+        if len(self.seqs) == 1:          # n = 1: no generator per call
+            return self.forked and self.seqs[0].status.is_finished
         return self.forked and all(s.status.is_finished for s in self.seqs)
 
     @property

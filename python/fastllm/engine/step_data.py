@@ -30,16 +30,18 @@ class NewRequest:
 
 @dataclass
 class ScheduledSeq:
-    """One sequence's share of the step: tokens [start, start + len(token_ids)) are fed."""
+    """One sequence's share of the step: tokens [start, start + len(token_ids)) are fed.
+    Made per sequence per step: slots, and every field given (no defaults)."""
+    __slots__ = ("request_id", "seq_id", "token_ids", "start", "block_table", "num_samples",
+                 "num_output_tokens", "output_token_ids")
     request_id: str
     seq_id: int
     token_ids: list[int]          # the tokens fed this step (a prefill chunk, or 1 to decode)
     start: int                    # tokens whose KV is already cached = the first position fed
     block_table: list[int]        # KV block ids, covering at least start + len(token_ids)
-    num_samples: int = 0          # 0 mid-prefill; 1; n when the prompt completes and forks
-    num_output_tokens: int = 0    # output tokens before this step (min_tokens)
-    # All output token ids so far, only for requests with penalties (else None).
-    output_token_ids: Optional[list[int]] = None
+    num_samples: int              # 0 mid-prefill; 1; n when the prompt completes and forks
+    num_output_tokens: int        # output tokens before this step (min_tokens)
+    output_token_ids: Optional[list[int]]   # all so far, for requests with penalties; else None
 
     @property
     def num_tokens(self) -> int:
@@ -67,9 +69,10 @@ class SchedulerOutput:
 
 @dataclass
 class SampledToken:
+    __slots__ = ("token_id", "logprob", "top_logprobs")   # one per sampled row per step
     token_id: int
-    logprob: Optional[float] = None
-    top_logprobs: Optional[dict[int, Logprob]] = None   # chosen + top-N, when asked
+    logprob: Optional[float]
+    top_logprobs: Optional[dict[int, Logprob]]    # chosen + top-N, when asked
 
 
 @dataclass
