@@ -198,7 +198,9 @@ def completion_logprobs(choice: Choice, token_ids, logprobs, token_text) -> Comp
         chosen: Optional[Logprob] = candidates.get(tid)
         result.tokens.append(text)
         result.token_logprobs.append(None if chosen is None else chosen.logprob)
-        result.top_logprobs.append({token_text(i): lp.logprob for i, lp in candidates.items()})
+        # Keyed by text: where pieces share one ("\ufffd" byte pieces), the best rank wins.
+        by_rank = sorted(candidates.items(), key=lambda kv: -(kv[1].rank or 0))
+        result.top_logprobs.append({token_text(i): lp.logprob for i, lp in by_rank})
         result.text_offset.append(choice.text_offset)
         choice.text_offset += len(text)
     return result
