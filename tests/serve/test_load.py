@@ -82,19 +82,32 @@ def test_disconnecting_clients_free_their_kv_blocks(server):
                         break                      # hang up mid-stream
         return got
 
+    async def give_up(client, i):
+        """A non-streamed request whose client stops waiting after its first tokens."""
+        body = {"model": MODEL_NAME, "prompt": f"wait {i}", "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True}
+        try:
+            await client.post(server.url + "/v1/completions", json=body, timeout=0.3)
+        except httpx.TimeoutException:
+            return "gave up"
+        return "finished"
+
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(leave_early(client, i) for i in range(20)))
-    assert asyncio.run(run()) == [3] * 20
+            streams = asyncio.gather(*(leave_early(client, i) for i in range(20)))
+            waits = asyncio.gather(*(give_up(client, i) for i in range(4)))
+            return await streams, await waits
+    streamed, waited = asyncio.run(run())
+    assert streamed == [3] * 20
     after = _wait_for(server, lambda m: m["fastllm:kv_cache_blocks_used"] == 0
                       and m["fastllm:num_requests_running"] == 0
                       and m["fastllm:num_requests_waiting"] == 0)
     assert after["fastllm:kv_cache_blocks_used"] == 0
     assert after["fastllm:num_requests_running"] == 0
-    # Aborted, not run to the end: far fewer decode tokens than 20 full requests need.
+    # Aborted, not run to the end: far fewer decode tokens than the full requests need.
     decoded = (after["fastllm:generation_tokens_computed_total"]
                - before["fastllm:generation_tokens_computed_total"])
-    assert decoded < 20 * max_tokens / 2
+    assert decoded < (20 + waited.count("gave up")) * max_tokens / 2
     # They never finished, so they are not counted as successes.
     assert (after.get("fastllm:request_success_total{finished_reason=length}", 0)
             == before.get("fastllm:request_success_total{finished_reason=length}", 0))

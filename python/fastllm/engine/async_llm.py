@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional, Union
 
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
@@ -54,7 +54,6 @@ class _Add:
 @dataclass
 class _Abort:
     request_ids: list[str]
-    error: Optional[BaseException] = None       # delivered to the streams when set
 
 
 @dataclass
@@ -299,7 +298,3 @@ class AsyncLLM:
             if out.finished:
                 live.discard(out.request_id)
         return outputs, {}
-
-    def snapshot(self) -> Any:
-        """The latest EngineStats (refreshed by the engine thread)."""
-        return self.latest_stats
