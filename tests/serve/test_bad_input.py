@@ -84,6 +84,15 @@ def test_server_still_serves_after_bad_input(server):
         _post(server, route, body)
     assert httpx.post(server.url + "/v1/completions", json=OK_COMPLETION, timeout=60).status_code == 200
     assert httpx.post(server.url + "/v1/chat/completions", json=OK_CHAT, timeout=60).status_code == 200
+    # Unknown fields are ignored and nulls mean "the default", as OpenAI clients expect.
+    nulls = {**OK_COMPLETION, "frobnicate": {"x": 1}, "n": None, "stream": None, "echo": None,
+             "ignore_eos": None, "logprobs": None, "stop": None, "min_tokens": None}
+    r = httpx.post(server.url + "/v1/completions", json=nulls, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={**OK_CHAT, "logprobs": None, "add_generation_prompt": None, "n": None})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(httpx.post(
+        server.url + "/tokenize", json={"messages": OK_CHAT["messages"]}).json()["tokens"])
     # A wrong method is a 405 in the same schema.
     r = httpx.get(server.url + "/v1/completions")
     assert r.status_code == 405 and "error" in r.json()

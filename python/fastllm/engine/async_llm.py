@@ -277,7 +277,9 @@ class AsyncLLM:
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params,
                                         prompt_token_ids=cmd.prompt_token_ids, delta=True)
-            except ValueError as e:
+            except Exception as e:           # ValueError: a 400; anything else: that request's 500
+                if not isinstance(e, ValueError):
+                    logger.exception("add_request(%r) failed", cmd.request_id)
                 self._loop.call_soon_threadsafe(self._resolve, cmd.accepted, e)
             else:
                 live.add(cmd.request_id)
