@@ -83,11 +83,11 @@ def test_disconnecting_clients_free_their_kv_blocks(server):
         return got
 
     async def give_up(client, i):
-        """A non-streamed request whose client stops waiting after its first tokens."""
+        """A non-streamed request whose client hangs up 50 ms in (a few steps of 100)."""
         body = {"model": MODEL_NAME, "prompt": f"wait {i}", "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True}
         try:
-            await client.post(server.url + "/v1/completions", json=body, timeout=0.3)
+            await client.post(server.url + "/v1/completions", json=body, timeout=0.05)
         except httpx.TimeoutException:
             return "gave up"
         return "finished"
@@ -98,7 +98,7 @@ def test_disconnecting_clients_free_their_kv_blocks(server):
             waits = asyncio.gather(*(give_up(client, i) for i in range(4)))
             return await streams, await waits
     streamed, waited = asyncio.run(run())
-    assert streamed == [3] * 20
+    assert streamed == [3] * 20 and waited == ["gave up"] * 4
     after = _wait_for(server, lambda m: m["fastllm:kv_cache_blocks_used"] == 0
                       and m["fastllm:num_requests_running"] == 0
                       and m["fastllm:num_requests_waiting"] == 0)
@@ -107,10 +107,12 @@ def test_disconnecting_clients_free_their_kv_blocks(server):
     # Aborted, not run to the end: far fewer decode tokens than the full requests need.
     decoded = (after["fastllm:generation_tokens_computed_total"]
                - before["fastllm:generation_tokens_computed_total"])
-    assert decoded < (20 + waited.count("gave up")) * max_tokens / 2
+    assert decoded < 24 * max_tokens / 2
     # They never finished, so they are not counted as successes.
-    assert (after.get("fastllm:request_success_total{finished_reason=length}", 0)
-            == before.get("fastllm:request_success_total{finished_reason=length}", 0))
+    changed = {k: after[k] - before.get(k, 0) for k in after
+               if k.startswith(("fastllm:request_success_total", "fastllm:http_requests_total"))
+               and after[k] != before.get(k, 0)}
+    assert not any(k.startswith("fastllm:request_success") for k in changed), (changed, waited)
     # And the server still serves.
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
