@@ -69,6 +69,20 @@ def test_concurrent_generate_matches_offline_and_abort_frees(llm):
     asyncio.run(main())
 
 
+def test_from_path_with_text_prompt(model_path, llm):
+    """DESIGN's spelling: AsyncLLM(path, **LLM kwargs).generate(text, params, id)."""
+    params = SamplingParams(temperature=0, max_tokens=6)
+    ref = llm.generate("Hello world", params, use_tqdm=False)[0].outputs[0]
+
+    async def main():
+        allm = AsyncLLM(str(model_path), device="cpu", max_model_len=128, num_kv_blocks=16)
+        try:
+            return await _drain(allm.generate("Hello world", params, "text"))
+        finally:
+            await allm.shutdown()
+    assert asyncio.run(main()) == (ref.token_ids, ref.text, ref.finish_reason)
+
+
 def test_failed_step_fails_only_its_requests(llm, monkeypatch):
     """The engine's step contract: it aborts the failed step's requests and re-raises.
     Here a step raises once after aborting request "victim" only (what LLMEngine.step
@@ -126,8 +140,7 @@ def test_abort_all_gives_each_stream_the_error(llm):
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
 
     async def main():
-        allm = AsyncLLM(llm)
-        allm.start()
+        allm = AsyncLLM(llm)                 # started by the first request
         try:
             gens = [allm.generate(p, params, f"a{i}") for i, p in enumerate(PROMPTS[:3])]
             for g in gens:

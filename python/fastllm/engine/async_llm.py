@@ -1,7 +1,7 @@
 """AsyncLLM: the engine stepped in one background thread, requests served to asyncio.
 
-    llm = AsyncLLM.from_pretrained(path, device="cpu")      # LLM(...)'s keywords
-    async for out in llm.generate([1, 2, 3], SamplingParams(max_tokens=8), "r0"):
+    llm = AsyncLLM(path, device="cpu")                      # LLM(...)'s keywords, or an LLM
+    async for out in llm.generate("Hello", SamplingParams(max_tokens=8), "r0"):
         out.outputs[0].text                                   # only what is new (a delta)
 
 LLMEngine is not thread-safe, so one thread owns it: it takes the queued add/abort
@@ -118,8 +118,14 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, llm):
-        """llm: a fastllm.LLM; its engine is stepped only by this object's thread."""
+    def __init__(self, model=None, **llm_kwargs):
+        """model: a fastllm.LLM, or what LLM(...) takes (a path, None for the default
+        model) with its keywords. The engine is stepped only by this object's thread,
+        started by start() or the first request."""
+        if llm_kwargs or not hasattr(model, "llm_engine"):
+            from fastllm.llm import LLM
+            model = LLM(model, **llm_kwargs)
+        llm = model
         self.llm = llm
         self.engine = llm.llm_engine
         self.tokenizer = self.engine.tokenizer
@@ -165,6 +171,7 @@ class AsyncLLM:
                           params: SamplingParams, prompt: Optional[str] = None) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises the engine's
         ValueError for a request that can never run (too long, bad token ids)."""
+        self.start()
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in flight")
@@ -215,8 +222,6 @@ class AsyncLLM:
         if self.dead_error is not None or self._stopping:
             raise RequestAbortedError("the engine is not running"
                                       + (f": {self.dead_error}" if self.dead_error else ""))
-        if self._thread is None:
-            raise RuntimeError("AsyncLLM.start() was not called")
 
     def _deliver(self, outputs: list[RequestOutput], errors: dict[str, BaseException]) -> None:
         """Event loop side of a step: route outputs and errors to their streams."""

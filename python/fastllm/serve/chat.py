@@ -11,11 +11,11 @@ from fastapi import Request
 from fastllm.serve.errors import APIError
 from fastllm.serve.generation import (Choice, add_requests, admit, chat_logprobs,
                                       check_model, merge_streams, new_deltas, new_request_id,
-                                      sampling_params, until_disconnected)
+                                      sampling_params, until_disconnected, usage)
 from fastllm.serve.metrics import RequestRecord
 from fastllm.serve.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatLogprobs, ChatMessageOut,
-                                    ChatStreamChoice, DeltaMessage, UsageInfo)
+                                    ChatStreamChoice, DeltaMessage)
 from fastllm.serve.sse import SSEResponse, sse_done, sse_error, sse_event
 
 
@@ -86,11 +86,6 @@ def _logprobs(state, token_ids, logprobs, num_top):
     return ChatLogprobs(content=chat_logprobs(token_ids, logprobs or [], num_top, state.token_text))
 
 
-def _usage(record) -> UsageInfo:
-    return UsageInfo(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                     total_tokens=record.prompt_tokens + record.completion_tokens)
-
-
 async def _collect(state, streams, choices, rid, model, record, num_top):
     async for _, out in merge_streams(streams):
         for _, sample, _ in new_deltas(out, 0, choices):
@@ -101,7 +96,7 @@ async def _collect(state, streams, choices, rid, model, record, num_top):
                       logprobs=_logprobs(state, c.token_ids, c.logprobs, num_top),
                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
            for c in choices.values()]
-    return ChatCompletionResponse(id=rid, model=model, choices=out, usage=_usage(record))
+    return ChatCompletionResponse(id=rid, model=model, choices=out, usage=usage(record))
 
 
 async def _stream(state, streams, choices, rid, model, record, include_usage, num_top):
@@ -124,7 +119,7 @@ async def _stream(state, streams, choices, rid, model, record, include_usage, nu
         state.metrics.observe(record)
         if include_usage:
             yield sse_event(ChatCompletionChunk(id=rid, model=model, choices=[],
-                                                usage=_usage(record)))
+                                                usage=usage(record)))
     except Exception as e:
         record.finish("error")
         state.metrics.observe(record)

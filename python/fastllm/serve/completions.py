@@ -8,10 +8,10 @@ from fastapi import Request
 from fastllm.serve.errors import APIError
 from fastllm.serve.generation import (Choice, add_requests, admit, check_model,
                                       completion_logprobs, merge_streams, new_deltas,
-                                      new_request_id, sampling_params, until_disconnected)
+                                      new_request_id, sampling_params, until_disconnected,
+                                      usage)
 from fastllm.serve.metrics import RequestRecord
-from fastllm.serve.protocol import (CompletionChoice, CompletionRequest, CompletionResponse,
-                                    UsageInfo)
+from fastllm.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from fastllm.serve.sse import SSEResponse, sse_done, sse_error, sse_event
 
 
@@ -90,12 +90,7 @@ async def _collect(state, streams, choices, echoes, n, rid, model, record, with_
         out_choices.append(CompletionChoice(
             index=c.index, text=echoes[c.index // n] + c.text, logprobs=logprobs,
             finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-    return CompletionResponse(id=rid, model=model, choices=out_choices, usage=_usage(record))
-
-
-def _usage(record) -> UsageInfo:
-    return UsageInfo(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                     total_tokens=record.prompt_tokens + record.completion_tokens)
+    return CompletionResponse(id=rid, model=model, choices=out_choices, usage=usage(record))
 
 
 async def _stream(state, streams, choices, echoes, n, rid, model, record, include_usage,
@@ -117,7 +112,7 @@ async def _stream(state, streams, choices, echoes, n, rid, model, record, includ
         record.finish(choices[0].finish_reason)
         state.metrics.observe(record)
         if include_usage:
-            yield sse_event(CompletionResponse(id=rid, model=model, choices=[], usage=_usage(record)))
+            yield sse_event(CompletionResponse(id=rid, model=model, choices=[], usage=usage(record)))
     except Exception as e:               # a failed step or shutdown: tell the client, end cleanly
         record.finish("error")
         state.metrics.observe(record)

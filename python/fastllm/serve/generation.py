@@ -14,13 +14,19 @@ from fastapi import Request
 from fastllm.outputs import CompletionOutput, Logprob, RequestOutput
 from fastllm.sampling_params import SamplingParams
 from fastllm.serve.errors import APIError, from_value_error
-from fastllm.serve.protocol import ChatLogprobToken, CompletionLogprobs, TopLogprob
+from fastllm.serve.protocol import ChatLogprobToken, CompletionLogprobs, TopLogprob, UsageInfo
 
 MAX_LOGPROBS = 20
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids",
                     "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
                     "ignore_eos", "min_tokens", "include_stop_str_in_output",
                     "skip_special_tokens")
+
+
+def usage(record) -> UsageInfo:
+    """Exact counts: prompt tokens of every prompt, tokens generated over all choices."""
+    return UsageInfo(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                     total_tokens=record.prompt_tokens + record.completion_tokens)
 
 
 def new_request_id(prefix: str) -> str:
