@@ -73,7 +73,9 @@ def test_sigterm_drains_then_exits_0(model_path):
                 tasks += [asyncio.ensure_future(_stream(client, url, LONG, asyncio.Event()))
                           for _ in range(7)]
                 tasks.append(asyncio.ensure_future(_whole(client, url, LONG)))
+                deadline = time.monotonic() + 60
                 while await _queued(client, url) < 7:          # the long ones are in line
+                    assert time.monotonic() < deadline, "the long requests were not queued"
                     await asyncio.sleep(0.05)
                 server.proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
