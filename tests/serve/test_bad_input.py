@@ -129,7 +129,7 @@ def test_body_over_limit_gets_413(limited_server):
     headers = {**limited_server.headers, "Content-Type": "application/json"}
     big = {**OK_COMPLETION, "prompt": "a" * 5000}                # over --max-request-bytes 4096
     r = httpx.post(limited_server.url + "/v1/completions", json=big, headers=headers, timeout=60)
-    assert r.status_code == 413 and r.json()["error"]["message"]
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
     def chunks():                                              # no Content-Length: counted
         yield b'{"prompt": "'
@@ -138,7 +138,7 @@ def test_body_over_limit_gets_413(limited_server):
         yield b'"}'
     r = httpx.post(limited_server.url + "/v1/completions", content=chunks(), headers=headers,
                    timeout=60)
-    assert r.status_code == 413 and r.json()["error"]["message"]
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     ok = httpx.post(limited_server.url + "/v1/completions", json=OK_COMPLETION, headers=headers,
                     timeout=60)
     assert ok.status_code == 200

@@ -108,11 +108,13 @@ def test_disconnecting_clients_free_their_kv_blocks(server):
     decoded = (after["fastllm:generation_tokens_computed_total"]
                - before["fastllm:generation_tokens_computed_total"])
     assert decoded < 24 * max_tokens / 2
-    # They never finished, so they are not counted as successes.
+    # They never finished, so they are not counted as finished by length...
     changed = {k: after[k] - before.get(k, 0) for k in after
                if k.startswith(("fastllm:request_success_total", "fastllm:http_requests_total"))
                and after[k] != before.get(k, 0)}
-    assert not any(k.startswith("fastllm:request_success") for k in changed), (changed, waited)
+    assert "fastllm:request_success_total{finished_reason=length}" not in changed, changed
+    # Counted as aborted instead (a give-up may hang up before its body was read).
+    assert 20 <= changed["fastllm:request_success_total{finished_reason=abort}"] <= 24, changed
     # And the server still serves.
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200

@@ -20,7 +20,7 @@ from fastllm.serve.chat import create_chat_completion, render_prompt
 from fastllm.serve.completions import create_completion
 from fastllm.serve.errors import APIError, install_error_handlers
 from fastllm.serve.generation import (ClientDisconnected, Choice, add_requests, admit,
-                                      check_model, merge_streams, new_deltas, new_request_id,
+                                      check_model, merge_streams, new_deltas, new_request_id, observed,
                                       sampling_params, token_text_fn, until_disconnected)
 from fastllm.serve.metrics import RequestRecord, ServerMetrics
 from fastllm.serve.middleware import AccessLog, APIKeyAuth, BodyLimit
@@ -176,11 +176,11 @@ async def _generate(state: ServerState, req: GenerateRequest, request: Request):
     choices = {0: Choice(0)}
 
     async def collect():
-        async for _, out in merge_streams(streams):
-            for _, sample, _ in new_deltas(out, 0, choices):
-                record.on_tokens(len(sample.token_ids))
-        record.finish(choices[0].finish_reason)
-        state.metrics.observe(record)
+        with observed(state, record):
+            async for _, out in merge_streams(streams):
+                for _, sample, _ in new_deltas(out, 0, choices):
+                    record.on_tokens(len(sample.token_ids))
+            record.finish(choices[0].finish_reason)
     await until_disconnected(request, collect())
     c = choices[0]
     return GenerateResponse(text=c.text, tokens=c.token_ids, finish_reason=c.finish_reason,

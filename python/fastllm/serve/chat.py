@@ -11,7 +11,7 @@ from fastapi import Request
 from fastllm.serve.errors import APIError
 from fastllm.serve.generation import (Choice, add_requests, admit, chat_logprobs,
                                       check_model, merge_streams, new_deltas, new_request_id,
-                                      sampling_params, until_disconnected, usage)
+                                      observed, sampling_params, until_disconnected, usage)
 from fastllm.serve.metrics import RequestRecord
 from fastllm.serve.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatLogprobs, ChatMessageOut,
@@ -87,11 +87,11 @@ def _logprobs(state, token_ids, logprobs, num_top):
 
 
 async def _collect(state, streams, choices, rid, model, record, num_top):
-    async for _, out in merge_streams(streams):
-        for _, sample, _ in new_deltas(out, 0, choices):
-            record.on_tokens(len(sample.token_ids))
-    record.finish(choices[0].finish_reason)
-    state.metrics.observe(record)
+    with observed(state, record):
+        async for _, out in merge_streams(streams):
+            for _, sample, _ in new_deltas(out, 0, choices):
+                record.on_tokens(len(sample.token_ids))
+        record.finish(choices[0].finish_reason)
     out = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
                       logprobs=_logprobs(state, c.token_ids, c.logprobs, num_top),
                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
@@ -105,23 +105,21 @@ async def _stream(state, streams, choices, rid, model, record, include_usage, nu
                              finish_reason=finish_reason)
         return sse_event(ChatCompletionChunk(id=rid, model=model, choices=[c]))
     try:
-        for i in choices:
-            yield chunk(i, DeltaMessage(role="assistant", content=""))
-        async for _, out in merge_streams(streams):
-            for choice, sample, finished in new_deltas(out, 0, choices):
-                record.on_tokens(len(sample.token_ids))
-                if sample.text or sample.token_ids:
-                    yield chunk(choice.index, DeltaMessage(content=sample.text),
-                                _logprobs(state, sample.token_ids, sample.logprobs, num_top))
-                if finished:
-                    yield chunk(choice.index, DeltaMessage(), finish_reason=choice.finish_reason)
-        record.finish(choices[0].finish_reason)
-        state.metrics.observe(record)
+        with observed(state, record):
+            for i in choices:
+                yield chunk(i, DeltaMessage(role="assistant", content=""))
+            async for _, out in merge_streams(streams):
+                for choice, sample, finished in new_deltas(out, 0, choices):
+                    record.on_tokens(len(sample.token_ids))
+                    if sample.text or sample.token_ids:
+                        yield chunk(choice.index, DeltaMessage(content=sample.text),
+                                    _logprobs(state, sample.token_ids, sample.logprobs, num_top))
+                    if finished:
+                        yield chunk(choice.index, DeltaMessage(), finish_reason=choice.finish_reason)
+            record.finish(choices[0].finish_reason)
         if include_usage:
             yield sse_event(ChatCompletionChunk(id=rid, model=model, choices=[],
                                                 usage=usage(record)))
-    except Exception as e:
-        record.finish("error")
-        state.metrics.observe(record)
+    except Exception as e:               # a failed step or shutdown: tell the client, end cleanly
         yield sse_error(e)
     yield sse_done()

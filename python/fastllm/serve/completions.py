@@ -8,8 +8,8 @@ from fastapi import Request
 from fastllm.serve.errors import APIError
 from fastllm.serve.generation import (Choice, add_requests, admit, check_model,
                                       completion_logprobs, merge_streams, new_deltas,
-                                      new_request_id, sampling_params, until_disconnected,
-                                      usage)
+                                      new_request_id, observed, sampling_params,
+                                      until_disconnected, usage)
 from fastllm.serve.metrics import RequestRecord
 from fastllm.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from fastllm.serve.sse import SSEResponse, sse_done, sse_error, sse_event
@@ -76,11 +76,11 @@ def _piece(state, choice, sample, with_logprobs):
 
 
 async def _collect(state, streams, choices, echoes, n, rid, model, record, with_logprobs):
-    async for prompt_index, out in merge_streams(streams):
-        for _, sample, _ in new_deltas(out, prompt_index * n, choices):
-            record.on_tokens(len(sample.token_ids))
-    record.finish(choices[0].finish_reason)
-    state.metrics.observe(record)
+    with observed(state, record):
+        async for prompt_index, out in merge_streams(streams):
+            for _, sample, _ in new_deltas(out, prompt_index * n, choices):
+                record.on_tokens(len(sample.token_ids))
+        record.finish(choices[0].finish_reason)
     out_choices = []
     for c in choices.values():
         logprobs = None
@@ -100,21 +100,20 @@ async def _stream(state, streams, choices, echoes, n, rid, model, record, includ
                              finish_reason=finish_reason, stop_reason=stop_reason)
         return sse_event(CompletionResponse(id=rid, model=model, choices=[c]))
     try:
-        for i in choices:
-            if echoes[i // n]:
-                yield chunk(i, echoes[i // n])
-        async for prompt_index, out in merge_streams(streams):
-            for choice, sample, finished in new_deltas(out, prompt_index * n, choices):
-                record.on_tokens(len(sample.token_ids))
-                yield chunk(choice.index, sample.text, _piece(state, choice, sample, with_logprobs),
-                            choice.finish_reason if finished else None,
-                            choice.stop_reason if finished else None)
-        record.finish(choices[0].finish_reason)
-        state.metrics.observe(record)
+        with observed(state, record):
+            for i in choices:
+                if echoes[i // n]:
+                    yield chunk(i, echoes[i // n])
+            async for prompt_index, out in merge_streams(streams):
+                for choice, sample, finished in new_deltas(out, prompt_index * n, choices):
+                    record.on_tokens(len(sample.token_ids))
+                    yield chunk(choice.index, sample.text,
+                                _piece(state, choice, sample, with_logprobs),
+                                choice.finish_reason if finished else None,
+                                choice.stop_reason if finished else None)
+            record.finish(choices[0].finish_reason)
         if include_usage:
             yield sse_event(CompletionResponse(id=rid, model=model, choices=[], usage=usage(record)))
     except Exception as e:               # a failed step or shutdown: tell the client, end cleanly
-        record.finish("error")
-        state.metrics.observe(record)
         yield sse_error(e)
     yield sse_done()

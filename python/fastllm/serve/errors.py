@@ -94,7 +94,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         status = e.status_code
-        return error_response(str(e.detail), status, code=None,
+        code = "request_too_large" if status == 413 else None
+        return error_response(str(e.detail), status, code=code,
                               headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)

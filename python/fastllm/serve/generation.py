@@ -4,6 +4,7 @@ accumulated per choice, logprobs in OpenAI's two shapes, client disconnects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import uuid
 from dataclasses import dataclass, field
@@ -185,6 +186,22 @@ async def until_disconnected(request: Request, coro):
 
 class ClientDisconnected(Exception):
     pass
+
+
+@contextlib.contextmanager
+def observed(state, record):
+    """Count the request in the metrics exactly once, however the block ends: its finish
+    reason, "abort" (client gone, cancelled) or "error"."""
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        record.finish("abort")
+        raise
+    except BaseException:
+        record.finish("error")
+        raise
+    finally:
+        state.metrics.observe(record)
 
 
 # -- logprobs --------------------------------------------------------------------------

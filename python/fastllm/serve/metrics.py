@@ -96,7 +96,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("fastllm:generation_tokens", "Generated tokens of "
                                          "finished requests (usage.completion_tokens).", registry=r)
         self.requests = Counter("fastllm:request_success", "Generation requests that ended, by "
-                                "finish reason.", ["finished_reason"], registry=r)
+                                "finish reason (stop, length; abort: the client left; error).",
+                                ["finished_reason"], registry=r)
         self.http_requests = Counter("fastllm:http_requests", "HTTP requests answered, by status.",
                                      ["status"], registry=r)
         self.ttft = Histogram("fastllm:time_to_first_token_seconds", "Time to the first token.",
