@@ -134,3 +134,15 @@ def test_latency_json_carries_the_decode_bytes(tmp_path):
                         "--concurrency", "1", "--num-load-requests", "1", "--json", str(out)])
     doc = json.loads(out.read_text())
     assert doc["decode_bytes"]["weight_bytes_read_per_step"] == (2 * 36992 + 64 + 32768) * 4
+
+
+def test_agreement_counts_requests_whose_first_16_tokens_match():
+    from fastllm.bench.hf_baseline import agreement
+    ref = [list(range(20)), list(range(20)), list(range(5))]
+    got = [list(range(20)),                      # identical
+           list(range(16)) + [99, 98, 97, 96],   # first 16 equal, then drifts
+           [0, 1, 7, 3, 4]]                      # differs at token 2
+    a = agreement(got, ref)
+    assert a["identical_requests"] == 1
+    assert a["first_16_identical_fraction"] == pytest.approx(2 / 3)
+    assert a["mean_common_prefix_fraction"] == pytest.approx((1 + 16 / 20 + 2 / 5) / 3)
