@@ -135,7 +135,8 @@ run_phase() {
 }
 
 log "fastllm gpu_check: $( ((DRY_RUN)) && echo 'DRY RUN (CPU, GPU parts skipped)' || echo 'GPU run')," \
-    "phases: ${!WANT[*]}; total budget ${TOTAL_BUDGET}s; out $OUT"
+    "phases: $(for p in "${PHASES[@]}"; do [ -n "${WANT[$p]:-}" ] && printf '%s ' "$p"; done)" \
+    "total budget ${TOTAL_BUDGET}s; out $OUT"
 COMMIT=unknown COMMIT_FROM=none
 if git rev-parse --git-dir >/dev/null 2>&1; then
   COMMIT=$(git rev-parse HEAD) COMMIT_FROM=git
@@ -180,25 +181,31 @@ fi
 
 # -- phases ------------------------------------------------------------------------------------
 BUILD_OK=1
-if [ -n "${WANT[build]:-}" ]; then
+# Import the extension Python will use (from outside the tree: the installed one) and say
+# what it was built with; on a GPU run it must hold CUDA kernels for sm_90 that can run.
+EXT_INFO='import json, fastllm._C as C; print(json.dumps(dict(C.build_info(), cuda_available=bool(C.cuda_available()))))'
+EXT_GPU_READY='import fastllm._C as C; i = C.build_info(); assert i["cuda"] and "90" in i["cuda_archs"].split(",") and C.cuda_available(), f"not a usable sm_90 CUDA build: {i}, cuda_available={C.cuda_available()}"'
+if [ -n "${WANT[build]:-}" ] && ((!GPU_OK)); then
+  BUILD_OK=0; skip build "no CUDA GPU visible to torch"
+elif [ -n "${WANT[build]:-}" ]; then
   if ((DRY_RUN)); then        # no build on the CPU: check the installed extension instead
-    run_phase build $PY -c "import fastllm._C as C; print('dry run, installed fastllm._C:', C.build_info())" || BUILD_OK=0
+    run_phase build bash -c 'cd "$1" && "$0" -c "$2"' "$PY" "$WORK" "$EXT_INFO" || BUILD_OK=0
   else
     # sm_90 only (H100/H200), FASTLLM_CUDA=ON so a missing nvcc fails instead of building CPU-only.
-    PHASE_OUTPUT=$OUT/build.log FASTLLM_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-      run_phase build $PY -m pip install -v --no-build-isolation --no-deps \
-      -C cmake.define.FASTLLM_CUDA_ARCHS=90 . || { BUILD_OK=0; tail -40 "$OUT/build.log" | tee -a "$LOG"; }
+    PHASE_OUTPUT=$OUT/build.log FASTLLM_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) run_phase build \
+      bash -c '"$0" -m pip install -v --no-build-isolation --no-deps -C cmake.define.FASTLLM_CUDA_ARCHS=90 . &&
+               cd "$1" && "$0" -c "$2"' "$PY" "$WORK" "$EXT_GPU_READY" ||
+      { BUILD_OK=0; tail -40 "$OUT/build.log" | tee -a "$LOG"; }
   fi
-  # The extension Python will import (the installed one; the source tree has no _C).
-  (cd "$WORK" && timeout 60 $PY -c "import json, fastllm._C as C; print(json.dumps(dict(C.build_info(), cuda_available=bool(C.cuda_available()))))") \
-    >"$WORK/build_info.json" 2>>"$LOG" || { BUILD_OK=0; log "ERROR: fastllm._C does not import"; }
-  cat "$WORK/build_info.json" >>"$LOG" 2>/dev/null
 fi
+(cd "$WORK" && timeout 60 $PY -c "$EXT_INFO") >"$WORK/build_info.json" 2>>"$LOG" ||
+  { BUILD_OK=0; log "ERROR: fastllm._C does not import"; }
+cat "$WORK/build_info.json" >>"$LOG" 2>/dev/null
 
 needs() {   # needs PHASE: 0 when PHASE can start, else records why it cannot
   if [ -z "${WANT[$1]:-}" ]; then return 1; fi
   if ((!GPU_OK)); then skip "$1" "no CUDA GPU visible to torch"; return 1; fi
-  if [ "$1" != cpptest ] && ((!BUILD_OK)); then skip "$1" "the build failed"; return 1; fi
+  if [ "$1" != cpptest ] && ((!BUILD_OK)); then skip "$1" "no usable fastllm._C (see the build)"; return 1; fi
   return 0
 }
 

@@ -196,3 +196,17 @@ def test_gtest_json_results(tmp_path):
     got = summary.gtest_results(str(tmp_path / "g.json"))
     assert (got["tests"], got["passed"], got["failed"], got["skipped"]) == (3, 1, 1, 1)
     assert got["failures"] == [{"test": "Cuda.B", "message": "x != y"}] and got["skipped_tests"] == ["Cuda.C"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run on a machine without a GPU")
+def test_a_gpu_run_without_a_gpu_skips_every_phase_and_says_why(tmp_path):
+    # Not a dry run: nothing is built or installed when torch sees no GPU, and the summary
+    # still comes back, saying so.
+    proc = gpu_check(tmp_path, timeout=120)
+    assert proc.returncode == 1
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert doc["dry_run"] is False and doc["ok"] is False
+    for phase in doc["phases"].values():
+        assert phase["status"] == "skipped" and phase["reason"] == "no CUDA GPU visible to torch"
+    assert "torch sees no CUDA GPU" in (tmp_path / "gpu_check.log").read_text()
+    assert not (tmp_path / "build.log").exists()
