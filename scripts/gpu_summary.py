@@ -36,7 +36,8 @@ def probe_env() -> dict:
     import platform
     env = {"python": platform.python_version(), "executable": sys.executable,
            "machine": platform.machine(), "cpus": os.cpu_count(),
-           "modules": {m: importlib.util.find_spec(m) is not None for m in MODULES}}
+           "modules": {m: importlib.util.find_spec(m) is not None for m in MODULES},
+           "requirements_not_installed": requirements_not_installed()}
     try:
         import torch
     except ImportError as e:
@@ -55,6 +56,27 @@ def probe_env() -> dict:
     except ImportError:
         env["transformers"] = None
     return env
+
+
+def requirements_not_installed() -> Optional[list]:
+    """pyproject's runtime and test requirements with no installed distribution here
+    (None where pyproject cannot be read): what a test module may fail to import."""
+    import importlib.metadata
+    try:
+        import tomllib
+        with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+            project = tomllib.load(f)["project"]
+    except (ImportError, OSError, KeyError, ValueError):
+        return None
+    reqs = project.get("dependencies", []) + project.get("optional-dependencies", {}).get("test", [])
+    absent = []
+    for req in reqs:
+        name = re.match(r"\s*([A-Za-z0-9._-]+)", req).group(1)
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            absent.append(name)
+    return absent
 
 
 # -- reading what the phases left -----------------------------------------------------------------
