@@ -150,7 +150,7 @@ log "commit $COMMIT (from $COMMIT_FROM); C++/CUDA source $SOURCE_HASH, .gpu prep
 [ -d .gpu ] && [ "$PREPARED_HASH" != "$SOURCE_HASH" ] &&
   log "WARNING: .gpu/ was prepared from other C++/CUDA sources: rerun scripts/gpu_prepare.sh"
 
-if compgen -G ".gpu/whl/*.whl" >/dev/null; then   # gguf, nvtx: the GPU image lacks them
+if compgen -G ".gpu/whl/*.whl" >/dev/null; then   # what the GPU image lacks (gpu_deps.py)
   # A dry run installs them too, for the GPU machine's CPython 3.12, and does not use them.
   for_gpu=()
   ((DRY_RUN)) && for_gpu=(--python-version 3.12 --implementation cp --only-binary=:all:
@@ -168,9 +168,9 @@ fi
 if ((!DRY_RUN)); then
   export PIP_NO_INDEX=1            # no registry there: fail at once rather than retry
   command -v nvcc >/dev/null || export PATH="$PATH:/usr/local/cuda/bin"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits \
+  timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits \
     >"$WORK/gpu.csv" 2>>"$LOG" || log "WARNING: nvidia-smi failed"
-  { nvidia-smi 2>&1; nvcc --version 2>&1 | tail -2; } >>"$LOG"
+  { timeout 30 nvidia-smi 2>&1; nvcc --version 2>&1 | tail -2; } >>"$LOG"
 fi
 timeout 60 $PY scripts/gpu_summary.py --probe-env >"$WORK/env.json" 2>>"$LOG" || log "WARNING: environment probe failed"
 cat "$WORK/env.json" >>"$LOG"
