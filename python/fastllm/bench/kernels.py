@@ -616,13 +616,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (5 GPU, 1 CPU)")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed calls; median reported (20 GPU, 3 CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer timed calls ({QUICK_WARMUP} warm-up, median of {QUICK_ITERS}; "
+                             "--warmup/--iters still win): every case in well under a minute")
     parser.add_argument("--only", default=None, help="comma-separated case names")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
 
 
+# --quick (scripts/gpu_check.sh): on a GPU each case is the median of QUICK_ITERS CUDA-event
+# timings after QUICK_WARMUP calls (the cost of a case there is its inputs and float64
+# check, not its timed calls). On a CPU one untimed-warm-up-free call: the dry run checks
+# the plumbing, not the speed.
+QUICK_WARMUP, QUICK_ITERS = 2, 10
+QUICK_CPU_WARMUP, QUICK_CPU_ITERS = 0, 1
+
+
 def run(args: argparse.Namespace) -> dict:
     only = [s for s in args.only.split(",") if s] if args.only else None
-    result = run_kernels(args.device, args.dtype, args.small, args.warmup, args.iters, only)
+    warmup, iters = args.warmup, args.iters
+    if args.quick:
+        from fastllm.engine.llm_engine import resolve_device
+        on_cpu = resolve_device(args.device).type == "cpu"
+        warmup = warmup if warmup is not None else (QUICK_CPU_WARMUP if on_cpu else QUICK_WARMUP)
+        iters = iters if iters is not None else (QUICK_CPU_ITERS if on_cpu else QUICK_ITERS)
+    result = run_kernels(args.device, args.dtype, args.small, warmup, iters, only)
+    result["quick"] = bool(args.quick)
     print(format_results(result))
     if args.json:
         write_json(args.json, result)
