@@ -96,6 +96,9 @@ def _torch_paged_ok() -> bool:
     return torch_paged_attention_available()
 
 
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
 @dataclass(frozen=True)
 class AttentionPlan:
     """How one step's paged attention runs, decided once (plan_attention) and passed to
@@ -117,20 +120,20 @@ def plan_attention(*, num_tokens: int, num_seqs: int, max_blocks_per_seq: int, m
                    device) -> AttentionPlan:
     """The plan of a step: T tokens of S sequences, block tables max_blocks_per_seq wide,
     the longest q_len known on the host (None: unknown), for layers of this shape, dtype
-    and device. FASTLLM_PREFILL_BACKEND is read here (ValueError when it is not valid)."""
+    and device. FASTLLM_PREFILL_BACKEND is read here, for the steps it could apply to
+    (CUDA, fp16/bf16, max_query_len > 1; ValueError when it is not valid)."""
     device = torch.device(device)
-    prefill_backend = envs.FASTLLM_PREFILL_BACKEND
-    if (prefill_backend == "torch" and device.type == "cuda" and max_query_len is not None and max_query_len > 1
-            and dtype in (torch.float16, torch.bfloat16)):
+    kind = device.type
+    if (kind == "cuda" and max_query_len is not None and max_query_len > 1
+            and dtype in (torch.float16, torch.bfloat16) and envs.FASTLLM_PREFILL_BACKEND == "torch"):
         if not _torch_paged_ok():
             raise RuntimeError(f"FASTLLM_PREFILL_BACKEND=torch needs torch.nn.attention.varlen.varlen_attn "
                                f"with block_table, which torch {torch.__version__} does not have")
         return AttentionPlan("torch", max_query_len)
-    on_cuda = device.type == "cuda"
-    if _C is None or (on_cuda and not cuda_paged_attention_supports(head_dim)) or device.type not in ("cpu", "cuda"):
+    if _C is None or kind not in ("cpu", "cuda") or (kind == "cuda" and not cuda_paged_attention_supports(head_dim)):
         return AttentionPlan("reference", max_query_len)
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if on_cuda else -1
-    kernels = _C.plan_paged_attention(str(dtype).removeprefix("torch."), num_tokens, num_seqs, num_heads,
+    index = -1 if kind == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
+    kernels = _C.plan_paged_attention(_DTYPE_NAMES.get(dtype, str(dtype)), num_tokens, num_seqs, num_heads,
                                       num_kv_heads, head_dim, block_size, max_blocks_per_seq,
                                       -1 if max_query_len is None else int(max_query_len), index)
     workspace = None

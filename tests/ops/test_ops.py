@@ -284,13 +284,15 @@ def test_torch_prefill_backend_matches_float64(dtype, block_size):
 
 
 def test_prefill_backend_is_read_when_planning_not_at_import(monkeypatch):
-    # No import-time side effects: a bad value fails the first plan, naming the variable.
+    # No import-time side effects: a bad value fails the first plan it could apply to (a
+    # CUDA fp16/bf16 step with prompts; read before any device is touched), naming it.
     env = {**os.environ, "FASTLLM_PREFILL_BACKEND": "flashy"}
     proc = subprocess.run([sys.executable, "-c", "import fastllm.ops"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     monkeypatch.setenv("FASTLLM_PREFILL_BACKEND", "flashy")
     with pytest.raises(ValueError, match="FASTLLM_PREFILL_BACKEND='flashy'"):
-        ops.paged_attention(**_attention_args())
+        ops.plan_attention(num_tokens=9, num_seqs=2, max_blocks_per_seq=3, max_query_len=5, num_heads=4,
+                           num_kv_heads=2, head_dim=64, block_size=4, dtype=torch.float16, device="cuda")
 
 
 def _plan_for(q, kc, bt, max_query_len):

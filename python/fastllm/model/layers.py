@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -19,10 +19,10 @@ from fastllm.config import ModelConfig
 from fastllm.profiling import nvtx_range
 
 
-@dataclass(frozen=True)
-class AttentionSpec:
+class AttentionSpec(NamedTuple):
     """What every attention layer of a model shares: with a step's sizes, all a plan of
-    its paged attention depends on (LlamaForCausalLM.attention_spec builds it)."""
+    its paged attention depends on (LlamaForCausalLM.attention_spec builds it; a tuple,
+    as it is built every step)."""
     num_heads: int
     num_kv_heads: int
     head_dim: int

@@ -48,7 +48,7 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model has "
                              f"{len(self.layers)} layers")
-        if kv_caches:   # the step's attention plan, once for every layer
+        if meta.plan is None and kv_caches:   # the step's attention plan, once for every layer
             meta = meta.planned_for(self.attention_spec(kv_caches))
         hidden = self.embed_tokens(input_ids)                        # [T, hidden]
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
