@@ -291,33 +291,10 @@ def bench_attention(case: AttentionCase, dtype: torch.dtype, device, ceilings: d
                 speedup=median(peer_times) / result["median_s"], rel_error=sdpa_err,
                 matches_reference=sdpa_err <= _REL_TOL[dtype])
     result["peers"] = {"sdpa_contiguous_gqa_expanded": peer}
-    if device.type == "cuda" and case.q_len > 1 and dtype in (torch.float16, torch.bfloat16):
-        result["prefill_variant"] = ops.prefill_variant()
-        result["peers"]["fastllm_other_variant"] = _other_prefill_variant(out, args, expected, result,
-                                                                          ceilings, nbytes, flops,
-                                                                          device, warmup, iters)
     if dtype in (torch.float16, torch.bfloat16) and ops.torch_paged_attention_available():
         result["peers"]["torch_varlen_paged"] = _torch_paged_peer(x, case, expected, result, ceilings,
                                                                   nbytes, flops, warmup, iters)
     return result
-
-
-def _other_prefill_variant(out, args, expected, result, ceilings, nbytes, flops, device,
-                           warmup, iters) -> dict:
-    """The tensor-core kernel with the other fragment loads (ldmatrix vs plain shared loads)."""
-    default = ops.prefill_variant()
-    other = next(v for v in ops.PREFILL_VARIANTS if v != default)
-    ops.set_prefill_variant(other)
-    try:
-        ops.paged_attention(out, *args)
-        err = relative_error(out, expected)
-        times, _ = time_op(lambda: ops.paged_attention(out, *args), device, warmup, iters)
-    finally:
-        ops.set_prefill_variant(default)
-    peer = _metrics(median(times), nbytes, flops, ceilings)
-    peer.update(variant=other, speedup=median(times) / result["median_s"], rel_error=err,
-                matches_reference=err <= _REL_TOL[out.dtype])
-    return peer
 
 
 def _torch_paged_peer(x: dict, case: AttentionCase, expected: torch.Tensor, result: dict, ceilings: dict,

@@ -42,7 +42,7 @@ from fastllm.engine import cuda_graphs
 from fastllm.engine.host_memory import PinnedHostTensor
 from fastllm.engine.scheduler import SchedulerOutput
 from fastllm.engine.staging import StagingBuffer
-from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
+from fastllm.model.layers import AttentionMetadata, AttentionSpec, allocate_kv_caches
 from fastllm.model.sampler import Sampler, SamplingBatch, StagedBatch
 from fastllm.outputs import Logprob
 from fastllm.profiling import nvtx_range
@@ -335,7 +335,8 @@ class ModelRunner:
             block_tables=dev[s1 + num_seqs + 1:total].view(num_seqs, max_blocks).to(torch.int32),
             seq_lens=dev[t3:s1].to(torch.int32),
             query_start_loc=dev[s1:s1 + num_seqs + 1].to(torch.int32),
-            max_query_len=max(s.num_tokens for s in scheduled))
+            max_query_len=max(s.num_tokens for s in scheduled),
+            spec=AttentionSpec.of(self.model_config, self.kv_caches[0][0]))  # plans the step's attention once
         return dev[:num_tokens], dev[num_tokens:2 * num_tokens], meta
 
     @torch.inference_mode()
