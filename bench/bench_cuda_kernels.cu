@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "fastllm/cuda/launchers.h"
+#include "fastllm/cuda/testing.h"
 
 namespace {
 
@@ -41,11 +42,13 @@ void BM_DeviceCopy(benchmark::State& state) {
 BENCHMARK(BM_DeviceCopy)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // args: num_seqs, context length (keys per sequence), queries per sequence (1 = decode,
-// > 1 = prefill/extend of the last q_len positions on the tensor-core kernel).
+// > 1 = prefill/extend of the last q_len positions on the tensor-core kernel), lds (1:
+// the prefill kernel's test-only plain shared-load variant instead of ldmatrix).
 // Llama-3-8B shape: 32 q heads, 8 kv heads, head_dim 128, bf16, block 16.
 void BM_PagedAttention(benchmark::State& state) {
   if (fastllm::cuda::device_count() == 0) return state.SkipWithError("no CUDA device");
   const int S = state.range(0), ctx = state.range(1), q_len = state.range(2), H = 32, Hkv = 8, D = 128, BS = 16;
+  const bool lds = state.range(3) != 0;
   const int T = S * q_len;
   const int blocks_per_seq = (ctx + BS - 1) / BS, num_blocks = S * blocks_per_seq;
   const size_t cache_elems = size_t(num_blocks) * BS * Hkv * D;
@@ -67,18 +70,27 @@ void BM_PagedAttention(benchmark::State& state) {
   cudaMemcpy(tables, h_tables.data(), num_blocks * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(lens, h_lens.data(), S * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(qsl, h_qsl.data(), (S + 1) * 4, cudaMemcpyHostToDevice);
-  const size_t ws_bytes = fastllm::cuda::paged_attention_workspace_bytes(T, H, D, blocks_per_seq, BS);
-  void* workspace = nullptr;
-  if (ws_bytes) cudaMalloc(&workspace, ws_bytes);
+  fastllm::cuda::PagedAttentionParams params;
+  params.dtype = fastllm::DType::kBF16;
+  params.shape = {T, S, H, Hkv, D, BS, blocks_per_seq};
+  params.out = out;
+  params.query = q;
+  params.q_token_stride = int64_t(H) * D;
+  params.k_cache = kc;
+  params.v_cache = vc;
+  params.block_tables = tables;
+  params.seq_lens = lens;
+  params.query_start_loc = qsl;
+  params.scale = 0.0884f;
+  params.plan = fastllm::cuda::plan_paged_attention(params.dtype, params.shape, q_len);  // once, as a step does
+  if (params.plan.workspace_bytes) cudaMalloc(&params.workspace, params.plan.workspace_bytes);
   Timer timer;
   for (auto _ : state) {
     state.SetIterationTime(timer.seconds([&] {
-      fastllm::cuda::paged_attention(fastllm::cuda::ScalarType::kBF16, out, q, int64_t(H) * D, kc, vc, tables, lens,
-                                     qsl, T, S, q_len, H, Hkv, D, BS, blocks_per_seq, 0.0884f, workspace, ws_bytes,
-                                     nullptr);
+      lds ? fastllm::cuda::testing::paged_attention_lds(params, nullptr) : fastllm::cuda::paged_attention(params, nullptr);
     }));
   }
-  cudaFree(workspace);
+  cudaFree(params.workspace);
   if (q_len == 1) {
     state.SetBytesProcessed(state.iterations() * 2 * cache_elems * 2);
   } else {  // causal pairs of the last q_len positions, two matmuls of 2 * D FLOPs each
@@ -89,9 +101,10 @@ void BM_PagedAttention(benchmark::State& state) {
   for (void* p : {(void*)q, (void*)out, (void*)kc, (void*)vc, (void*)tables, (void*)lens, (void*)qsl}) cudaFree(p);
 }
 BENCHMARK(BM_PagedAttention)
-    ->ArgNames({"seqs", "ctx", "q_len"})
-    ->Args({64, 4096, 1})->Args({1, 32768, 1})->Args({1, 4096, 1})
-    ->Args({1, 4096, 4096})->Args({8, 2048, 2048})->Args({4, 8192, 512})
+    ->ArgNames({"seqs", "ctx", "q_len", "lds"})
+    ->Args({64, 4096, 1, 0})->Args({1, 32768, 1, 0})->Args({1, 4096, 1, 0})
+    ->Args({1, 4096, 4096, 0})->Args({8, 2048, 2048, 0})->Args({4, 8192, 512, 0})
+    ->Args({1, 4096, 4096, 1})->Args({8, 2048, 2048, 1})->Args({4, 8192, 512, 1})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // args: rows, cols (attention scores 4096x4096; a 128k vocabulary)

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <iterator>
 #include <optional>
 
 #include "fastllm/block_allocator.h"
@@ -36,15 +37,15 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("cuda_available", &fastllm::cuda_available, "True when CUDA kernels are built and a GPU can run them");
-  m.def("set_prefill_variant", &fastllm::set_prefill_variant, py::arg("name"),
-        "CUDA prefill attention fragment loads: 'ldmatrix' (default) or 'lds'");
-  m.def("prefill_variant", &fastllm::prefill_variant);
   m.def("build_info", [] {
     py::dict info;
     info["native"] = true;
     info["cuda"] = fastllm::cuda_compiled();
     info["cuda_archs"] = fastllm::cuda_archs();
     info["cuda_ops"] = fastllm::cuda_ops();
+    // The head dims the CUDA paged_attention is compiled for (the C++ table; fastllm.ops reads it here).
+    info["paged_attention_head_dims"] = std::vector<int>(std::begin(fastllm::kPagedAttentionHeadDims),
+                                                         std::end(fastllm::kPagedAttentionHeadDims));
     return info;
   });
   m.def("hash_block", [](uint64_t parent_hash, const std::vector<int64_t>& token_ids) {
@@ -59,21 +60,41 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     fastllm::reshape_and_cache(k, v, kc, vc, sm, stream);
   });
+  py::class_<fastllm::PagedAttentionPlan>(m, "PagedAttentionPlan",
+                                          "How one step's paged attention runs (plan_paged_attention)")
+      .def_property_readonly("num_tokens", [](const fastllm::PagedAttentionPlan& p) { return p.shape.num_tokens; })
+      .def_property_readonly("num_seqs", [](const fastllm::PagedAttentionPlan& p) { return p.shape.num_seqs; })
+      .def_property_readonly("max_blocks_per_seq",
+                             [](const fastllm::PagedAttentionPlan& p) { return p.shape.max_blocks_per_seq; })
+      .def_readonly("device", &fastllm::PagedAttentionPlan::device)
+      .def_readonly("prefill_kernel", &fastllm::PagedAttentionPlan::prefill_kernel)
+      .def_readonly("num_splits", &fastllm::PagedAttentionPlan::num_splits)
+      .def_readonly("keys_per_split", &fastllm::PagedAttentionPlan::keys_per_split)
+      .def_readonly("workspace_bytes", &fastllm::PagedAttentionPlan::workspace_bytes)
+      .def("__repr__", [](const fastllm::PagedAttentionPlan& p) { return "PagedAttentionPlan(" + fastllm::describe(p) + ")"; });
+  m.def("plan_paged_attention", [](const std::string& dtype, int64_t num_tokens, int64_t num_seqs, int64_t num_heads,
+                                   int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                                   int64_t max_blocks_per_seq, int64_t max_query_len, int device) {
+    const fastllm::PagedAttentionShape shape{num_tokens, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                                             max_blocks_per_seq};
+    return fastllm::plan_paged_attention(fastllm::float_dtype_from_name(dtype), shape, max_query_len, device);
+  }, py::arg("dtype"), py::arg("num_tokens"), py::arg("num_seqs"), py::arg("num_heads"), py::arg("num_kv_heads"),
+     py::arg("head_dim"), py::arg("block_size"), py::arg("max_blocks_per_seq"), py::arg("max_query_len"),
+     py::arg("device"), "the step's plan; device -1 for CPU tensors, max_query_len -1 when unknown");
   m.def("paged_attention", [](py::capsule out, py::capsule query, py::capsule k_cache, py::capsule v_cache,
                               py::capsule block_tables, py::capsule seq_lens, py::capsule query_start_loc,
-                              float scale, int64_t max_query_len, py::object workspace, int64_t stream) {
+                              float scale, const fastllm::PagedAttentionPlan* plan, py::object workspace,
+                              int64_t stream) {
     auto o = view(out, "out"), q = view(query, "query"), kc = view(k_cache, "k_cache"),
          vc = view(v_cache, "v_cache"), bt = view(block_tables, "block_tables"), sl = view(seq_lens, "seq_lens"),
          qsl = view(query_start_loc, "query_start_loc");
     std::optional<TensorView> ws;
     if (!workspace.is_none()) ws = view(workspace.cast<py::capsule>(), "workspace");
     py::gil_scoped_release release;
-    fastllm::paged_attention(o, q, kc, vc, bt, sl, qsl, scale, max_query_len, ws ? &*ws : nullptr, stream);
-  });
-  m.def("paged_attention_workspace_bytes", &fastllm::paged_attention_workspace_bytes, py::arg("num_tokens"),
-        py::arg("num_heads"), py::arg("head_dim"), py::arg("max_blocks"), py::arg("block_size"),
-        py::arg("device") = -1,
-        "bytes of split-context workspace the CUDA paged_attention needs (0: none)");
+    fastllm::paged_attention(o, q, kc, vc, bt, sl, qsl, scale, plan, ws ? &*ws : nullptr, stream);
+  }, py::arg("out"), py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+     py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("scale"), py::arg("plan").none(true),
+     py::arg("workspace").none(true), py::arg("stream"));
   m.def("fused_softmax", [](py::capsule out, py::capsule scores, float scale, bool causal, int64_t causal_offset,
                             py::object row_scale, int64_t stream) {
     auto o = view(out, "out"), s = view(scores, "scores");

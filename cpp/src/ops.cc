@@ -9,6 +9,7 @@
 
 #include "fastllm/cpu/float16.h"
 #include "fastllm/cpu/kernels.h"
+#include "fastllm/dispatch.h"
 #include "fastllm/errors.h"
 #ifdef FASTLLM_WITH_CUDA
 #include "fastllm/cuda/launchers.h"
@@ -49,59 +50,10 @@ std::string cuda_archs() {
 #endif
 }
 
-void set_prefill_variant(const std::string& name) {
-  if (name != "ldmatrix" && name != "lds") {
-    throw ArgValueError("prefill variant must be 'ldmatrix' or 'lds', got '" + name + "'");
-  }
-#ifdef FASTLLM_WITH_CUDA
-  cuda::set_paged_prefill_ldmatrix(name == "ldmatrix");
-#endif
-}
-
-std::string prefill_variant() {
-#ifdef FASTLLM_WITH_CUDA
-  return cuda::paged_prefill_ldmatrix() ? "ldmatrix" : "lds";
-#else
-  return "ldmatrix";
-#endif
-}
-
-#ifndef FASTLLM_WITH_CUDA
-[[noreturn]] static void no_cuda_kernel(const char* op) {
-  throw ArgValueError(std::string(op) + ": CUDA tensors given but this build has no CUDA kernels");
-}
-#endif
-
-#ifdef FASTLLM_WITH_CUDA
-static void check_cuda(cudaError_t err, const char* op) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
-}
-
-static cuda::ScalarType scalar_type(DType dtype) {
-  switch (dtype) {
-    case DType::kF32: return cuda::ScalarType::kF32;
-    case DType::kF16: return cuda::ScalarType::kF16;
-    case DType::kBF16: return cuda::ScalarType::kBF16;
-    default: throw ArgTypeError(std::string("unsupported dtype ") + dtype_name(dtype));
-  }
-}
-
 // The CUDA kernels read rows with 16-byte loads.
 static void check_aligned(const TensorView& t) {
   if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) {
     throw ArgValueError(t.name + ": CUDA kernels need 16-byte aligned data (call .contiguous() on a fresh tensor)");
-  }
-}
-#endif
-
-// Calls fn with a typed null pointer selecting float / Half / BFloat16.
-template <typename Fn>
-static void dispatch_float(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kF32: fn(static_cast<float*>(nullptr)); break;
-    case DType::kF16: fn(static_cast<cpu::Half*>(nullptr)); break;
-    case DType::kBF16: fn(static_cast<cpu::BFloat16*>(nullptr)); break;
-    default: throw ArgTypeError(std::string("unsupported dtype ") + dtype_name(dtype));
   }
 }
 
@@ -129,7 +81,7 @@ static int64_t token_stride(const TensorView& t) {
 }
 
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,
-                       const TensorView& v_cache, const TensorView& slot_mapping, int64_t stream) {
+                       const TensorView& v_cache, const TensorView& slot_mapping, [[maybe_unused]] int64_t stream) {
   key.check_rank(3).check_float();
   const int64_t T = key.size(0), Hkv = key.size(1), D = key.size(2);
   value.check_rank(3).check_dtype(key.dtype).check_same_device(key);
@@ -157,17 +109,10 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
                            value_stride, elem_bytes);
     return;
   }
-#ifdef FASTLLM_WITH_CUDA
-  const cuda::DeviceGuard device_guard(key.device_id);  // launch on the tensors' GPU
-  check_cuda(device_guard.status(), "reshape_and_cache");
-  check_cuda(cuda::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slot_mapping.ptr<int64_t>(),
-                                     T, row_elems, key_stride, value_stride, elem_bytes,
-                                     reinterpret_cast<cudaStream_t>(stream)),
-             "reshape_and_cache");
-#else
-  (void)stream;
-  no_cuda_kernel("reshape_and_cache");
-#endif
+  FASTLLM_CUDA_CALL("reshape_and_cache", key.device_id,
+                    cuda::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data,
+                                            slot_mapping.ptr<int64_t>(), T, row_elems, key_stride, value_stride,
+                                            elem_bytes, reinterpret_cast<cudaStream_t>(stream)));
 }
 
 static void check_attention_metadata(const TensorView& query, const TensorView& k_cache,
@@ -203,10 +148,99 @@ static void check_attention_metadata(const TensorView& query, const TensorView& 
   }
 }
 
+std::string describe(const PagedAttentionPlan& plan) {
+  const PagedAttentionShape& s = plan.shape;
+  std::string text = "num_tokens=" + std::to_string(s.num_tokens) + " num_seqs=" + std::to_string(s.num_seqs) +
+                     " num_heads=" + std::to_string(s.num_heads) + " num_kv_heads=" + std::to_string(s.num_kv_heads) +
+                     " head_dim=" + std::to_string(s.head_dim) + " block_size=" + std::to_string(s.block_size) +
+                     " max_blocks_per_seq=" + std::to_string(s.max_blocks_per_seq) + " " + dtype_name(plan.dtype) +
+                     (plan.device < 0 ? std::string(" cpu") : " cuda:" + std::to_string(plan.device));
+  if (plan.device >= 0) {
+    text += std::string(plan.prefill_kernel ? " prefill+decode" : " decode") + " kernels, num_splits=" +
+            std::to_string(plan.num_splits) + " workspace_bytes=" + std::to_string(plan.workspace_bytes);
+  }
+  return text;
+}
+
+static std::string head_dims_str() {
+  std::string s;
+  for (int d : kPagedAttentionHeadDims) s += (s.empty() ? "" : ", ") + std::to_string(d);
+  return s;
+}
+
+PagedAttentionPlan plan_paged_attention(DType dtype, const PagedAttentionShape& shape, int64_t max_query_len,
+                                        int device) {
+  if (dtype != DType::kF32 && dtype != DType::kF16 && dtype != DType::kBF16) {
+    throw ArgTypeError(std::string("dtype: expected float32, float16 or bfloat16, got ") + dtype_name(dtype));
+  }
+  const std::pair<const char*, int64_t> sizes[] = {
+      {"num_tokens", shape.num_tokens}, {"num_seqs", shape.num_seqs}, {"max_blocks_per_seq", shape.max_blocks_per_seq}};
+  for (const auto& [name, value] : sizes) {
+    if (value < 0) throw ArgValueError(std::string(name) + ": must be >= 0, got " + std::to_string(value));
+  }
+  const std::pair<const char*, int64_t> positive[] = {
+      {"num_heads", shape.num_heads}, {"num_kv_heads", shape.num_kv_heads}, {"head_dim", shape.head_dim},
+      {"block_size", shape.block_size}};
+  for (const auto& [name, value] : positive) {
+    if (value <= 0) throw ArgValueError(std::string(name) + ": must be positive, got " + std::to_string(value));
+  }
+  if (shape.num_heads % shape.num_kv_heads != 0) {
+    throw ArgValueError("num_heads (" + std::to_string(shape.num_heads) + ") must be a multiple of num_kv_heads (" +
+                        std::to_string(shape.num_kv_heads) + ")");
+  }
+  if (device < 0) {  // the CPU kernel needs no plan beyond the shape it will be called with
+    PagedAttentionPlan plan;
+    plan.shape = shape;
+    plan.dtype = dtype;
+    return plan;
+  }
+  if (!cuda_paged_attention_supports(shape.head_dim)) {
+    throw ArgValueError("head_dim: the CUDA paged_attention supports head_dim " + head_dims_str() + ", got " +
+                        std::to_string(shape.head_dim));
+  }
+#ifdef FASTLLM_WITH_CUDA
+  const cuda::DeviceGuard device_guard(device);  // the split count follows that GPU's SM count
+  detail::check_cuda(device_guard.status(), "plan_paged_attention");
+  return cuda::plan_paged_attention(dtype, shape, max_query_len);
+#else
+  (void)max_query_len;
+  detail::no_cuda_kernel("plan_paged_attention");
+#endif
+}
+
+// The one check of a call against its plan: what the plan's split layout and workspace
+// size were computed for must be what the call runs on.
+static void check_plan(const PagedAttentionPlan& plan, const PagedAttentionShape& shape, const TensorView& query) {
+  PagedAttentionPlan call = plan;
+  call.shape = shape;
+  call.dtype = query.dtype;
+  call.device = query.device == Device::kCPU ? -1 : query.device_id;
+  if (plan.shape != call.shape || plan.dtype != call.dtype || plan.device != call.device) {
+    throw ArgValueError("plan: made for " + describe(plan) + ", but the call has " + describe(call) +
+                        " (plan once per step, for the step's sizes and the layers' shape)");
+  }
+}
+
+// The plan's split-context workspace: a float32 buffer on the query's device of at least
+// plan.workspace_bytes bytes (null when the plan needs none).
+static void* checked_workspace(const TensorView* workspace, const PagedAttentionPlan& plan, const TensorView& query) {
+  int64_t workspace_bytes = 0;
+  if (workspace != nullptr) {
+    workspace->check_dtype(DType::kF32).check_contiguous().check_same_device(query);
+    check_aligned(*workspace);
+    workspace_bytes = workspace->numel() * static_cast<int64_t>(sizeof(float));
+  }
+  if (workspace_bytes < plan.workspace_bytes) {
+    throw ArgValueError("workspace: the plan needs " + std::to_string(plan.workspace_bytes) + " bytes, got " +
+                        std::to_string(workspace_bytes));
+  }
+  return workspace != nullptr ? workspace->data : nullptr;
+}
+
 void paged_attention(const TensorView& out, const TensorView& query, const TensorView& k_cache,
                      const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
-                     const TensorView& query_start_loc, float scale, int64_t max_query_len,
-                     const TensorView* workspace, int64_t stream) {
+                     const TensorView& query_start_loc, float scale, const PagedAttentionPlan* plan,
+                     const TensorView* workspace, [[maybe_unused]] int64_t stream) {
   query.check_rank(3).check_float();
   const int64_t T = query.size(0), H = query.size(1), D = query.size(2);
   // query may be a view into the fused qkv projection: any token stride, [H, D] dense.
@@ -235,75 +269,37 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
       .check_size(0, S, "num_seqs");
   query_start_loc.check_rank(1).check_dtype(DType::kI32).check_contiguous().check_same_device(query)
       .check_size(0, S + 1, "num_seqs + 1");
+  const PagedAttentionShape shape{T, S, H, Hkv, D, k_cache.size(1), block_tables.size(1)};
+  if (plan != nullptr) check_plan(*plan, shape, query);
 
   if (query.device == Device::kCPU) {
     if (q_token_stride != H * D) throw ArgValueError("query: the CPU kernel needs a contiguous query");
     check_attention_metadata(query, k_cache, block_tables, seq_lens, query_start_loc);
-    const cpu::PagedAttentionShape shape{T, S, H, Hkv, D, k_cache.size(1), block_tables.size(1)};
-    dispatch_float(query.dtype, [&](auto* tag) {
-      using T_ = std::remove_pointer_t<decltype(tag)>;
-      cpu::paged_attention<T_>(out.ptr<T_>(), query.ptr<T_>(), k_cache.ptr<T_>(), v_cache.ptr<T_>(),
-                               block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
-                               query_start_loc.ptr<int32_t>(), shape, scale);
+    FASTLLM_DISPATCH_CPU_FLOAT(query.dtype, [&] {
+      cpu::paged_attention<scalar_t>(out.ptr<scalar_t>(), query.ptr<scalar_t>(), k_cache.ptr<scalar_t>(),
+                                     v_cache.ptr<scalar_t>(), block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
+                                     query_start_loc.ptr<int32_t>(), shape, scale);
     });
     return;
   }
-#ifdef FASTLLM_WITH_CUDA
-  if (!cuda::paged_attention_supports(static_cast<int>(D))) {
-    throw ArgValueError("query: the CUDA paged_attention supports head_dim 64 and 128, got " + std::to_string(D));
+  if (plan == nullptr) {
+    throw ArgValueError("plan: the CUDA paged_attention runs on a plan (plan_paged_attention, once per step)");
   }
   for (const TensorView* t : {&out, &query, &k_cache, &v_cache}) check_aligned(*t);
   if ((q_token_stride * static_cast<int64_t>(dtype_size(query.dtype))) % 16 != 0) {
     throw ArgValueError("query: CUDA kernels need 16-byte aligned token rows, got a token stride of " +
                         std::to_string(q_token_stride) + " elements");
   }
-  const cuda::DeviceGuard device_guard(query.device_id);  // sizes and launches for the tensors' GPU
-  check_cuda(device_guard.status(), "paged_attention");
-  const size_t needed = cuda::paged_attention_workspace_bytes(static_cast<int>(T), static_cast<int>(H),
-                                                              static_cast<int>(D), static_cast<int>(block_tables.size(1)),
-                                                              static_cast<int>(k_cache.size(1)));
-  size_t workspace_bytes = 0;
-  if (workspace != nullptr) {
-    workspace->check_dtype(DType::kF32).check_contiguous().check_same_device(query);
-    check_aligned(*workspace);
-    workspace_bytes = static_cast<size_t>(workspace->numel()) * sizeof(float);
-  }
-  if (workspace_bytes < needed) {
-    throw ArgValueError("workspace: needs " + std::to_string(needed) + " bytes (paged_attention_workspace_bytes), got " +
-                        std::to_string(workspace_bytes));
-  }
-  check_cuda(cuda::paged_attention(scalar_type(query.dtype), out.data, query.data, q_token_stride, k_cache.data,
-                                   v_cache.data, block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
-                                   query_start_loc.ptr<int32_t>(), static_cast<int>(T), static_cast<int>(S),
-                                   static_cast<int>(std::min<int64_t>(max_query_len, T)), static_cast<int>(H), static_cast<int>(Hkv), static_cast<int>(D),
-                                   static_cast<int>(k_cache.size(1)), static_cast<int>(block_tables.size(1)), scale,
-                                   workspace != nullptr ? workspace->data : nullptr, workspace_bytes,
-                                   reinterpret_cast<cudaStream_t>(stream)),
-             "paged_attention");
-#else
-  (void)stream;
-  (void)workspace;
-  (void)max_query_len;
-  no_cuda_kernel("paged_attention");
-#endif
-}
-
-int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t max_blocks,
-                                        int64_t block_size, int64_t device) {
-#ifdef FASTLLM_WITH_CUDA
-  const cuda::DeviceGuard device_guard(static_cast<int>(device));  // the split count follows its SM count
-  check_cuda(device_guard.status(), "paged_attention_workspace_bytes");
-  return static_cast<int64_t>(cuda::paged_attention_workspace_bytes(static_cast<int>(num_tokens), static_cast<int>(num_heads),
-                                                                    static_cast<int>(head_dim), static_cast<int>(max_blocks),
-                                                                    static_cast<int>(block_size)));
-#else
-  (void)num_tokens, (void)num_heads, (void)head_dim, (void)max_blocks, (void)block_size, (void)device;
-  return 0;
-#endif
+  [[maybe_unused]] void* workspace_data = checked_workspace(workspace, *plan, query);
+  FASTLLM_CUDA_CALL("paged_attention", query.device_id,
+                    cuda::paged_attention({query.dtype, shape, out.data, query.data, q_token_stride, k_cache.data,
+                                           v_cache.data, block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
+                                           query_start_loc.ptr<int32_t>(), scale, *plan, workspace_data},
+                                          reinterpret_cast<cudaStream_t>(stream)));
 }
 
 void fused_softmax(const TensorView& out, const TensorView& scores, float scale, bool causal,
-                   int64_t causal_offset, const TensorView* row_scale, int64_t stream) {
+                   int64_t causal_offset, const TensorView* row_scale, [[maybe_unused]] int64_t stream) {
   scores.check_float().check_contiguous();
   if (scores.dim() < (causal ? 2 : 1)) {
     throw ArgValueError(std::string("scores: expected at least ") + (causal ? "2" : "1") + " dims, got shape " +
@@ -325,23 +321,15 @@ void fused_softmax(const TensorView& out, const TensorView& scores, float scale,
     row_scale_ptr = row_scale->ptr<float>();
   }
   if (scores.device == Device::kCPU) {
-    dispatch_float(scores.dtype, [&](auto* tag) {
-      using T_ = std::remove_pointer_t<decltype(tag)>;
-      cpu::fused_softmax<T_>(out.ptr<T_>(), scores.ptr<T_>(), row_scale_ptr, rows, cols, rows_per_matrix, scale,
-                             causal, causal_offset);
+    FASTLLM_DISPATCH_CPU_FLOAT(scores.dtype, [&] {
+      cpu::fused_softmax<scalar_t>(out.ptr<scalar_t>(), scores.ptr<scalar_t>(), row_scale_ptr, rows, cols,
+                                   rows_per_matrix, scale, causal, causal_offset);
     });
     return;
   }
-#ifdef FASTLLM_WITH_CUDA
-  const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
-  check_cuda(device_guard.status(), "fused_softmax");
-  check_cuda(cuda::fused_softmax(scalar_type(scores.dtype), out.data, scores.data, row_scale_ptr, rows, cols,
-                                 rows_per_matrix, scale, causal, causal_offset, reinterpret_cast<cudaStream_t>(stream)),
-             "fused_softmax");
-#else
-  (void)stream;
-  no_cuda_kernel("fused_softmax");
-#endif
+  FASTLLM_CUDA_CALL("fused_softmax", out.device_id,
+                    cuda::fused_softmax(scores.dtype, out.data, scores.data, row_scale_ptr, rows, cols, rows_per_matrix,
+                                        scale, causal, causal_offset, reinterpret_cast<cudaStream_t>(stream)));
 }
 
 // ---- fused elementwise ops of the decoder layer (CUDA kernels; CPU: torch reference) ----
@@ -355,7 +343,7 @@ static void require_cuda(const TensorView& t, const char* op) {
                         "reference on CPU)");
   }
 #ifndef FASTLLM_WITH_CUDA
-  no_cuda_kernel(op);
+  detail::no_cuda_kernel(op);
 #endif
 }
 
@@ -395,18 +383,13 @@ void check_rms_norm(const TensorView& out, const TensorView& x, const TensorView
   check_norm_weight(weight, x);
 }
 
-void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight, float eps, int64_t stream) {
+void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight, [[maybe_unused]] float eps,
+              [[maybe_unused]] int64_t stream) {
   check_rms_norm(out, x, weight);
   require_cuda(x, "rms_norm");
-#ifdef FASTLLM_WITH_CUDA
-  const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
-  check_cuda(device_guard.status(), "rms_norm");
-  check_cuda(cuda::rms_norm(scalar_type(x.dtype), out.data, x.data, weight.data, x.size(0), x.size(1), eps,
-                            reinterpret_cast<cudaStream_t>(stream)),
-             "rms_norm");
-#else
-  (void)eps, (void)stream;
-#endif
+  FASTLLM_CUDA_CALL("rms_norm", out.device_id,
+                    cuda::rms_norm(x.dtype, out.data, x.data, weight.data, x.size(0), x.size(1), eps,
+                                   reinterpret_cast<cudaStream_t>(stream)));
 }
 
 void check_fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight) {
@@ -419,19 +402,13 @@ void check_fused_add_rms_norm(const TensorView& x, const TensorView& residual, c
   check_norm_weight(weight, x);
 }
 
-void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight, float eps,
-                        int64_t stream) {
+void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight,
+                        [[maybe_unused]] float eps, [[maybe_unused]] int64_t stream) {
   check_fused_add_rms_norm(x, residual, weight);
   require_cuda(x, "fused_add_rms_norm");
-#ifdef FASTLLM_WITH_CUDA
-  const cuda::DeviceGuard device_guard(x.device_id);  // launch on the tensors' GPU
-  check_cuda(device_guard.status(), "fused_add_rms_norm");
-  check_cuda(cuda::fused_add_rms_norm(scalar_type(x.dtype), x.data, residual.data, weight.data, x.size(0), x.size(1),
-                                      eps, reinterpret_cast<cudaStream_t>(stream)),
-             "fused_add_rms_norm");
-#else
-  (void)eps, (void)stream;
-#endif
+  FASTLLM_CUDA_CALL("fused_add_rms_norm", x.device_id,
+                    cuda::fused_add_rms_norm(x.dtype, x.data, residual.data, weight.data, x.size(0), x.size(1), eps,
+                                             reinterpret_cast<cudaStream_t>(stream)));
 }
 
 void check_silu_and_mul(const TensorView& out, const TensorView& x) {
@@ -444,18 +421,12 @@ void check_silu_and_mul(const TensorView& out, const TensorView& x) {
   if (overlaps(out, x)) throw ArgValueError("out: overlaps x (other CTAs may still read what it overwrites)");
 }
 
-void silu_and_mul(const TensorView& out, const TensorView& x, int64_t stream) {
+void silu_and_mul(const TensorView& out, const TensorView& x, [[maybe_unused]] int64_t stream) {
   check_silu_and_mul(out, x);
   require_cuda(x, "silu_and_mul");
-#ifdef FASTLLM_WITH_CUDA
-  const cuda::DeviceGuard device_guard(out.device_id);  // launch on the tensors' GPU
-  check_cuda(device_guard.status(), "silu_and_mul");
-  check_cuda(cuda::silu_and_mul(scalar_type(x.dtype), out.data, x.data, x.size(0), x.size(1) / 2,
-                                reinterpret_cast<cudaStream_t>(stream)),
-             "silu_and_mul");
-#else
-  (void)stream;
-#endif
+  FASTLLM_CUDA_CALL("silu_and_mul", out.device_id,
+                    cuda::silu_and_mul(x.dtype, out.data, x.data, x.size(0), x.size(1) / 2,
+                                       reinterpret_cast<cudaStream_t>(stream)));
 }
 
 void check_rotary_embedding(const TensorView& query, const TensorView& key, const TensorView& cos,
@@ -477,20 +448,14 @@ void check_rotary_embedding(const TensorView& query, const TensorView& key, cons
 }
 
 void rotary_embedding(const TensorView& query, const TensorView& key, const TensorView& cos, const TensorView& sin,
-                      int64_t stream) {
+                      [[maybe_unused]] int64_t stream) {
   check_rotary_embedding(query, key, cos, sin);
   require_cuda(query, "rotary_embedding");
-#ifdef FASTLLM_WITH_CUDA
-  const cuda::DeviceGuard device_guard(query.device_id);  // launch on the tensors' GPU
-  check_cuda(device_guard.status(), "rotary_embedding");
-  check_cuda(cuda::rotary_embedding(scalar_type(query.dtype), query.data, key.data, cos.data, sin.data, query.size(0),
-                                    static_cast<int>(query.size(1)), static_cast<int>(key.size(1)),
-                                    static_cast<int>(query.size(2)), token_stride(query), token_stride(key),
-                                    reinterpret_cast<cudaStream_t>(stream)),
-             "rotary_embedding");
-#else
-  (void)stream;
-#endif
+  FASTLLM_CUDA_CALL("rotary_embedding", query.device_id,
+                    cuda::rotary_embedding(query.dtype, query.data, key.data, cos.data, sin.data, query.size(0),
+                                           static_cast<int>(query.size(1)), static_cast<int>(key.size(1)),
+                                           static_cast<int>(query.size(2)), token_stride(query), token_stride(key),
+                                           reinterpret_cast<cudaStream_t>(stream)));
 }
 
 }  // namespace fastllm

@@ -26,6 +26,13 @@ size_t dtype_size(DType dtype) {
   }
 }
 
+DType float_dtype_from_name(const std::string& name) {
+  for (DType d : {DType::kF32, DType::kF16, DType::kBF16}) {
+    if (name == dtype_name(d)) return d;
+  }
+  throw ArgTypeError("dtype: expected float32, float16 or bfloat16, got '" + name + "'");
+}
+
 static DType to_dtype(DLDataType t) {
   if (t.lanes != 1) return DType::kOther;
   if (t.code == kDLFloat && t.bits == 32) return DType::kF32;

@@ -3,6 +3,7 @@
 #include "fastllm/cuda/fused_softmax.cuh"
 #include "fastllm/cuda/launchers.h"
 #include "fastllm/cuda/nvtx.h"
+#include "fastllm/dispatch.h"
 
 namespace fastllm::cuda {
 
@@ -61,12 +62,7 @@ cudaError_t fused_softmax(ScalarType dtype, void* out, const void* scores, const
   if (num_rows == 0 || num_cols == 0) return cudaSuccess;
   if (num_rows > INT32_MAX) return cudaErrorInvalidValue;  // rows are grid.x blocks (or warps of them)
   const SoftmaxParams p{out, scores, row_scale, num_rows, num_cols, rows_per_matrix, causal_offset, scale, causal};
-  switch (dtype) {
-    case ScalarType::kF32: return launch<float>(p, stream);
-    case ScalarType::kF16: return launch<__half>(p, stream);
-    case ScalarType::kBF16: return launch<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return FASTLLM_DISPATCH_CUDA_FLOAT(dtype, [&] { return launch<scalar_t>(p, stream); });
 }
 
 }  // namespace fastllm::cuda

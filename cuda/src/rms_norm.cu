@@ -2,6 +2,7 @@
 
 #include "fastllm/cuda/launchers.h"
 #include "fastllm/cuda/nvtx.h"
+#include "fastllm/dispatch.h"
 #include "fastllm/cuda/rms_norm.cuh"
 
 namespace fastllm::cuda {
@@ -50,25 +51,16 @@ cudaError_t rms_norm(ScalarType dtype, void* out, const void* x, const void* wei
                      int64_t hidden, float eps, cudaStream_t stream) {
   FASTLLM_NVTX_RANGE("rms_norm");
   if (num_tokens == 0 || hidden == 0) return cudaSuccess;
-  switch (dtype) {
-    case ScalarType::kF32: return launch_rms_norm<float>(out, x, weight, num_tokens, hidden, eps, stream);
-    case ScalarType::kF16: return launch_rms_norm<__half>(out, x, weight, num_tokens, hidden, eps, stream);
-    case ScalarType::kBF16: return launch_rms_norm<__nv_bfloat16>(out, x, weight, num_tokens, hidden, eps, stream);
-  }
-  return cudaErrorInvalidValue;
+  return FASTLLM_DISPATCH_CUDA_FLOAT(
+      dtype, [&] { return launch_rms_norm<scalar_t>(out, x, weight, num_tokens, hidden, eps, stream); });
 }
 
 cudaError_t fused_add_rms_norm(ScalarType dtype, void* x, void* residual, const void* weight, int64_t num_tokens,
                                int64_t hidden, float eps, cudaStream_t stream) {
   FASTLLM_NVTX_RANGE("fused_add_rms_norm");
   if (num_tokens == 0 || hidden == 0) return cudaSuccess;
-  switch (dtype) {
-    case ScalarType::kF32: return launch_fused_add<float>(x, residual, weight, num_tokens, hidden, eps, stream);
-    case ScalarType::kF16: return launch_fused_add<__half>(x, residual, weight, num_tokens, hidden, eps, stream);
-    case ScalarType::kBF16:
-      return launch_fused_add<__nv_bfloat16>(x, residual, weight, num_tokens, hidden, eps, stream);
-  }
-  return cudaErrorInvalidValue;
+  return FASTLLM_DISPATCH_CUDA_FLOAT(
+      dtype, [&] { return launch_fused_add<scalar_t>(x, residual, weight, num_tokens, hidden, eps, stream); });
 }
 
 }  // namespace fastllm::cuda

@@ -2,6 +2,7 @@
 
 #include "fastllm/cuda/launchers.h"
 #include "fastllm/cuda/nvtx.h"
+#include "fastllm/dispatch.h"
 #include "fastllm/cuda/rotary_embedding.cuh"
 
 namespace fastllm::cuda {
@@ -34,12 +35,7 @@ cudaError_t rotary_embedding(ScalarType dtype, void* query, void* key, const voi
   FASTLLM_NVTX_RANGE("rotary_embedding");
   if (num_tokens == 0 || head_dim == 0 || num_heads + num_kv_heads == 0) return cudaSuccess;
   const RotaryParams p{query, key, cos, sin, query_stride, key_stride, num_heads, num_kv_heads, head_dim};
-  switch (dtype) {
-    case ScalarType::kF32: return launch<float>(p, num_tokens, stream);
-    case ScalarType::kF16: return launch<__half>(p, num_tokens, stream);
-    case ScalarType::kBF16: return launch<__nv_bfloat16>(p, num_tokens, stream);
-  }
-  return cudaErrorInvalidValue;
+  return FASTLLM_DISPATCH_CUDA_FLOAT(dtype, [&] { return launch<scalar_t>(p, num_tokens, stream); });
 }
 
 }  // namespace fastllm::cuda

@@ -2,6 +2,7 @@
 
 #include "fastllm/cuda/launchers.h"
 #include "fastllm/cuda/nvtx.h"
+#include "fastllm/dispatch.h"
 #include "fastllm/cuda/silu_and_mul.cuh"
 
 namespace fastllm::cuda {
@@ -30,12 +31,7 @@ cudaError_t silu_and_mul(ScalarType dtype, void* out, const void* x, int64_t num
                          cudaStream_t stream) {
   FASTLLM_NVTX_RANGE("silu_and_mul");
   if (num_tokens == 0 || inter == 0) return cudaSuccess;
-  switch (dtype) {
-    case ScalarType::kF32: return launch<float>(out, x, num_tokens, inter, stream);
-    case ScalarType::kF16: return launch<__half>(out, x, num_tokens, inter, stream);
-    case ScalarType::kBF16: return launch<__nv_bfloat16>(out, x, num_tokens, inter, stream);
-  }
-  return cudaErrorInvalidValue;
+  return FASTLLM_DISPATCH_CUDA_FLOAT(dtype, [&] { return launch<scalar_t>(out, x, num_tokens, inter, stream); });
 }
 
 }  // namespace fastllm::cuda

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from fastllm import reference
+from fastllm import envs, reference
 
 try:
     from fastllm import _C
@@ -24,6 +25,8 @@ except ImportError:  # source checkout without a build: the references run
 # The KV block pool: C++ when built, else its pure-Python twin (same contract and ids).
 BlockAllocator = _C.BlockAllocator if _C is not None else reference.BlockAllocator
 _CUDA_OPS = frozenset(_C.build_info()["cuda_ops"]) if _C is not None else frozenset()
+# The head dims the CUDA paged_attention is compiled for: C++'s one table (paged_attention.h).
+PAGED_ATTENTION_HEAD_DIMS = tuple(_C.build_info()["paged_attention_head_dims"]) if _C is not None else ()
 
 
 def native_available() -> bool:
@@ -73,29 +76,10 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
         reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
-# Which kernel runs CUDA prefill (steps with max_query_len > 1): "fastllm" (the tensor-core
-# paged kernel) or "torch" (torch's flash attention over the same paged cache, where torch
-# has torch.nn.attention.varlen with block_table). `bench kernels` times both; pick the faster.
-PREFILL_BACKENDS = ("fastllm", "torch")
-prefill_backend = os.environ.get("FASTLLM_PREFILL_BACKEND", "fastllm")
-if prefill_backend not in PREFILL_BACKENDS:
-    raise ValueError(f"FASTLLM_PREFILL_BACKEND={prefill_backend!r}: choose from {', '.join(PREFILL_BACKENDS)}")
-
-
-PREFILL_VARIANTS = ("ldmatrix", "lds")
-
-
-def set_prefill_variant(name: str) -> None:
-    """The CUDA prefill kernel's K/V fragment loads: "ldmatrix" (default) or "lds" (plain
-    shared loads, the reference variant). FASTLLM_PREFILL_VARIANT sets it at import."""
-    if name not in PREFILL_VARIANTS:
-        raise ValueError(f"prefill variant {name!r}: choose from {', '.join(PREFILL_VARIANTS)}")
-    if _C is not None:
-        _C.set_prefill_variant(name)
-
-
-def prefill_variant() -> str:
-    return _C.prefill_variant() if _C is not None else PREFILL_VARIANTS[0]
+def cuda_paged_attention_supports(head_dim: int) -> bool:
+    """Whether this build has a CUDA paged_attention kernel for head_dim (else the torch
+    reference runs on CUDA tensors, which reads sizes back to the host: no CUDA graphs)."""
+    return "paged_attention" in _CUDA_OPS and head_dim in PAGED_ATTENTION_HEAD_DIMS
 
 
 def torch_paged_attention_available() -> bool:
@@ -107,12 +91,63 @@ def torch_paged_attention_available() -> bool:
     return torch.cuda.is_available() and "block_table" in inspect.signature(varlen_attn).parameters
 
 
-set_prefill_variant(os.environ.get("FASTLLM_PREFILL_VARIANT", "ldmatrix"))
-
-
 @functools.cache
 def _torch_paged_ok() -> bool:
     return torch_paged_attention_available()
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How one step's paged attention runs, decided once (plan_attention) and passed to
+    every layer's paged_attention call.
+
+    backend: "native" (fastllm._C: the CPU kernel, or the CUDA kernels `kernels` picked),
+    "torch" (CUDA prefill on torch's paged flash attention, FASTLLM_PREFILL_BACKEND=torch)
+    or "reference" (the torch reference: no _C, or no CUDA kernel for this head_dim)."""
+    backend: str
+    max_query_len: Optional[int] = None
+    # _C.PagedAttentionPlan ("native"): the sizes it was made for and, on CUDA, prefill
+    # kernel or not, the split count and the workspace bytes.
+    kernels: Any = None
+    workspace: Optional[torch.Tensor] = None  # float32 split-context partials (CUDA), or None
+
+
+def plan_attention(*, num_tokens: int, num_seqs: int, max_blocks_per_seq: int, max_query_len: Optional[int],
+                   num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                   device) -> AttentionPlan:
+    """The plan of a step: T tokens of S sequences, block tables max_blocks_per_seq wide,
+    the longest q_len known on the host (None: unknown), for layers of this shape, dtype
+    and device. FASTLLM_PREFILL_BACKEND is read here, for the steps it could apply to
+    (CUDA, fp16/bf16, max_query_len > 1; ValueError when it is not valid)."""
+    device = torch.device(device)
+    kind = device.type
+    if (kind == "cuda" and max_query_len is not None and max_query_len > 1
+            and dtype in (torch.float16, torch.bfloat16) and envs.FASTLLM_PREFILL_BACKEND == "torch"):
+        if not _torch_paged_ok():
+            raise RuntimeError(f"FASTLLM_PREFILL_BACKEND=torch needs torch.nn.attention.varlen.varlen_attn "
+                               f"with block_table, which torch {torch.__version__} does not have")
+        return AttentionPlan("torch", max_query_len)
+    if _C is None or kind not in ("cpu", "cuda") or (kind == "cuda" and not cuda_paged_attention_supports(head_dim)):
+        return AttentionPlan("reference", max_query_len)
+    index = -1 if kind == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
+    kernels = _C.plan_paged_attention(_DTYPE_NAMES.get(dtype, str(dtype)), num_tokens, num_seqs, num_heads,
+                                      num_kv_heads, head_dim, block_size, max_blocks_per_seq,
+                                      -1 if max_query_len is None else int(max_query_len), index)
+    workspace = None
+    if kernels.workspace_bytes:  # from torch's caching allocator (inside a capture: the graph's pool)
+        workspace = torch.empty(kernels.workspace_bytes // 4, dtype=torch.float32, device=device)
+    return AttentionPlan("native", max_query_len, kernels, workspace)
+
+
+def _plan_call(query, k_cache, block_tables, max_query_len) -> AttentionPlan:
+    """A plan for one call on its own (callers without a step's plan: tests, benches)."""
+    return plan_attention(num_tokens=query.shape[0], num_seqs=block_tables.shape[0],
+                          max_blocks_per_seq=block_tables.shape[1], max_query_len=max_query_len,
+                          num_heads=query.shape[1], num_kv_heads=k_cache.shape[2], head_dim=query.shape[2],
+                          block_size=k_cache.shape[1], dtype=query.dtype, device=query.device)
 
 
 def torch_paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
@@ -126,34 +161,26 @@ def torch_paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, 
                           seqused_k=seq_lens, block_table=block_tables))
 
 
-def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
-                    query_start_loc, scale: float, max_query_len: int | None = None) -> None:
+def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
+                    max_query_len: int | None = None, plan: AttentionPlan | None = None) -> None:
     """out[T, H, D] = causal attention of query[T, H, D] over each sequence's paged K/V.
 
     query may be a view with any token stride (the q part of the fused qkv output).
-    max_query_len, the longest q_len in the batch known on the host, picks the CUDA
-    kernels: 1 runs the decode kernel alone (what CUDA graphs capture), > 1 sends
-    sequences with q_len > 1 to the tensor-core prefill kernel; None means unknown."""
-    if (prefill_backend == "torch" and query.is_cuda and max_query_len is not None and max_query_len > 1
-            and query.dtype in (torch.float16, torch.bfloat16)):
-        if not _torch_paged_ok():
-            raise RuntimeError(f"FASTLLM_PREFILL_BACKEND=torch needs torch.nn.attention.varlen.varlen_attn "
-                               f"with block_table, which torch {torch.__version__} does not have")
+    plan: the step's plan (plan_attention), made once for every layer; without one, this
+    call is planned alone from max_query_len, the longest q_len in the batch known on the
+    host (1 runs the CUDA decode kernel alone, what CUDA graphs capture; > 1 sends
+    sequences with q_len > 1 to the tensor-core prefill kernel; None means unknown)."""
+    if plan is None:
+        plan = _plan_call(query, k_cache, block_tables, max_query_len)
+    if plan.backend == "torch":
         torch_paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                              scale, max_query_len)
-    elif _native_for("paged_attention", query) and (query.is_cpu or query.shape[-1] in (64, 128)):
+                              scale, plan.max_query_len)
+    elif plan.backend == "native":
         if query.is_cpu or not _dense_rows(query):
             query = query.contiguous()
-        workspace = None
-        if query.is_cuda:  # split-context partials, from torch's caching allocator
-            nbytes = _C.paged_attention_workspace_bytes(query.shape[0], query.shape[1], query.shape[2],
-                                                        block_tables.shape[1], k_cache.shape[1],
-                                                        query.device.index)
-            if nbytes:
-                workspace = to_dlpack(torch.empty(nbytes // 4, dtype=torch.float32, device=query.device))
-        _C.paged_attention(*_dl(out, query, k_cache, v_cache, block_tables, seq_lens,
-                                query_start_loc), float(scale),
-                           -1 if max_query_len is None else int(max_query_len), workspace, _stream(query))
+        workspace = None if plan.workspace is None else to_dlpack(plan.workspace)
+        _C.paged_attention(*_dl(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc),
+                           float(scale), plan.kernels, workspace, _stream(query))
     else:
         reference.paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
                                   query_start_loc, scale)

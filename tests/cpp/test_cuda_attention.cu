@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "fastllm/cpu/float16.h"
 #include "fastllm/cpu/kernels.h"
 #include "fastllm/cuda/launchers.h"
+#include "fastllm/cuda/testing.h"
 
 namespace {
 
@@ -24,9 +26,46 @@ T* to_device(const std::vector<T>& host) {
   return ptr;
 }
 
+enum class Variant { kLibrary, kLds };  // the prefill kernel's fragment loads: ldmatrix, or the test-only lds
+
+// Runs one planned call on the device; returns the output.
+std::vector<BFloat16> run_on_device(const fastllm::PagedAttentionShape& shape, int max_query_len, Variant variant,
+                                    const std::vector<BFloat16>& q, const std::vector<BFloat16>& kc,
+                                    const std::vector<BFloat16>& vc, const std::vector<int32_t>& tables,
+                                    const std::vector<int32_t>& seq_lens, const std::vector<int32_t>& qsl, float scale) {
+  std::vector<BFloat16> got(q.size());
+  auto *dq = to_device(q), *dkc = to_device(kc), *dvc = to_device(vc), *dout = to_device(got);
+  auto *dtables = to_device(tables), *dlens = to_device(seq_lens), *dqsl = to_device(qsl);
+  fastllm::cuda::PagedAttentionParams params;
+  params.dtype = fastllm::DType::kBF16;
+  params.shape = shape;
+  params.out = dout;
+  params.query = dq;
+  params.q_token_stride = shape.num_heads * shape.head_dim;
+  params.k_cache = dkc;
+  params.v_cache = dvc;
+  params.block_tables = dtables;
+  params.seq_lens = dlens;
+  params.query_start_loc = dqsl;
+  params.scale = scale;
+  params.plan = fastllm::cuda::plan_paged_attention(params.dtype, shape, max_query_len);
+  EXPECT_EQ(params.plan.shape, shape);
+  if (params.plan.workspace_bytes) cudaMalloc(&params.workspace, params.plan.workspace_bytes);
+  const cudaError_t err = variant == Variant::kLibrary ? fastllm::cuda::paged_attention(params, nullptr)
+                                                       : fastllm::cuda::testing::paged_attention_lds(params, nullptr);
+  EXPECT_EQ(err, cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaMemcpy(got.data(), dout, got.size() * sizeof(BFloat16), cudaMemcpyDeviceToHost);
+  for (void* p : {(void*)dq, (void*)dkc, (void*)dvc, (void*)dout, (void*)dtables, (void*)dlens, (void*)dqsl,
+                  params.workspace})
+    cudaFree(p);
+  return got;
+}
+
 // One mixed step: a decode, a 150-token prompt (several 64-row query tiles per KV head),
-// and a 70-token chunk over a 200-token prefix; shuffled blocks of 16.
-void run_case(int num_heads, int num_kv_heads, int head_dim, int max_query_len) {
+// and a 70-token chunk over a 200-token prefix; shuffled blocks of 16. Returns the
+// device output after checking it against the CPU kernel.
+std::vector<BFloat16> run_case(int num_heads, int num_kv_heads, int head_dim, int max_query_len, Variant variant) {
   const std::vector<int32_t> seq_lens{33, 150, 270}, q_lens{1, 150, 70};
   const int S = 3, BS = 16;
   std::vector<int32_t> qsl(S + 1, 0);
@@ -49,22 +88,12 @@ void run_case(int num_heads, int num_kv_heads, int head_dim, int max_query_len) 
   };
   const size_t cache_elems = size_t(num_blocks) * BS * num_kv_heads * head_dim;
   auto q = random_bf16(size_t(T) * num_heads * head_dim), kc = random_bf16(cache_elems), vc = random_bf16(cache_elems);
-  std::vector<BFloat16> ref(q.size()), got(q.size());
+  std::vector<BFloat16> ref(q.size());
   const float scale = 1.f / std::sqrt(float(head_dim));
+  const fastllm::PagedAttentionShape shape{T, S, num_heads, num_kv_heads, head_dim, BS, max_blocks};
   fastllm::cpu::paged_attention(ref.data(), q.data(), kc.data(), vc.data(), tables.data(), seq_lens.data(), qsl.data(),
-                                {T, S, num_heads, num_kv_heads, head_dim, BS, max_blocks}, scale);
-
-  auto *dq = to_device(q), *dkc = to_device(kc), *dvc = to_device(vc), *dout = to_device(got);
-  auto *dtables = to_device(tables), *dlens = to_device(seq_lens), *dqsl = to_device(qsl);
-  const size_t ws_bytes = fastllm::cuda::paged_attention_workspace_bytes(T, num_heads, head_dim, max_blocks, BS);
-  void* ws = nullptr;
-  if (ws_bytes) cudaMalloc(&ws, ws_bytes);
-  ASSERT_EQ(fastllm::cuda::paged_attention(fastllm::cuda::ScalarType::kBF16, dout, dq, int64_t(num_heads) * head_dim,
-                                           dkc, dvc, dtables, dlens, dqsl, T, S, max_query_len, num_heads,
-                                           num_kv_heads, head_dim, BS, max_blocks, scale, ws, ws_bytes, nullptr),
-            cudaSuccess);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  cudaMemcpy(got.data(), dout, got.size() * sizeof(BFloat16), cudaMemcpyDeviceToHost);
+                                shape, scale);
+  const auto got = run_on_device(shape, max_query_len, variant, q, kc, vc, tables, seq_lens, qsl, scale);
   double err = 0, norm = 0;
   for (size_t i = 0; i < got.size(); ++i) {
     const double d = double(fastllm::cpu::to_float(got[i])) - fastllm::cpu::to_float(ref[i]);
@@ -72,22 +101,54 @@ void run_case(int num_heads, int num_kv_heads, int head_dim, int max_query_len) 
     norm += double(fastllm::cpu::to_float(ref[i])) * fastllm::cpu::to_float(ref[i]);
   }
   EXPECT_LT(std::sqrt(err / norm), 1e-2) << "H=" << num_heads << " Hkv=" << num_kv_heads << " D=" << head_dim
-                                         << " max_query_len=" << max_query_len;
-  for (void* p : {(void*)dq, (void*)dkc, (void*)dvc, (void*)dout, (void*)dtables, (void*)dlens, (void*)dqsl, ws})
-    cudaFree(p);
+                                         << " max_query_len=" << max_query_len
+                                         << " lds=" << (variant == Variant::kLds);
+  return got;
+}
+
+bool bitwise_equal(const std::vector<BFloat16>& a, const std::vector<BFloat16>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(BFloat16)) == 0;
 }
 
 }  // namespace
 
 TEST(CudaPagedAttention, MixedStepMatchesCpu) {
   if (fastllm::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (bool ldmatrix : {true, false}) {  // both fragment-load variants of the prefill kernel
-    fastllm::cuda::set_paged_prefill_ldmatrix(ldmatrix);
+  for (Variant variant : {Variant::kLibrary, Variant::kLds}) {  // both fragment loads of the prefill kernel
     for (int max_query_len : {150, 1, -1}) {  // tensor-core prefill + decode; decode kernel alone; unknown
-      run_case(32, 8, 128, max_query_len);
-      run_case(9, 3, 64, max_query_len);
-      run_case(4, 4, 64, max_query_len);
+      run_case(32, 8, 128, max_query_len, variant);
+      run_case(9, 3, 64, max_query_len, variant);
+      run_case(4, 4, 64, max_query_len, variant);
     }
   }
-  fastllm::cuda::set_paged_prefill_ldmatrix(true);
+}
+
+// ldmatrix and plain shared loads fill the same fragments, fed to the same mma in the
+// same order: any difference is a fragment-layout bug, not rounding.
+TEST(CudaPagedAttention, PrefillVariantsAreBitwiseEqual) {
+  if (fastllm::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (int head_dim : fastllm::kPagedAttentionHeadDims) {
+    EXPECT_TRUE(bitwise_equal(run_case(32, 8, head_dim, 150, Variant::kLibrary),
+                              run_case(32, 8, head_dim, 150, Variant::kLds)))
+        << "head_dim " << head_dim;
+  }
+}
+
+// The plan: decode-only steps stay off the prefill kernel; a prompt in bf16 goes to it;
+// a batch-1 decode over a long context splits, with a workspace sized for the partials.
+TEST(CudaPagedAttention, PlanPicksKernelsAndSplits) {
+  if (fastllm::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  using fastllm::DType;
+  const fastllm::PagedAttentionShape decode{1, 1, 32, 8, 128, 16, 2048};
+  const auto p = fastllm::cuda::plan_paged_attention(DType::kBF16, decode, 1);
+  EXPECT_FALSE(p.prefill_kernel);
+  EXPECT_GT(p.num_splits, 1);
+  EXPECT_EQ(p.workspace_bytes, int64_t(1) * 32 * p.num_splits * (128 + 2) * 4);
+  EXPECT_EQ(p.keys_per_split % 256, 0);
+  EXPECT_GE(p.keys_per_split * p.num_splits, 2048 * 16);
+  const fastllm::PagedAttentionShape prompt{512, 1, 32, 8, 128, 16, 32};
+  EXPECT_TRUE(fastllm::cuda::plan_paged_attention(DType::kBF16, prompt, 512).prefill_kernel);
+  EXPECT_TRUE(fastllm::cuda::plan_paged_attention(DType::kBF16, prompt, -1).prefill_kernel);
+  EXPECT_FALSE(fastllm::cuda::plan_paged_attention(DType::kF32, prompt, 512).prefill_kernel);
+  EXPECT_FALSE(fastllm::cuda::plan_paged_attention(DType::kBF16, prompt, 1).prefill_kernel);
 }

@@ -167,9 +167,10 @@ def test_build_reports_no_gpu_here_consistently():
 def test_paged_attention_split_context_matches_float64(dtype, seq_lens, q_lens):
     # Few CTAs and long contexts: the CUDA launcher splits the keys and merges partials.
     q, kc, vc, bt, sl, qsl = make_paged_batch(seq_lens, q_lens, 8, 2, 128, 16, dtype, "cuda", seed=5)
-    assert ops._C.paged_attention_workspace_bytes(q.shape[0], 8, 128, bt.shape[1], 16) > 0
+    plan = ops._plan_call(q, kc, bt, None)
+    assert plan.kernels.num_splits > 1 and plan.workspace.numel() * 4 >= plan.kernels.workspace_bytes > 0
     out = torch.empty_like(q)
-    ops.paged_attention(out, q, kc, vc, bt, sl, qsl, 128 ** -0.5)
+    ops.paged_attention(out, q, kc, vc, bt, sl, qsl, 128 ** -0.5, plan=plan)
     ref = torch.empty(q.shape, dtype=torch.float64)
     reference.paged_attention(ref, q.double().cpu(), kc.double().cpu(), vc.double().cpu(), bt.cpu(), sl.cpu(),
                               qsl.cpu(), 128 ** -0.5)
@@ -282,51 +283,96 @@ def test_torch_prefill_backend_matches_float64(dtype, block_size):
     assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, 128 ** -0.5)) < TOL[dtype]
 
 
-def test_unknown_prefill_backend_is_refused():
+def test_prefill_backend_is_read_when_planning_not_at_import(monkeypatch):
+    # No import-time side effects: a bad value fails the first plan it could apply to (a
+    # CUDA fp16/bf16 step with prompts; read before any device is touched), naming it.
     env = {**os.environ, "FASTLLM_PREFILL_BACKEND": "flashy"}
     proc = subprocess.run([sys.executable, "-c", "import fastllm.ops"], env=env, capture_output=True, text=True)
-    assert proc.returncode != 0 and "FASTLLM_PREFILL_BACKEND='flashy'" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setenv("FASTLLM_PREFILL_BACKEND", "flashy")
+    with pytest.raises(ValueError, match="FASTLLM_PREFILL_BACKEND='flashy'"):
+        ops.plan_attention(num_tokens=9, num_seqs=2, max_blocks_per_seq=3, max_query_len=5, num_heads=4,
+                           num_kv_heads=2, head_dim=64, block_size=4, dtype=torch.float16, device="cuda")
 
 
-@pytest.fixture
-def prefill_variant_restored():
-    before = ops.prefill_variant()
-    yield
-    ops.set_prefill_variant(before)
+def _plan_for(q, kc, bt, max_query_len):
+    return ops.plan_attention(num_tokens=q.shape[0], num_seqs=bt.shape[0], max_blocks_per_seq=bt.shape[1],
+                              max_query_len=max_query_len, num_heads=q.shape[1], num_kv_heads=kc.shape[2],
+                              head_dim=q.shape[2], block_size=kc.shape[1], dtype=q.dtype, device=q.device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_plan_serves_every_layer_of_a_step(device, dtype):
+    # A step planned once, then run over three layers' caches: each layer's output is what
+    # a call planned on its own gives (bit for bit: the same kernels on the same inputs).
+    seq_lens, q_lens = [1, 200, 370, 2, 9], [1, 200, 70, 2, 1]
+    layers = [make_paged_batch(seq_lens, q_lens, 8, 2, 64, 16, dtype, device, seed=50 + i) for i in range(3)]
+    q0, kc0, _, bt, sl, qsl = layers[0]
+    plan = _plan_for(q0, kc0, bt, max(q_lens))
+    assert plan.backend == "native"
+    for q, kc, vc, _, _, _ in layers:
+        out, alone = torch.empty_like(q), torch.empty_like(q)
+        ops.paged_attention(out, q, kc, vc, bt, sl, qsl, 0.125, plan=plan)
+        ops.paged_attention(alone, q, kc, vc, bt, sl, qsl, 0.125, max_query_len=max(q_lens))
+        assert torch.equal(out, alone)
+        assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, 0.125)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_plan_made_for_other_sizes_is_refused(device):
+    # The plan's split layout and workspace size hold only for the sizes it was made for.
+    q, kc, vc, bt, sl, qsl = make_paged_batch([5, 9], [5, 1], 4, 2, 64, 4, torch.float32, device)
+    plan = _plan_for(q, kc, bt, 5)
+    q2, kc2, vc2, bt2, sl2, qsl2 = make_paged_batch([5, 9, 3], [5, 1, 1], 4, 2, 64, 4, torch.float32, device)
+    with pytest.raises(ValueError, match="plan: made for num_tokens=6 num_seqs=2"):
+        ops.paged_attention(torch.empty_like(q2), q2, kc2, vc2, bt2, sl2, qsl2, 0.25, plan=plan)
+    with pytest.raises(ValueError, match="plan: made for .* float32"):
+        ops.paged_attention(torch.empty_like(q).half(), q.half(), kc.half(), vc.half(), bt, sl, qsl, 0.25, plan=plan)
+
+
+def test_plan_sizes_are_checked():
+    base = dict(num_tokens=3, num_seqs=1, max_blocks_per_seq=1, max_query_len=3, num_heads=4, num_kv_heads=2,
+                head_dim=64, block_size=16, dtype=torch.float32, device="cpu")
+    for field, value, words in [("num_kv_heads", 3, "multiple of num_kv_heads"), ("block_size", 0, "block_size"),
+                                ("num_tokens", -1, "num_tokens")]:
+        with pytest.raises(ValueError, match=words):
+            ops.plan_attention(**{**base, field: value})
+    with pytest.raises(TypeError, match="dtype"):
+        ops.plan_attention(**{**base, "dtype": torch.int32})
+
+
+def test_python_head_dims_are_the_ones_cpp_enforces():
+    # ops.PAGED_ATTENTION_HEAD_DIMS is read from C++'s table; the CUDA planner refuses the
+    # rest by that same table (before touching a GPU, so this runs anywhere).
+    assert ops.PAGED_ATTENTION_HEAD_DIMS and all(d % 16 == 0 for d in ops.PAGED_ATTENTION_HEAD_DIMS)
+    for head_dim in range(16, 272, 16):
+        try:
+            ops._C.plan_paged_attention("bfloat16", 4, 1, 4, 2, head_dim, 16, 1, 4, 0)
+            refused = ""
+        except (ValueError, RuntimeError) as e:
+            refused = str(e)
+        assert refused.startswith("head_dim:") == (head_dim not in ops.PAGED_ATTENTION_HEAD_DIMS), refused
+    assert str(ops.PAGED_ATTENTION_HEAD_DIMS[-1]) in refused or not refused
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ops.PREFILL_VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("group,num_kv_heads,head_dim", [(4, 8, 128), (3, 3, 64), (1, 4, 64), (8, 1, 128)])
-def test_prefill_variants_match_float64(prefill_variant_restored, variant, dtype, group, num_kv_heads, head_dim):
-    # Both fragment-load variants of the tensor-core kernel (ldmatrix, plain shared loads).
-    ops.set_prefill_variant(variant)
-    assert ops.prefill_variant() == variant
-    q, kc, vc, bt, sl, qsl = make_paged_batch([700, 1, 300, 129], [700, 1, 64, 129], num_kv_heads * group,
-                                              num_kv_heads, head_dim, 16, dtype, "cuda", seed=31)
-    out = torch.empty_like(q)
-    ops.paged_attention(out, q, kc, vc, bt, sl, qsl, head_dim ** -0.5, max_query_len=700)
-    assert rel_err(out.cpu(), _reference_attention(q, kc, vc, bt, sl, qsl, head_dim ** -0.5)) < TOL[dtype]
-
-
-def test_prefill_variant_names_are_checked(prefill_variant_restored):
-    with pytest.raises(ValueError, match="prefill variant"):
-        ops.set_prefill_variant("wgmma")
-    ops.set_prefill_variant("lds")
-    assert ops.prefill_variant() == ("lds" if ops.build_info().get("cuda") else "ldmatrix")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_prefill_variants_are_bitwise_equal(prefill_variant_restored, head_dim):
-    # ldmatrix and plain shared loads fill the same fragments, fed to the same mma in the
-    # same order: any difference is a fragment-layout bug, not rounding.
-    q, kc, vc, bt, sl, qsl = make_paged_batch([500, 200], [500, 80], 32, 8, head_dim, 16, torch.bfloat16,
-                                              "cuda", seed=41)
-    outs = {}
-    for variant in ops.PREFILL_VARIANTS:
-        ops.set_prefill_variant(variant)
-        outs[variant] = torch.empty_like(q)
-        ops.paged_attention(outs[variant], q, kc, vc, bt, sl, qsl, head_dim ** -0.5, max_query_len=500)
-    assert torch.equal(*outs.values())
+def test_cuda_plan_picks_kernels_splits_and_workspace():
+    base = dict(num_seqs=1, max_blocks_per_seq=256, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                device="cuda")
+    # batch-1 decode over a 4k context: split, with a workspace for the partials
+    decode = ops.plan_attention(num_tokens=1, max_query_len=1, dtype=torch.bfloat16, **base).kernels
+    assert not decode.prefill_kernel and decode.num_splits > 1
+    assert decode.workspace_bytes == 1 * 32 * decode.num_splits * (128 + 2) * 4
+    assert decode.keys_per_split % 256 == 0 and decode.keys_per_split * decode.num_splits >= 4096
+    # a 4k prompt: tensor cores in bf16, none in fp32; unknown max_query_len assumes a prompt may be there
+    prompt = dict(base, num_tokens=4096)
+    assert ops.plan_attention(max_query_len=4096, dtype=torch.bfloat16, **prompt).kernels.prefill_kernel
+    assert ops.plan_attention(max_query_len=None, dtype=torch.bfloat16, **prompt).kernels.prefill_kernel
+    assert not ops.plan_attention(max_query_len=4096, dtype=torch.float32, **prompt).kernels.prefill_kernel
+    # 256 decodes fill the GPU: no split, no workspace
+    wide = ops.plan_attention(**dict(base, num_tokens=256, num_seqs=256), max_query_len=1, dtype=torch.bfloat16)
+    assert wide.kernels.num_splits == 1 and wide.kernels.workspace_bytes == 0 and wide.workspace is None
+    # no CUDA kernel for head_dim 48: the torch reference, planned as such
+    assert ops.plan_attention(**dict(base, head_dim=48), num_tokens=1, max_query_len=1,
+                              dtype=torch.bfloat16).backend == "reference"

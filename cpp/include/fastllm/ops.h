@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "fastllm/paged_attention.h"
 #include "fastllm/tensor_view.h"
 
 namespace fastllm {
@@ -15,28 +16,30 @@ bool cuda_available();                 // ... and a GPU + driver can run them
 std::vector<std::string> cuda_ops();   // ops with a CUDA kernel in this build
 std::string cuda_archs();              // the archs compiled for ("" without CUDA)
 
-// The CUDA prefill kernel's fragment loads: "ldmatrix" (default) or "lds" (plain shared
-// loads, the reference variant). ValueError for another name.
-void set_prefill_variant(const std::string& name);
-std::string prefill_variant();
-
 // key/value [T, Hkv, D] may be views of the fused qkv projection output: any token
 // stride, the [Hkv, D] dims of each token contiguous.
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& k_cache,
                        const TensorView& v_cache, const TensorView& slot_mapping, int64_t stream);
 
+// How a step's paged attention runs (fastllm/paged_attention.h), planned once per step
+// for the step's sizes and the layers' shape, and passed to every layer's call.
+// `device`: the CUDA device the calls will run on (its SM count sets the split count),
+// or -1 for CPU tensors. `max_query_len`: the step's longest q_len, known on the host
+// (-1: unknown); 1 keeps a decode step on the decode kernel alone (CUDA graphs).
+// ValueError/TypeError naming the field for sizes no kernel can run.
+PagedAttentionPlan plan_paged_attention(DType dtype, const PagedAttentionShape& shape, int64_t max_query_len,
+                                        int device);
+std::string describe(const PagedAttentionPlan& plan);  // sizes, dtype, device, and the CUDA choices
+
 // `query` may have any token stride (a view of the fused qkv output) on CUDA; the CPU
-// kernel needs it contiguous. `max_query_len`: the longest q_len in the batch, known on
-// the host (-1: unknown); 1 keeps a decode step on the decode kernel alone (CUDA graphs).
-// `workspace` (CUDA only, may be null when the size below is 0): a float32 buffer of at
-// least paged_attention_workspace_bytes(...) bytes for the split-context partial results.
+// kernel needs it contiguous. `plan` (CUDA: required; CPU: may be null) must have been
+// made for this call's sizes, dtype and device. `workspace` (CUDA only; null when
+// plan->workspace_bytes is 0): float32, at least plan->workspace_bytes bytes, for the
+// split-context partial results.
 void paged_attention(const TensorView& out, const TensorView& query, const TensorView& k_cache,
                      const TensorView& v_cache, const TensorView& block_tables, const TensorView& seq_lens,
-                     const TensorView& query_start_loc, float scale, int64_t max_query_len,
+                     const TensorView& query_start_loc, float scale, const PagedAttentionPlan* plan,
                      const TensorView* workspace, int64_t stream);
-// `device`: the CUDA device the call will run on (its SM count sets the split count); -1 = current.
-int64_t paged_attention_workspace_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t max_blocks,
-                                        int64_t block_size, int64_t device);
 
 // `row_scale` (may be null): float32 [num_rows] (num_rows = scores.numel() / last dim),
 // multiplied into each row's scale (per-row inverse temperatures when sampling).

@@ -6,14 +6,11 @@
 #include <vector>
 
 #include "fastllm/dlpack.h"
+#include "fastllm/dtype.h"
 
 namespace fastllm {
 
-enum class DType { kF32, kF16, kBF16, kI32, kI64, kOther };
 enum class Device { kCPU, kCUDA };
-
-const char* dtype_name(DType dtype);
-size_t dtype_size(DType dtype);
 
 struct TensorView {
   std::string name;  // argument name, used in error messages

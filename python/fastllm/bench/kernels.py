@@ -291,33 +291,10 @@ def bench_attention(case: AttentionCase, dtype: torch.dtype, device, ceilings: d
                 speedup=median(peer_times) / result["median_s"], rel_error=sdpa_err,
                 matches_reference=sdpa_err <= _REL_TOL[dtype])
     result["peers"] = {"sdpa_contiguous_gqa_expanded": peer}
-    if device.type == "cuda" and case.q_len > 1 and dtype in (torch.float16, torch.bfloat16):
-        result["prefill_variant"] = ops.prefill_variant()
-        result["peers"]["fastllm_other_variant"] = _other_prefill_variant(out, args, expected, result,
-                                                                          ceilings, nbytes, flops,
-                                                                          device, warmup, iters)
     if dtype in (torch.float16, torch.bfloat16) and ops.torch_paged_attention_available():
         result["peers"]["torch_varlen_paged"] = _torch_paged_peer(x, case, expected, result, ceilings,
                                                                   nbytes, flops, warmup, iters)
     return result
-
-
-def _other_prefill_variant(out, args, expected, result, ceilings, nbytes, flops, device,
-                           warmup, iters) -> dict:
-    """The tensor-core kernel with the other fragment loads (ldmatrix vs plain shared loads)."""
-    default = ops.prefill_variant()
-    other = next(v for v in ops.PREFILL_VARIANTS if v != default)
-    ops.set_prefill_variant(other)
-    try:
-        ops.paged_attention(out, *args)
-        err = relative_error(out, expected)
-        times, _ = time_op(lambda: ops.paged_attention(out, *args), device, warmup, iters)
-    finally:
-        ops.set_prefill_variant(default)
-    peer = _metrics(median(times), nbytes, flops, ceilings)
-    peer.update(variant=other, speedup=median(times) / result["median_s"], rel_error=err,
-                matches_reference=err <= _REL_TOL[out.dtype])
-    return peer
 
 
 def _torch_paged_peer(x: dict, case: AttentionCase, expected: torch.Tensor, result: dict, ceilings: dict,
@@ -616,13 +593,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (5 GPU, 1 CPU)")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed calls; median reported (20 GPU, 3 CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer timed calls ({QUICK_WARMUP} warm-up, median of {QUICK_ITERS}; "
+                             "--warmup/--iters still win): every case in well under a minute")
     parser.add_argument("--only", default=None, help="comma-separated case names")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
 
 
+# --quick (scripts/gpu_check.sh): on a GPU each case is the median of QUICK_ITERS CUDA-event
+# timings after QUICK_WARMUP calls (the cost of a case there is its inputs and float64
+# check, not its timed calls). On a CPU one untimed-warm-up-free call: the dry run checks
+# the plumbing, not the speed.
+QUICK_WARMUP, QUICK_ITERS = 2, 10
+QUICK_CPU_WARMUP, QUICK_CPU_ITERS = 0, 1
+
+
 def run(args: argparse.Namespace) -> dict:
     only = [s for s in args.only.split(",") if s] if args.only else None
-    result = run_kernels(args.device, args.dtype, args.small, args.warmup, args.iters, only)
+    warmup, iters = args.warmup, args.iters
+    if args.quick:
+        from fastllm.engine.llm_engine import resolve_device
+        on_cpu = resolve_device(args.device).type == "cpu"
+        warmup = warmup if warmup is not None else (QUICK_CPU_WARMUP if on_cpu else QUICK_WARMUP)
+        iters = iters if iters is not None else (QUICK_CPU_ITERS if on_cpu else QUICK_ITERS)
+    result = run_kernels(args.device, args.dtype, args.small, warmup, iters, only)
+    result["quick"] = bool(args.quick)
     print(format_results(result))
     if args.json:
         write_json(args.json, result)

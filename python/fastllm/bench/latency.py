@@ -95,6 +95,22 @@ def measure(engine, prompts: list, output_len: int, concurrency: int, tag: str) 
     return result
 
 
+def decode_step_bytes(model: torch.nn.Module, config, dtype: torch.dtype) -> dict:
+    """What one decode step must read, for the bandwidth bound of batch-1 decode:
+    every weight once, except an untied input embedding table (the step gathers one row
+    of it), plus each cached token's K and V rows in every layer (kv_bytes_per_token)."""
+    total = embed = 0
+    for name, param in model.named_parameters():   # a tied lm_head is counted once
+        nbytes = param.numel() * param.element_size()
+        total += nbytes
+        if name.endswith("embed_tokens.weight") and not config.tie_word_embeddings:
+            embed = nbytes
+    elem = torch.tensor([], dtype=dtype).element_size()
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * elem
+    return {"weight_bytes": total, "weight_bytes_read_per_step": total - embed,
+            "kv_bytes_per_token": kv}
+
+
 def run_latency(loaded, engine_config: EngineConfig, input_len: int, output_len: int,
                 num_requests: int, concurrency: int, num_load_requests: int, seed: int = 0) -> dict:
     if output_len < 2:
@@ -144,7 +160,9 @@ def run(args: argparse.Namespace) -> dict:
     result = {"bench": "latency", "model": loaded.name,
               "device": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu",
               "dtype": str(loaded.dtype).replace("torch.", ""), "torch": torch.__version__,
-              "input_len": input_len, "output_len": output_len, "scenarios": scenarios}
+              "input_len": input_len, "output_len": output_len,
+              "decode_bytes": decode_step_bytes(loaded.model, loaded.config, loaded.dtype),
+              "scenarios": scenarios}
     print(format_results(result))
     if args.json:
         write_json(args.json, result)

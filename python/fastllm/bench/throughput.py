@@ -113,13 +113,28 @@ def summarize(outputs: list, output_lens: list, elapsed: float) -> dict:
 
 def run_throughput(loaded, prompts: list, output_lens: list, engine_config: EngineConfig,
                    hf_modes=HF_MODES, hf_batch_size: int = 32, hf_architecture: Optional[str] = None,
-                   warmup: bool = True) -> dict:
+                   warmup: bool = True, hf_num_prompts: Optional[int] = None,
+                   hf_timeout_s: Optional[float] = None,
+                   on_engine_done: Optional[Callable[[dict], None]] = None) -> dict:
     """Run fastllm then each HF mode; -> {"engines": {name: metrics}, "ratios": ...,
-    "agreement": ..., "notes": [...], "token_ids": {name: outputs}}."""
+    "agreement": ..., "notes": [...], "token_ids": {name: outputs}}.
+
+    hf_num_prompts: the HF baselines run only the first N requests (rates are compared;
+    agreement is over those N). hf_timeout_s: transformers' continuous batching gives up
+    after that long (a note; static batching cannot be interrupted). on_engine_done(engines)
+    after each engine, so a caller can save what is measured before a slow baseline."""
     for mode in hf_modes:
         if mode not in HF_MODES:
             raise ValueError(f"--hf-modes: unknown mode {mode!r}; choose from {', '.join(HF_MODES)}")
+    if hf_num_prompts is not None and not 1 <= hf_num_prompts <= len(prompts):
+        raise ValueError(f"--hf-num-prompts must be in [1, {len(prompts)}] (the number of "
+                         f"requests), got {hf_num_prompts}")
+    if hf_timeout_s is not None and not hf_timeout_s > 0:
+        raise ValueError(f"--hf-timeout must be > 0 seconds, got {hf_timeout_s}")
+    hf_count = len(prompts) if hf_num_prompts is None else hf_num_prompts
+    hf_prompts, hf_lens = prompts[:hf_count], output_lens[:hf_count]
     engines, token_ids, notes = {}, {}, []
+    done = on_engine_done or (lambda _engines: None)
     warm = [p[:8] for p in prompts[:2]]          # short, so setup costs are not timed
 
     engine = models.make_engine(loaded, engine_config)
@@ -129,34 +144,40 @@ def run_throughput(loaded, prompts: list, output_lens: list, engine_config: Engi
     engines["fastllm"] = summarize(outs, output_lens, elapsed)
     engines["fastllm"]["kv_blocks_total"] = engine.get_stats().kv_blocks_total
     token_ids["fastllm"] = outs
+    done(engines)
     del engine                                   # its KV cache goes back before HF runs
     models.release(loaded.device)
 
     if hf_modes:
         hf_config = _hf_config(loaded, hf_architecture)
         hf = hf_model_sharing_weights(loaded.model, hf_config, loaded.device, loaded.dtype)
+        continuous_kw = {} if hf_timeout_s is None else {"timeout_s": hf_timeout_s}
         runners = {"static": lambda p, n: hf_static_generate(hf, p, n, hf_batch_size),
-                   "continuous": lambda p, n: hf_continuous_generate(hf, p, n)}
+                   "continuous": lambda p, n: hf_continuous_generate(hf, p, n, **continuous_kw)}
         for mode in hf_modes:
             name = f"hf_{mode}"
             try:
                 if warmup:
                     runners[mode](warm, [4] * len(warm))
-                outs, elapsed = runners[mode](prompts, output_lens)
+                outs, elapsed = runners[mode](hf_prompts, hf_lens)
             except HFUnavailable as e:
                 notes.append(f"{name} skipped: {e}")
                 engines[name] = {"status": "skipped", "error": str(e)}
+                done(engines)
                 continue
             except Exception as e:  # noqa: BLE001 - a baseline failing must not lose fastllm's numbers
                 if mode == "static":
                     raise
                 notes.append(f"{name} failed: {type(e).__name__}: {e}")
                 engines[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                done(engines)
                 continue
             finally:
                 models.release(loaded.device)
-            engines[name] = summarize(outs, output_lens, elapsed)
+            engines[name] = summarize(outs, hf_lens, elapsed)
+            engines[name]["num_requests"] = hf_count
             token_ids[name] = outs
+            done(engines)
         del hf
         models.release(loaded.device)
 
@@ -167,7 +188,7 @@ def run_throughput(loaded, prompts: list, output_lens: list, engine_config: Engi
         ratios[f"fastllm/{name}"] = {
             "output_tok_s": engines["fastllm"]["output_tok_s"] / m["output_tok_s"],
             "requests_per_s": engines["fastllm"]["requests_per_s"] / m["requests_per_s"]}
-        agree[name] = agreement(token_ids["fastllm"], token_ids[name])
+        agree[name] = agreement(token_ids["fastllm"][:len(token_ids[name])], token_ids[name])
     return {"engines": engines, "ratios": ratios, "agreement": agree, "notes": notes,
             "token_ids": token_ids}
 
@@ -247,6 +268,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transformers static batch size (64 GPU, 4 CPU)")
     parser.add_argument("--hf-modes", default=",".join(HF_MODES),
                         help="comma-separated transformers baselines: static, continuous")
+    parser.add_argument("--hf-num-prompts", type=int, default=None, metavar="N",
+                        help="run the transformers baselines on the first N requests only "
+                             "(default all; rates are compared)")
+    parser.add_argument("--hf-timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up transformers' continuous batching after this long (a note)")
     parser.add_argument("--skip-hf", action="store_true", help="run fastllm alone")
     add_engine_arguments(parser)
     parser.add_argument("--no-warmup", action="store_true", help="time the first (cold) run too")
@@ -269,15 +295,12 @@ def run(args: argparse.Namespace) -> dict:
                                              pick(args.output_len, 256, 8))
     hf_modes = [] if args.skip_hf else [m for m in args.hf_modes.split(",") if m]
     engine_config = engine_config_from_args(args)
-    result = run_throughput(loaded, prompts, output_lens, engine_config, hf_modes,
-                            pick(args.hf_batch_size, 64, 4), preset_architecture(preset),
-                            warmup=not args.no_warmup)
     try:        # only the HF baselines need transformers (a test dependency)
         import transformers
         hf_version = transformers.__version__
     except ImportError:
         hf_version = None
-    result.update(
+    meta = dict(
         bench="throughput", model=loaded.name, device=_device_name(loaded.device),
         dtype=str(loaded.dtype).replace("torch.", ""), torch=torch.__version__,
         transformers=hf_version, num_prompts=num_prompts,
@@ -285,7 +308,19 @@ def run(args: argparse.Namespace) -> dict:
         input_tokens=sum(len(p) for p in prompts), output_tokens=sum(output_lens),
         input_len_range=[min(map(len, prompts)), max(map(len, prompts))],
         output_len_range=[min(output_lens), max(output_lens)],
-        hf_batch_size=pick(args.hf_batch_size, 64, 4), seed=args.seed)
+        hf_batch_size=pick(args.hf_batch_size, 64, 4), seed=args.seed,
+        hf_num_prompts=args.hf_num_prompts if args.hf_num_prompts is not None else num_prompts)
+
+    def save_partial(engines: dict) -> None:
+        # What is measured so far, in case a slow baseline outlives the caller's time limit.
+        if args.json:
+            write_json(args.json, {**meta, "engines": engines, "partial": True})
+
+    result = run_throughput(loaded, prompts, output_lens, engine_config, hf_modes,
+                            pick(args.hf_batch_size, 64, 4), preset_architecture(preset),
+                            warmup=not args.no_warmup, hf_num_prompts=args.hf_num_prompts,
+                            hf_timeout_s=args.hf_timeout, on_engine_done=save_partial)
+    result.update(meta, partial=False)
     print(format_results(result))
     if args.json:
         write_json(args.json, {k: v for k, v in result.items() if k != "token_ids"})

@@ -187,9 +187,9 @@ def can_capture(device) -> bool:
 
 def model_capturable(model_config) -> bool:
     """Whether every op of a decode step runs a CUDA kernel for this model: the torch
-    reference paged attention (head_dim other than 64/128) reads sizes back to the host,
+    reference paged attention (a head_dim with no CUDA kernel) reads sizes back to the host,
     so its capture would fail (and leave the allocator mid-capture)."""
-    return model_config.head_dim in (64, 128) and "paged_attention" in ops.build_info().get("cuda_ops", [])
+    return ops.cuda_paged_attention_supports(model_config.head_dim)
 
 
 def graphs_enabled(engine_config, device, model_config=None) -> bool:

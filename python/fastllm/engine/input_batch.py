@@ -28,7 +28,7 @@ import torch
 
 from fastllm.engine.staging import StagingBuffer
 from fastllm.engine.step_data import SampledToken, ScheduledSeq, SchedulerOutput
-from fastllm.model.layers import AttentionMetadata
+from fastllm.model.layers import AttentionMetadata, AttentionSpec
 from fastllm.model.sampler import SamplerOutput, SamplingBatch, StagedBatch, make_generator
 from fastllm.outputs import Logprob
 from fastllm.sampling_params import SamplingParams
@@ -84,8 +84,9 @@ class InputBatch:
         self._index_staging = StagingBuffer(device)      # prepare()'s index tensors
         self._sampling_staging = StagingBuffer(device)   # the sampling batch
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple:
-        """(input_ids, positions, AttentionMetadata) for the scheduled mix. Everything is
+    def prepare(self, scheduled: list[ScheduledSeq], spec: Optional[AttentionSpec] = None) -> tuple:
+        """(input_ids, positions, AttentionMetadata) for the scheduled mix; with the layers'
+        spec, the metadata plans the step's attention once (else the model plans it). Everything is
         written into one int64 host buffer, laid out as
             input_ids [T] | positions [T] | slot_mapping [T] | seq_lens [S] |
             query_start_loc [S+1] | block_tables [S * max_blocks]
@@ -107,7 +108,7 @@ class InputBatch:
             block_tables=dev[s1 + num_seqs + 1:total].view(num_seqs, max_blocks).to(torch.int32),
             seq_lens=dev[t3:s1].to(torch.int32),
             query_start_loc=dev[s1:s1 + num_seqs + 1].to(torch.int32),
-            max_query_len=max(s.num_tokens for s in scheduled))
+            max_query_len=max(s.num_tokens for s in scheduled), spec=spec)
         return dev[:num_tokens], dev[num_tokens:2 * num_tokens], meta
 
     def _fill_indices(self, scheduled, ids, pos, slots, seq_lens, query_start_loc, block_tables) -> None:

@@ -21,6 +21,7 @@ import torch
 from fastllm.engine import cuda_graphs, kv_cache
 from fastllm.engine.input_batch import InputBatch, RequestStates, SamplingStep, sampled_tokens
 from fastllm.engine.step_data import RunnerOutput, SampledToken, SchedulerOutput
+from fastllm.model.layers import AttentionSpec
 from fastllm.model.sampler import Sampler
 from fastllm.profiling import nvtx_range
 from fastllm.utils import cdiv
@@ -107,7 +108,9 @@ class ModelRunner:
     def _run(self, out: SchedulerOutput, kv_caches: list, requests: RequestStates,
              graphs: Optional[cuda_graphs.DecodeGraphRunner]) -> RunnerOutput:
         with nvtx_range("prepare"):
-            input_ids, positions, meta = self.inputs.prepare(out.scheduled)
+            # The step's attention is planned once, in AttentionMetadata, for these caches.
+            spec = AttentionSpec.of(self.model_config, kv_caches[0][0])
+            input_ids, positions, meta = self.inputs.prepare(out.scheduled, spec)
             # Before the forward pass: it depends only on the schedule, and building it
             # (pinned, non-blocking uploads) never waits for the device.
             sampling = self.inputs.prepare_sampling(out.scheduled, requests)

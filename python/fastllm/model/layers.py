@@ -6,9 +6,10 @@ tokens, heads or sequences in Python.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -18,14 +19,56 @@ from fastllm.config import ModelConfig
 from fastllm.profiling import nvtx_range
 
 
+class AttentionSpec(NamedTuple):
+    """What every attention layer of a model shares: with a step's sizes, all a plan of
+    its paged attention depends on (LlamaForCausalLM.attention_spec builds it; a tuple,
+    as it is built every step)."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, config: ModelConfig, k_cache: torch.Tensor) -> "AttentionSpec":
+        """For layers of this config over caches like k_cache [num_blocks, block_size, Hkv, D]."""
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
+        return cls(config.num_attention_heads, num_kv_heads, head_dim, block_size, k_cache.dtype, k_cache.device)
+
+
 @dataclass
 class AttentionMetadata:
-    """Where this step's tokens live in the paged KV cache (built by the engine)."""
+    """Where this step's tokens live in the paged KV cache (built by the engine), and how
+    its attention runs. Given the layers' spec, the plan (which CUDA kernels, how long
+    contexts split, the workspace) is made here, once for the step; the model plans
+    metadata built without one (see planned_for) before its first layer."""
     slot_mapping: torch.Tensor     # [T] int64, slot = block_id*block_size + offset, -1 = don't write
     block_tables: torch.Tensor     # [S, max_blocks_per_seq] int32
     seq_lens: torch.Tensor         # [S] int32: tokens in cache after this step (computed + this step's)
     query_start_loc: torch.Tensor  # [S+1] int32 cumulative query counts
     max_query_len: Optional[int] = None  # longest q_len, known on the host (None: unknown)
+    spec: Optional[AttentionSpec] = None
+    plan: Optional[ops.AttentionPlan] = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.spec is not None:
+            spec = self.spec
+            self.plan = ops.plan_attention(
+                num_tokens=self.slot_mapping.shape[0], num_seqs=self.block_tables.shape[0],
+                max_blocks_per_seq=self.block_tables.shape[1], max_query_len=self.max_query_len,
+                num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                block_size=spec.block_size, dtype=spec.dtype, device=spec.device)
+
+    def planned_for(self, spec: AttentionSpec) -> "AttentionMetadata":
+        """This metadata planned for layers of `spec`: itself when planned so already, else
+        a planned copy (the caller's object is left as it is, so a CUDA-graph capture
+        plans afresh in each forward it records, from its static buffers' shapes)."""
+        if self.spec is None:
+            return dataclasses.replace(self, spec=spec)
+        if self.spec != spec:
+            raise ValueError(f"AttentionMetadata was planned for {self.spec}, but the model's layers are {spec}")
+        return self
 
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
@@ -142,7 +185,7 @@ class Attention(nn.Module):
             # q stays a view of the qkv output: paged_attention reads any token stride.
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             ops.paged_attention(out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                meta.query_start_loc, self.scale, meta.max_query_len)
+                                meta.query_start_loc, self.scale, meta.max_query_len, plan=meta.plan)
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 

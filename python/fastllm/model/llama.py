@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from fastllm.config import ModelConfig
-from fastllm.model.layers import (AttentionMetadata, DecoderLayer, RMSNorm, RotaryEmbedding,
-                                  allocate_kv_caches)
+from fastllm.model.layers import (AttentionMetadata, AttentionSpec, DecoderLayer, RMSNorm,
+                                  RotaryEmbedding, allocate_kv_caches)
 
 __all__ = ["LlamaForCausalLM", "AttentionMetadata", "allocate_kv_caches"]
 
@@ -32,6 +32,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head.weight = self.embed_tokens.weight
         self.config.tie_word_embeddings = True
 
+    def attention_spec(self, kv_caches: list) -> AttentionSpec:
+        """The shape every layer's attention shares over these caches (what a step's
+        AttentionMetadata is planned for)."""
+        return AttentionSpec.of(self.config, kv_caches[0][0])
+
     # Inference only: the fused ops write in place (through DLPack on CUDA, out= on CPU),
     # which autograd can neither see nor allow.
     @torch.no_grad()
@@ -43,6 +48,8 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model has "
                              f"{len(self.layers)} layers")
+        if meta.plan is None and kv_caches:   # the step's attention plan, once for every layer
+            meta = meta.planned_for(self.attention_spec(kv_caches))
         hidden = self.embed_tokens(input_ids)                        # [T, hidden]
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
         residual = None

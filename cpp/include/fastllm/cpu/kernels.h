@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "fastllm/paged_attention.h"
+
 namespace fastllm::cpu {
 
 // Copies token rows (row_elems = num_kv_heads * head_dim elements of elem_bytes each) of
@@ -13,11 +15,7 @@ void reshape_and_cache(const void* key, const void* value, void* k_cache, void* 
                        const int64_t* slot_mapping, int64_t num_tokens, int64_t row_elems, int64_t key_stride,
                        int64_t value_stride, int64_t elem_bytes);
 
-struct PagedAttentionShape {
-  int64_t num_tokens, num_seqs;
-  int64_t num_heads, num_kv_heads, head_dim;
-  int64_t block_size, max_blocks_per_seq;
-};
+using ::fastllm::PagedAttentionShape;
 
 template <typename T>
 void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,

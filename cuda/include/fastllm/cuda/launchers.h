@@ -6,9 +6,13 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "fastllm/dtype.h"
+#include "fastllm/paged_attention.h"
+
 namespace fastllm::cuda {
 
-enum class ScalarType { kF32, kF16, kBF16 };
+// The launchers take the core's dtype (float types only; others: cudaErrorInvalidValue).
+using ScalarType = ::fastllm::DType;
 
 // Number of usable GPUs; 0 when there is no driver or device (never throws).
 int device_count();
@@ -39,30 +43,41 @@ cudaError_t reshape_and_cache(const void* key, const void* value, void* k_cache,
                               const int64_t* slot_mapping, int64_t num_tokens, int64_t row_elems,
                               int64_t key_stride, int64_t value_stride, int64_t elem_bytes, cudaStream_t stream);
 
-// Causal paged attention. head_dim 64 or 128; num_heads a multiple of num_kv_heads;
-// query rows [T, H, D] may have any token stride (q_token_stride elements, 16-byte
-// aligned rows), out is contiguous. With fp16/bf16 on sm_80+, sequences whose
-// q_len * (num_heads / num_kv_heads) fills a 64-row tile run on tensor cores
-// (paged_prefill.cuh) and the rest on the decode kernel (paged_attention.cuh);
-// max_query_len (the batch's longest q_len, or < 0: unknown) lets a decode-only step skip
-// the prefill launch. fp32 runs all on the decode kernel.
-// Decode of long contexts with few CTAs is split across CTAs and merged (flash-decoding);
-// the splits' partial results live in a caller-owned workspace of
-// paged_attention_workspace_bytes(...) bytes (0 when no split is needed), so memory
-// stays with the caller's allocator (and CUDA graphs capture no allocation).
-bool paged_attention_supports(int head_dim);
-// Which fragment loads the prefill kernel uses: ldmatrix (default) or plain shared loads
-// (the reference variant; tests and benches compare the two).
-void set_paged_prefill_ldmatrix(bool on);
-bool paged_prefill_ldmatrix();
-size_t paged_attention_workspace_bytes(int num_tokens, int num_heads, int head_dim, int max_blocks,
-                                       int block_size);
-cudaError_t paged_attention(ScalarType dtype, void* out, const void* query, int64_t q_token_stride,
-                            const void* k_cache, const void* v_cache, const int32_t* block_tables,
-                            const int32_t* seq_lens, const int32_t* query_start_loc, int num_tokens, int num_seqs,
-                            int max_query_len, int num_heads, int num_kv_heads, int head_dim, int block_size,
-                            int max_blocks, float scale, void* workspace, size_t workspace_bytes,
-                            cudaStream_t stream);
+// Causal paged attention, in two calls (cf. FlashInfer's plan / run):
+//   plan = plan_paged_attention(dtype, shape, max_query_len);   // once per step
+//   paged_attention({..., plan, workspace}, stream);             // every layer
+// The plan (fastllm/paged_attention.h) fixes the kernels: with fp16/bf16 on sm_80+,
+// sequences whose q_len * (num_heads / num_kv_heads) fills a 64-row tile run on tensor
+// cores (paged_prefill.cuh) and the rest on the decode kernel (paged_attention.cuh);
+// max_query_len (the step's longest q_len, or < 0: unknown) lets a decode-only step skip
+// the prefill launch. fp32 runs all on the decode kernel. Decode of long contexts with
+// few CTAs is split across CTAs and merged (flash-decoding); the splits' partials live in
+// a caller-owned workspace of plan.workspace_bytes (0 when no split is needed), so
+// memory stays with the caller's allocator (and CUDA graphs capture no allocation).
+// Plans for the current device (its SM count and compute capability). Sizes are not
+// validated here: ops.cc checks the tensors, and that calls match their plan.
+PagedAttentionPlan plan_paged_attention(DType dtype, const PagedAttentionShape& shape, int64_t max_query_len);
+
+// The launcher ABI of one paged-attention call (cf. FlashInfer's BatchDecodeParams and
+// paged_kv_t): pointers, sizes, and the step's plan.
+struct PagedAttentionParams {
+  DType dtype = DType::kOther;      // of query, out and the caches
+  PagedAttentionShape shape{};
+  void* out = nullptr;              // [T, H, D], contiguous
+  const void* query = nullptr;      // [T, H, D]: token t at query + t * q_token_stride elements
+  int64_t q_token_stride = 0;       // 16-byte aligned rows
+  const void* k_cache = nullptr;    // [num_blocks, block_size, Hkv, D], contiguous
+  const void* v_cache = nullptr;
+  const int32_t* block_tables = nullptr;     // [S, max_blocks_per_seq]
+  const int32_t* seq_lens = nullptr;         // [S]: keys in cache, this step's included
+  const int32_t* query_start_loc = nullptr;  // [S + 1]
+  float scale = 1.f;
+  PagedAttentionPlan plan{};        // plan_paged_attention(dtype, shape, ...)
+  void* workspace = nullptr;        // >= plan.workspace_bytes bytes, float-aligned (null when 0)
+};
+
+// head_dim one of kPagedAttentionHeadDims; num_heads a multiple of num_kv_heads.
+cudaError_t paged_attention(const PagedAttentionParams& params, cudaStream_t stream);
 
 // softmax(scale * row_scale[r] * scores) by rows, causal when `causal` (see
 // fused_softmax.cuh). row_scale: [num_rows] float32 on the device, or nullptr (all 1).

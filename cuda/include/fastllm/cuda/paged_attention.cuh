@@ -18,7 +18,9 @@ namespace fastllm::cuda {
 
 constexpr int kAttentionThreads = 128;
 
-struct PagedAttentionParams {
+// What the kernels read, built by the launcher from PagedAttentionParams (launchers.h)
+// and its plan (paged_attention_launch.cuh).
+struct AttentionKernelParams {
   void* out;                 // [T, H, D]
   const void* query;         // [T, H, D], token stride q_token_stride elements
   const void* k_cache;       // [num_blocks, block_size, Hkv, D]
@@ -57,7 +59,7 @@ __device__ __forceinline__ int seq_of_token(const int32_t* qsl, int num_seqs, in
 
 template <typename T, int D, int HEADS>
 __global__ void __launch_bounds__(kAttentionThreads)
-paged_attention_kernel(PagedAttentionParams p) {
+paged_attention_kernel(AttentionKernelParams p) {
   constexpr int VEC = VecTraits<T>::kSize;
   constexpr int LANES_PER_KEY = D / VEC;
   static_assert(LANES_PER_KEY <= 32 && 32 % LANES_PER_KEY == 0, "head_dim must fit a warp's key groups");
@@ -170,7 +172,7 @@ paged_attention_kernel(PagedAttentionParams p) {
 
 // Grid (T, H), D threads: combine the splits' partial softmax results of one row.
 template <typename T>
-__global__ void paged_attention_merge_kernel(PagedAttentionParams p, int head_dim) {
+__global__ void paged_attention_merge_kernel(AttentionKernelParams p, int head_dim) {
   if (p.decode_only) {
     const int seq = seq_of_token(p.query_start_loc, p.num_seqs, blockIdx.x);
     if (on_prefill_kernel(p.query_start_loc[seq + 1] - p.query_start_loc[seq], p.num_heads / p.num_kv_heads)) return;

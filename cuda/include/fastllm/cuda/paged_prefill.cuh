@@ -67,7 +67,7 @@ __device__ __forceinline__ bool find_prefill_tile(const int32_t* qsl, int num_se
 // else by 32-bit / 16-bit shared loads (3 loads per mma; kept as the reference variant).
 template <typename T, int D, bool LDSM>
 __global__ void __launch_bounds__(kPrefillThreads)
-paged_prefill_kernel(PagedAttentionParams p) {
+paged_prefill_kernel(AttentionKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma bf16 / cp.async need sm_80; the launcher never sends work here
 #else
