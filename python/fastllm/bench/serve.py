@@ -24,7 +24,7 @@ import asyncio
 import json
 import math
 import os
-from typing import Dict, List
+from typing import Dict
 
 from fastllm.bench.serve_load import ENDPOINTS, Target, first_model, random_requests, run_load
 from fastllm.bench.serve_stats import format_report, summarize
@@ -115,10 +115,3 @@ def run(args: argparse.Namespace) -> None:
         _write_json(args.json, result)
         print(f"wrote {args.json}")
 
-
-def report_lines(result: Dict[str, object]) -> List[str]:
-    """The compare mode's key ratios, one line each."""
-    keys = ("request_throughput", "output_throughput", "ttft_ms.p50", "ttft_ms.p99",
-            "itl_ms.p50", "itl_ms.p99", "e2e_ms.p50", "e2e_ms.p99")
-    r = result["ratio_fastllm_over_transformers"]
-    return [f"{k:<22} {r[k]:.2f}x" for k in keys if k in r]

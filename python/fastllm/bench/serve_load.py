@@ -169,8 +169,11 @@ async def run_load(target: Target, requests: Sequence[BenchRequest], request_rat
 async def first_model(base_url: str, api_key: Optional[str] = None, timeout_s: float = 30.0) -> str:
     """The id of the first model GET /v1/models lists."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s) as client:
-        resp = await client.get("/v1/models", headers=headers)
+    try:
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s) as client:
+            resp = await client.get("/v1/models", headers=headers)
+    except httpx.HTTPError as e:
+        raise ValueError(f"cannot reach {base_url}/v1/models ({type(e).__name__}: {e})") from e
     if resp.status_code != 200:
         raise ValueError(f"GET {base_url}/v1/models answered {resp.status_code}; pass --model")
     models = resp.json().get("data") or []
