@@ -207,3 +207,56 @@ def test_cli_rejects_bad_rate():
                            "--request-rate", "-1", "--base-url", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=60, env=os.environ.copy())
     assert proc.returncode == 2 and "--request-rate" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def fastllm_server():
+    """The real `python -m fastllm.serve` on a tiny random-weight checkpoint."""
+    from checkpoints import cached_checkpoint
+    from fastllm.bench.serve_compare import ServerProcess, fastllm_argv, free_port
+    path = cached_checkpoint("llama")
+    port = free_port()
+    with ServerProcess("fastllm", fastllm_argv(str(path), port) + ["--num-kv-blocks", "128"],
+                       port) as server:
+        server.wait_healthy(120)
+        yield server, path
+    assert server.proc.returncode == 0, server.log_tail()
+
+
+def _generation_tokens(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    import httpx
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "fastllm:generation_tokens_total")
+
+
+@pytest.mark.parametrize("endpoint,flags", [("completions", ["--request-rate", "50"]),
+                                            ("chat", ["--max-concurrency", "3"])])
+def test_cli_against_fastllm_server(fastllm_server, tmp_path, endpoint, flags):
+    server, path = fastllm_server
+    transformers = pytest.importorskip("transformers")
+    args = ["--num-prompts", "12", "--input-len", "8", "--output-len", "10", "--range-ratio", "0.5",
+            "--seed", "5", "--temperature", "0.8"]
+    out = tmp_path / "fastllm.json"
+    before = _generation_tokens(server.url)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastllm.bench", "serve", "--base-url", server.url,
+         "--endpoint", endpoint, "--ignore-eos", "--json", str(out), *args, *flags],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr + server.log_tail()
+    report = json.loads(out.read_text())
+    requests = random_requests(12, 8, 10, range_ratio=0.5, seed=5)
+    assert (report["completed"], report["errors"]) == (12, 0), report["error_messages"]
+    # ignore_eos: every request ran to its max_tokens, counted by the server's usage and
+    # by its own /metrics counter.
+    assert report["total_output_tokens"] == sum(r.max_tokens for r in requests)
+    assert _generation_tokens(server.url) - before == report["total_output_tokens"]
+    if endpoint == "completions":   # the prompt as the checkpoint's own tokenizer counts it
+        tok = transformers.AutoTokenizer.from_pretrained(str(path))
+        assert report["total_prompt_tokens"] == sum(len(tok(r.prompt)["input_ids"]) for r in requests)
+    for name in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+        dist = report[name]
+        assert 0 < dist["p50"] <= dist["p99"], (name, dist)
+    assert report["ttft_ms"]["p99"] <= report["e2e_ms"]["p99"]
+    assert report["config"]["model"]                     # taken from /v1/models
