@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="start both servers on CPU and report fastllm / transformers")
     compare.add_argument("--checkpoint", default=None,
                          help="Hugging Face directory both serve (default: SmolLM2 converted)")
+    compare.add_argument("--transformers-flags", default="",
+                         help="extra `transformers serve` flags, e.g. '--continuous-batching'")
+    compare.add_argument("--fastllm-flags", default="", help="extra `fastllm.serve` flags")
     compare.add_argument("--server-timeout", type=float, default=300.0,
                          help="seconds to wait for each server to come up")
 

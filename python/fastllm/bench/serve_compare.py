@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -136,9 +137,11 @@ def compare_servers(args: argparse.Namespace) -> Dict[str, object]:
         raise ValueError(f"--checkpoint {checkpoint!r} is not a Hugging Face directory")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     result: Dict[str, object] = {"checkpoint": checkpoint}
-    for name, argv_of in (("fastllm", fastllm_argv), ("transformers", transformers_argv)):
+    servers = (("fastllm", fastllm_argv, args.fastllm_flags),
+               ("transformers", transformers_argv, args.transformers_flags))
+    for name, argv_of, flags in servers:
         port = free_port()
-        argv = argv_of(checkpoint, port)
+        argv = argv_of(checkpoint, port) + shlex.split(flags)
         with ServerProcess(name, argv, port, env) as server:
             server.wait_healthy(args.server_timeout)
             summary = bench_url(args, server.url, ignore_eos=False)
