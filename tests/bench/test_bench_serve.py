@@ -260,3 +260,35 @@ def test_cli_against_fastllm_server(fastllm_server, tmp_path, endpoint, flags):
         assert 0 < dist["p50"] <= dist["p99"], (name, dist)
     assert report["ttft_ms"]["p99"] <= report["e2e_ms"]["p99"]
     assert report["config"]["model"]                     # taken from /v1/models
+
+
+@pytest.mark.slow
+def test_compare_runs_both_servers(tmp_path):
+    """--compare on a tiny checkpoint: both servers come up, serve the same greedy
+    requests to the end, and the ratios are fastllm's numbers over transformers'."""
+    pytest.importorskip("transformers")
+    from checkpoints import cached_checkpoint
+    from fastllm.bench.serve_compare import transformers_argv
+    try:
+        transformers_argv("unused", 0)
+    except ValueError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "compare.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastllm.bench", "serve", "--compare",
+         "--checkpoint", str(cached_checkpoint("llama")), "--num-prompts", "3",
+         "--input-len", "4", "--output-len", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    fast, hf = result["fastllm"], result["transformers"]
+    for summary in (fast, hf):
+        assert (summary["completed"], summary["errors"]) == (3, 0), summary["error_messages"]
+        assert summary["config"]["ignore_eos"] is False        # the same body for both
+    # Same weights, same prompts, greedy: the same number of prompt and output tokens.
+    assert fast["total_prompt_tokens"] == hf["total_prompt_tokens"]
+    assert fast["total_output_tokens"] == hf["total_output_tokens"]
+    ratio = result["ratio_fastllm_over_transformers"]
+    assert ratio["output_throughput"] == pytest.approx(fast["output_throughput"] / hf["output_throughput"])
+    assert ratio["ttft_ms.p50"] == pytest.approx(fast["ttft_ms"]["p50"] / hf["ttft_ms"]["p50"])
+    assert "fastllm / transformers:" in proc.stdout

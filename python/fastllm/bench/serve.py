@@ -24,7 +24,7 @@ import asyncio
 import json
 import math
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 from fastllm.bench.serve_load import ENDPOINTS, Target, first_model, random_requests, run_load
 from fastllm.bench.serve_stats import format_report, summarize
@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="seconds to wait for each server to come up")
 
 
-def bench_url(args: argparse.Namespace, base_url: str, model: str = None,
-              ignore_eos: bool = None) -> Dict[str, object]:
+def bench_url(args: argparse.Namespace, base_url: str, model: Optional[str] = None,
+              ignore_eos: Optional[bool] = None) -> Dict[str, object]:
     """Run the configured load against one server; returns the summary (with its config)."""
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
