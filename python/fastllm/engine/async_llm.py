@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional, Union
 
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import SamplingParams
@@ -54,7 +54,6 @@ class _Add:
 @dataclass
 class _Abort:
     request_ids: list[str]
-    error: Optional[BaseException] = None       # delivered to the streams when set
 
 
 @dataclass
@@ -278,7 +277,9 @@ class AsyncLLM:
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params,
                                         prompt_token_ids=cmd.prompt_token_ids, delta=True)
-            except ValueError as e:
+            except Exception as e:           # ValueError: a 400; anything else: that request's 500
+                if not isinstance(e, ValueError):
+                    logger.exception("add_request(%r) failed", cmd.request_id)
                 self._loop.call_soon_threadsafe(self._resolve, cmd.accepted, e)
             else:
                 live.add(cmd.request_id)
@@ -299,7 +300,3 @@ class AsyncLLM:
             if out.finished:
                 live.discard(out.request_id)
         return outputs, {}
-
-    def snapshot(self) -> Any:
-        """The latest EngineStats (refreshed by the engine thread)."""
-        return self.latest_stats

@@ -58,7 +58,7 @@ def render_prompt(tokenizer, messages, add_generation_prompt: bool, template_kwa
 
 async def create_chat_completion(state, req: ChatCompletionRequest, request: Request):
     check_model(state, req.model)
-    ids = render_prompt(state.llm.tokenizer, req.messages, req.add_generation_prompt,
+    ids = render_prompt(state.llm.tokenizer, req.messages, req.add_generation_prompt is not False,
                         req.chat_template_kwargs)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if req.top_logprobs is not None and not req.logprobs:

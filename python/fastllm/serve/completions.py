@@ -38,7 +38,7 @@ def _prompts(req: CompletionRequest, tokenizer) -> list[tuple[Optional[str], lis
 def _check_supported(req: CompletionRequest) -> None:
     if req.suffix:
         raise APIError("suffix is not supported", param="suffix")
-    if req.best_of is not None and req.best_of != req.n:
+    if req.best_of is not None and req.best_of != (req.n or 1):
         raise APIError("best_of other than n is not supported", param="best_of")
     if req.echo and req.logprobs is not None:
         raise APIError("echo with logprobs is not supported (prompt logprobs are not "

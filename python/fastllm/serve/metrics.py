@@ -81,6 +81,8 @@ class _EngineCollector:
         yield CounterMetricFamily("fastllm:prompt_tokens_computed", "Prompt tokens fed to the "
                                   "model (prefill and recompute).",
                                   value=s.num_prompt_tokens_computed)
+        yield CounterMetricFamily("fastllm:generation_tokens_computed", "Decode tokens fed to "
+                                  "the model.", value=s.num_generation_tokens)
         yield CounterMetricFamily("fastllm:engine_steps", "Engine steps taken.", value=s.num_steps)
 
 

@@ -23,13 +23,14 @@ class _Response(BaseModel):
 # -- shared ----------------------------------------------------------------------------
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: Optional[bool] = False
 
 
 class _SamplingFields(_Request):
-    """The sampling fields both endpoints take (None: the checkpoint's default)."""
+    """The sampling fields both endpoints take. None (left out or null, as OpenAI
+    clients send) means the checkpoint's generation_config default, else SamplingParams'."""
     model: Optional[str] = None
-    n: int = 1
+    n: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None
@@ -40,11 +41,11 @@ class _SamplingFields(_Request):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    stream: bool = False
+    ignore_eos: Optional[bool] = None
+    min_tokens: Optional[int] = None
+    include_stop_str_in_output: Optional[bool] = None
+    skip_special_tokens: Optional[bool] = None
+    stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None
@@ -73,7 +74,7 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = None
-    echo: bool = False
+    echo: Optional[bool] = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
@@ -119,9 +120,9 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
-    logprobs: bool = False
+    logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: Optional[bool] = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
