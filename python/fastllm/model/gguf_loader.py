@@ -181,6 +181,8 @@ def open_gguf(path):
     stat = os.stat(path)
     try:
         return _read_gguf(path, stat.st_mtime_ns, stat.st_size)
+    except MemoryError:
+        raise                  # not the file's fault as far as we can tell: do not disguise it
     except Exception as e:
         raise ValueError(f"{path}: corrupt or unreadable GGUF file ({e})") from e
 
@@ -189,7 +191,11 @@ def open_gguf(path):
 def _read_gguf(path: str, mtime_ns: int, size: int):
     # Parsing a GGUF's index takes seconds; the model and the tokenizer both read the same
     # file at load, so the (memory-mapped, read-only) reader is shared while unchanged.
+    # The reader trusts every count and offset in the file: check them against the file
+    # size first (a count past the end would make it loop forever).
     from gguf import GGUFReader
+    from fastllm.model.gguf_check import check_gguf_file
+    check_gguf_file(path)
     return GGUFReader(path, "r")
 
 
