@@ -233,10 +233,17 @@ def test_missing_or_bad_files(tmp_path):
         Tokenizer.from_pretrained(no_vocab)
 
 
-def test_decode_rejects_out_of_vocab_ids(hf_dir):
-    tok = Tokenizer.from_pretrained(hf_dir)
-    with pytest.raises(ValueError, match="token_ids"):
-        tok.decode([1, tok.vocab_size])
+def test_ids_past_the_vocabulary_decode_as_nothing(hf_dir):
+    # A model's embedding may be padded past its tokenizer (Qwen2.5); such ids decode as
+    # '' (as transformers decodes them), in a full decode and in the streaming one.
+    tok, hf = Tokenizer.from_pretrained(hf_dir), _hf(hf_dir)
+    ids = tok.encode("Hello world")
+    padded = [ids[0], tok.vocab_size, *ids[1:], tok.vocab_size + 100]
+    assert tok.decode(padded) == hf.decode(padded, skip_special_tokens=True) == tok.decode(ids) != ""
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.add(t) for t in padded) + detok.flush() == tok.decode(ids)
+    with pytest.raises(ValueError, match="negative"):
+        tok.decode([1, -1])
 
 
 # -- streaming detokenizer -------------------------------------------------------------

@@ -182,9 +182,11 @@ class Tokenizer:
                clean_up_tokenization_spaces: Optional[bool] = None) -> str:
         ids = [int(t) for t in token_ids]
         vocab_size = self.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"token_ids holds ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if any(t < 0 for t in ids):
+            raise ValueError(f"token_ids holds negative ids: {[t for t in ids if t < 0][:5]}")
+        # Ids past the vocabulary (an embedding padded past the tokenizer) decode as '',
+        # as transformers decodes them.
+        ids = [t for t in ids if t < vocab_size]
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
