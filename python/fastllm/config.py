@@ -7,6 +7,7 @@ EngineConfig (scheduler / cache knobs) lives below it in this same file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -207,6 +208,14 @@ def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
 # ---------------------------------------------------------------------------------------
 # EngineConfig (owned by the engine; see fastllm.engine)
 
+# The most of the machine's RAM swap_space may take (vLLM refuses more than 70%).
+MAX_SWAP_FRACTION = 0.7
+
+
+def total_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 @dataclass
 class EngineConfig:
     """Scheduler and KV-cache knobs, named as vLLM names them (DESIGN §1)."""
@@ -224,6 +233,8 @@ class EngineConfig:
     # Decode CUDA graphs use block tables of ceil(min(max_model_len, this) / block_size)
     # columns; a step with a longer sequence runs eagerly (vLLM's name and default).
     max_seq_len_to_capture: int = 8192
+    # Most logprobs a request may ask for per token (vLLM's name and default).
+    max_logprobs: int = 20
 
     def __post_init__(self):
         def positive_int(name):
@@ -240,10 +251,27 @@ class EngineConfig:
                 and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization!r}")
-        if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
-            raise ValueError(f"EngineConfig.swap_space must be >= 0 (GiB), got {self.swap_space!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"EngineConfig.seed must be an integer, got {self.seed!r}")
+        self._check_swap_space()
+        if (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                or not -(1 << 63) <= self.seed < (1 << 64)):
+            raise ValueError(f"EngineConfig.seed must be a 64-bit integer, got {self.seed!r}")
+        if (not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool)
+                or self.max_logprobs < 0):
+            raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, "
+                             f"got {self.max_logprobs!r}")
+
+    def _check_swap_space(self) -> None:
+        """GiB, finite, and at most MAX_SWAP_FRACTION of this machine's RAM (vLLM's
+        limit): the swap space is allocated (and page-locked on a GPU) at start-up."""
+        value = self.swap_space
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value) or value < 0):
+            raise ValueError(f"EngineConfig.swap_space must be a finite number of GiB >= 0, "
+                             f"got {value!r}")
+        total_gib = total_ram_bytes() / (1 << 30)
+        if value > MAX_SWAP_FRACTION * total_gib:
+            raise ValueError(f"EngineConfig.swap_space={value} GiB is more than "
+                             f"{MAX_SWAP_FRACTION:.0%} of this machine's {total_gib:.1f} GiB of RAM")
 
     def resolve_max_model_len(self, model_config: "ModelConfig") -> int:
         """Fill max_model_len from the model (capped by a sliding window, which the

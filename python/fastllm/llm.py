@@ -27,7 +27,8 @@ class LLM:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, swap_space: float = 0,
-                 enforce_eager: bool = False, seed: int = 0, tokenizer=None):
+                 enforce_eager: bool = False, seed: int = 0, max_logprobs: int = 20,
+                 tokenizer=None):
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: the offline LLM runs on "
                              f"one device (tensor parallelism is not implemented yet)")
@@ -41,7 +42,8 @@ class LLM:
                               max_num_batched_tokens=max_num_batched_tokens,
                               enable_prefix_caching=enable_prefix_caching,
                               enable_chunked_prefill=enable_chunked_prefill,
-                              swap_space=swap_space, enforce_eager=enforce_eager, seed=seed)
+                              swap_space=swap_space, enforce_eager=enforce_eager, seed=seed,
+                              max_logprobs=max_logprobs)
         self.model_path = model
         self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
                                                     tokenizer=tokenizer)

@@ -120,6 +120,9 @@ class LLMEngine:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"request {request_id!r}: prompt token id {t!r} is not an integer "
                                  f"in [0, {vocab}) (the ids the model and its tokenizer know)")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"request {request_id!r}: SamplingParams.logprobs={params.logprobs} is "
+                             f"more than max_logprobs={self.config.max_logprobs} (EngineConfig)")
         bad_stops = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stops:
             raise ValueError(f"request {request_id!r}: SamplingParams.stop_token_ids {bad_stops[:5]} "
