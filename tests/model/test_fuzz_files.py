@@ -19,7 +19,7 @@ import pytest
 
 from checkpoints import cached_checkpoint, write_gguf
 
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 
 RUNNER = str(Path(__file__).with_name("fuzz_runner.py"))
 PYTHON_DIR = str(Path(__file__).resolve().parents[2] / "python")
@@ -169,3 +169,132 @@ def test_gguf_truncations(tmp_path):
         path.write_bytes(data[:offset])
         cases.append({"name": f"cut_{offset}", "path": path, "calls": ["load_model", "tokenizer"]})
     check_all_rejected(cases)
+
+
+# ------------------------------------------------------------------ metadata vs tensors
+A = "llama."
+GGUF_METADATA_CASES = {
+    # name: (metadata written over a real tiny file's, what the error must name)
+    "hidden_32768_ffn_131072": ({A + "embedding_length": 32768, A + "feed_forward_length": 131072,
+                                 A + "attention.key_length": 16},
+                                r"tensor '[a-z_.0-9]+' .*has shape .*expected .*llama\.(embedding_length|feed_forward_length)"),
+    "block_count_3000": ({A + "block_count": 3000}, r"num_hidden_layers \[llama\.block_count\] = 3000"),
+    "block_count_1": ({A + "block_count": 1}, r"unexpected tensor 'blk\.1\."),
+    "head_count_0": ({A + "attention.head_count": 0}, r"llama\.attention\.head_count must be a positive integer"),
+    "head_count_string": ({A + "attention.head_count": "four"}, r"llama\.attention\.head_count must be a number"),
+    "head_count_kv_0": ({A + "attention.head_count_kv": 0}, r"llama\.attention\.head_count_kv must be a positive"),
+    "head_count_kv_3": ({A + "attention.head_count_kv": 3}, r"num_key_value_heads"),
+    "key_length_0": ({A + "attention.key_length": 0}, r"llama\.attention\.key_length must be a positive"),
+    "embedding_length_float": ({A + "embedding_length": 64.5}, r"llama\.embedding_length must be a positive integer"),
+    "ffn_96": ({A + "feed_forward_length": 96}, r"'blk\.0\.ffn_(gate|up|down)\.weight' .*llama\.feed_forward_length"),
+    "rms_eps_nan": ({A + "attention.layer_norm_rms_epsilon": float("nan")}, r"layer_norm_rms_epsilon must be finite"),
+    "rope_base_inf": ({A + "rope.freq_base": float("inf")}, r"rope\.freq_base must be finite"),
+    # A claimed context far past any model's: allocates nothing (RoPE is per step).
+    "context_length_2^40": ({A + "context_length": (1 << 40, gguf.GGUFValueType.UINT64)}, None),
+}
+
+
+def test_gguf_metadata_inconsistent_with_tensors(tmp_path):
+    hf = cached_checkpoint("llama")
+    cases = []
+    for name, (metadata, match) in GGUF_METADATA_CASES.items():
+        path = write_gguf(hf, tmp_path / f"{name}.gguf", metadata=metadata)
+        cases.append({"name": name, "path": path, "calls": ["load_model"], "match": match})
+    # The context-length case loads (nothing is sized by it); every other one fails.
+    huge = cases.pop()
+    check_all_rejected(cases)
+    results = run_cases([huge])
+    outcome, message, peak = results[(huge["name"], "load_model")]
+    assert outcome == "ok" and peak < PEAK_RSS_MIB, (outcome, message, peak)
+
+
+# ------------------------------------------------------------------ HF directories
+def _copy_checkpoint(tmp_path, name) -> Path:
+    import shutil
+    dest = tmp_path / name
+    shutil.copytree(cached_checkpoint("llama"), dest)
+    return dest
+
+
+def _edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+HF_CONFIG_CASES = {
+    "hidden_32768_ffn_131072": (dict(hidden_size=32768, intermediate_size=131072, head_dim=16),
+                                r"tensor '\S+' has shape .*expected .*(hidden_size|intermediate_size)"),
+    "layers_3000": (dict(num_hidden_layers=3000), r"num_hidden_layers = 3000 but the checkpoint holds"),
+    "heads_0": (dict(num_attention_heads=0), r"num_attention_heads must be a positive integer"),
+    "heads_string": (dict(num_attention_heads="4"), r"num_attention_heads must be a positive integer"),
+    "hidden_null_heads": (dict(num_key_value_heads=0), r"num_key_value_heads must be a positive integer"),
+    "vocab_negative": (dict(vocab_size=-1), r"vocab_size must be a positive integer"),
+    "rope_theta_string": (dict(rope_theta="big", rope_parameters=None), r"rope_theta must be a finite number"),
+    "rope_scaling_string": (dict(rope_scaling="linear", rope_parameters=None), r"rope_scaling must be an object"),
+    "rope_factor_string": (dict(rope_scaling={"rope_type": "linear", "factor": "x"}, rope_parameters=None),
+                           r"rope_scaling\.factor must be a positive number"),
+    "architectures_number": (dict(architectures=7), r"'architectures' must be a list of strings"),
+}
+
+
+def _safetensors_rewrite(file: Path, edit) -> None:
+    """Re-serialize a safetensors file after edit(header dict) (data bytes unchanged)."""
+    data = file.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _first_tensor(header):
+    return next(v for k, v in header.items() if k != "__metadata__")
+
+
+SAFETENSORS_CASES = {
+    "header_length_2^63": (lambda d: struct.pack("<Q", HUGE) + d[8:], r"header length"),
+    "header_length_past_end": (lambda d: struct.pack("<Q", len(d)) + d[8:], r"header length"),
+    "header_length_zero": (lambda d: struct.pack("<Q", 0) + d[8:], r"safetensors"),
+    "seven_bytes": (lambda d: d[:7], r"too short"),
+    "cut_in_header": (lambda d: d[:200], r"header length|safetensors"),
+    "cut_in_data": (lambda d: d[:len(d) // 2], r"safetensors"),
+}
+SAFETENSORS_HEADER_EDITS = {
+    "offsets_past_end": lambda h: _first_tensor(h).update(data_offsets=[0, HUGE]),
+    "shape_larger_than_data": lambda h: _first_tensor(h).update(shape=[4096, 4096]),
+    "unknown_dtype": lambda h: _first_tensor(h).update(dtype="F99"),
+    "negative_dim": lambda h: _first_tensor(h).update(shape=[-1, 64]),
+}
+
+
+def test_hf_directory_fuzz(tmp_path):
+    cases = []
+    for name, (changes, match) in HF_CONFIG_CASES.items():
+        path = _copy_checkpoint(tmp_path, f"cfg_{name}")
+        _edit_config(path, **changes)
+        cases.append({"name": name, "path": path, "calls": ["load_model"], "match": match})
+    path = _copy_checkpoint(tmp_path, "config_not_utf8")
+    (path / "config.json").write_bytes(b'{"hidden_size": "\xff\xfe"}')
+    (path / "tokenizer_config.json").write_bytes(b'{"bos_token": "\xff"}')
+    cases.append({"name": "not_utf8", "path": path, "calls": ["load_model", "tokenizer"],
+                  "match": r"(config|tokenizer_config)\.json: not UTF-8"})
+    path = _copy_checkpoint(tmp_path, "config_list")
+    (path / "config.json").write_text("[1, 2]")
+    cases.append({"name": "config_list", "path": path, "calls": ["load_model"], "match": "JSON object"})
+    for name, (cut, match) in SAFETENSORS_CASES.items():
+        path = _copy_checkpoint(tmp_path, f"st_{name}")
+        file = path / "model.safetensors"
+        file.write_bytes(cut(file.read_bytes()))
+        cases.append({"name": name, "path": path, "calls": ["load_model"], "match": match})
+    for name, edit in SAFETENSORS_HEADER_EDITS.items():
+        path = _copy_checkpoint(tmp_path, f"st_{name}")
+        _safetensors_rewrite(path / "model.safetensors", edit)
+        cases.append({"name": name, "path": path, "calls": ["load_model"], "match": "model.safetensors"})
+    check_all_rejected(cases)
+    # A claimed context far past any model's loads and allocates nothing for it.
+    path = _copy_checkpoint(tmp_path, "context_2^40")
+    _edit_config(path, max_position_embeddings=1 << 40, rope_scaling=None)
+    outcome, message, peak = run_cases([{"name": "ctx", "path": path, "calls": ["load_model"]}])[("ctx", "load_model")]
+    assert outcome == "ok" and peak < PEAK_RSS_MIB, (outcome, message, peak)
