@@ -64,3 +64,15 @@ def test_bad_ids_fail_their_request_only(engine):
     outs = run_all(engine)
     assert list(outs) == ["good"] and len(outs["good"].outputs[0].token_ids) == 3
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_abort_request_takes_what_add_request_takes(engine):
+    # add_request str()s its id: an int id is aborted by the same int, alone or in a list.
+    engine.add_request(7, [5, 6], SamplingParams(max_tokens=30))
+    engine.add_request(8, [5, 6], SamplingParams(max_tokens=30))
+    engine.add_request("nine", [5, 6], SamplingParams(max_tokens=30))
+    engine.step()
+    engine.abort_request(7)
+    engine.abort_request((8, "nine"))
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_used_blocks == 0

@@ -136,7 +136,9 @@ class LLMEngine:
         self.scheduler.add(group)
 
     def abort_request(self, request_id: Union[str, list[str]]) -> None:
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        """One id or an iterable of them; an id is anything add_request took (str() of it)."""
+        is_many = isinstance(request_id, (list, tuple, set, frozenset))
+        ids = list(request_id) if is_many else [request_id]
         for rid in ids:
             group = self.scheduler.abort(str(rid))
             if group is not None:

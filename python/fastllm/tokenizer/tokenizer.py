@@ -34,6 +34,11 @@ def _id_list(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
+def _starts_with_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def _clean_up_tokenization(text: str) -> str:
     # transformers' clean_up_tokenization, for tokenizers whose config asks for it.
     for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
@@ -70,12 +75,13 @@ class Tokenizer:
         """From a Hugging Face directory (tokenizer.json, tokenizer_config.json,
         generation_config.json, chat_template.jinja) or a .gguf file."""
         path = Path(path)
-        if path.is_file() and path.suffix == ".gguf":
+        # A GGUF is known by its magic bytes, as the model loader knows it, not its name.
+        if path.is_file() and _starts_with_gguf_magic(path):
             return cls._from_gguf(path)
         if path.is_dir():
             return cls._from_hf_dir(path)
         if path.is_file():
-            raise ValueError(f"{path}: not a .gguf file or a model directory")
+            raise ValueError(f"{path}: not a GGUF file (no GGUF magic) or a model directory")
         raise ValueError(f"{path}: no such tokenizer file or directory")
 
     @classmethod
