@@ -298,3 +298,49 @@ def test_hf_directory_fuzz(tmp_path):
     _edit_config(path, max_position_embeddings=1 << 40, rope_scaling=None)
     outcome, message, peak = run_cases([{"name": "ctx", "path": path, "calls": ["load_model"]}])[("ctx", "load_model")]
     assert outcome == "ok" and peak < PEAK_RSS_MIB, (outcome, message, peak)
+
+
+# ------------------------------------------------------------------ embedded vocabularies
+def _vocab_gguf(path: Path, **overrides) -> Path:
+    """A tiny byte-level (gpt2) vocabulary GGUF, with metadata overrides:
+    key -> (value, GGUFValueType[, item type])."""
+    T = gguf.GGUFValueType
+    kv = {"tokenizer.ggml.model": ("gpt2", T.STRING),
+          "tokenizer.ggml.tokens": (["a", "b", "c", "ab", "abc", "<s>", "</s>"], T.ARRAY, T.STRING),
+          "tokenizer.ggml.merges": (["a b", "ab c"], T.ARRAY, T.STRING),
+          "tokenizer.ggml.token_type": ([1] * 5 + [3, 3], T.ARRAY, T.INT32),
+          "tokenizer.ggml.bos_token_id": (5, T.UINT32), "tokenizer.ggml.eos_token_id": (6, T.UINT32)}
+    kv.update(overrides)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, vtype, *item) in kv.items():
+        w.add_key_value(key, value, vtype, sub_type=item[0] if item else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_vocabulary_fuzz(tmp_path):
+    T = gguf.GGUFValueType
+    bad = {
+        "tokens_a_string": ({"tokenizer.ggml.tokens": ("abc", T.STRING)}, r"tokenizer\.ggml\.tokens"),
+        "tokens_ints": ({"tokenizer.ggml.tokens": ([1, 2, 3], T.ARRAY, T.INT32)}, r"tokenizer\.ggml\.tokens"),
+        "merge_without_space": ({"tokenizer.ggml.merges": (["ab"], T.ARRAY, T.STRING)}, r"merges\[0\]"),
+        "merge_not_in_vocab": ({"tokenizer.ggml.merges": (["a b", "a c"], T.ARRAY, T.STRING)}, r"merges\[1\]"),
+        "merges_ints": ({"tokenizer.ggml.merges": ([1, 2], T.ARRAY, T.INT32)}, r"tokenizer\.ggml\.merges"),
+        "types_short": ({"tokenizer.ggml.token_type": ([1], T.ARRAY, T.INT32)}, r"token_type"),
+        "types_strings": ({"tokenizer.ggml.token_type": (["x"] * 7, T.ARRAY, T.STRING)}, r"token_type"),
+        "bos_a_string": ({"tokenizer.ggml.bos_token_id": ("one", T.STRING)}, r"bos_token_id"),
+        "model_an_int": ({"tokenizer.ggml.model": (3, T.UINT32)}, r"tokenizer\.ggml\.model"),
+        "scores_short": ({"tokenizer.ggml.model": ("llama", T.STRING),
+                          "tokenizer.ggml.scores": ([0.5], T.ARRAY, T.FLOAT32)}, r"scores"),
+        "template_an_int": ({"tokenizer.chat_template": (5, T.UINT32)}, r"chat_template"),
+    }
+    cases = [{"name": name, "path": _vocab_gguf(tmp_path / f"{name}.gguf", **over), "calls": ["tokenizer"],
+              "match": match} for name, (over, match) in bad.items()]
+    check_all_rejected(cases)
+    # Special ids outside the vocabulary are ignored (as llama.cpp does), not fatal.
+    ok = [{"name": "eos_2^40", "calls": ["tokenizer"],
+           "path": _vocab_gguf(tmp_path / "eos.gguf", **{"tokenizer.ggml.eos_token_id": (1 << 40, T.UINT64)})}]
+    assert run_cases(ok)[("eos_2^40", "tokenizer")][0] == "ok"

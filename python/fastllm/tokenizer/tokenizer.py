@@ -105,8 +105,10 @@ class Tokenizer:
             raise ValueError(f"{path}: tokenizer.json is missing{hint}")
         try:
             backend = _Backend.from_file(str(tokenizer_json))
-        except Exception as e:
-            raise ValueError(f"{tokenizer_json}: not a valid tokenizers file ({e})") from e
+        except BaseException as e:   # also a panic inside tokenizers (pyo3 PanicException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+                raise
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizers file ({e})") from None
 
         config_path = path / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
