@@ -88,9 +88,11 @@ class LLM:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
                              "or a list of such conversations")
-        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        # A list of conversations when its first entry is itself a list; else one conversation
+        # (whose entries the template's normalize_messages checks, naming the bad one).
+        conversations = list(messages) if isinstance(messages[0], (list, tuple)) else [messages]
         tok = self.get_tokenizer()
-        prompts = [tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
+        prompts = [tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
                                            tokenize=True, chat_template=chat_template,
                                            **template_kwargs)
                    for conv in conversations]
@@ -101,6 +103,9 @@ class LLM:
             return [self.default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
+        if not isinstance(sampling_params, (list, tuple)):
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, "
+                             f"got {type(sampling_params).__name__}")
         params = list(sampling_params)
         if len(params) != n:
             raise ValueError(f"sampling_params has {len(params)} entries but there are {n} prompts")
