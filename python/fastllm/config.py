@@ -186,13 +186,31 @@ class ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
             sliding_window=sliding_window,
             dtype=str(dtype) if dtype is not None else None,
-            generation_defaults={k: generation[k] for k in GENERATION_DEFAULT_KEYS
-                                 if generation.get(k) is not None},
+            generation_defaults=_generation_defaults(generation, source),
         )
         try:
             return cls(**fields)
         except ValueError as e:      # ModelConfig.validate: name the file too
             raise ValueError(f"{source}: {e}") from None
+
+
+def _generation_defaults(generation: dict, source: str) -> dict:
+    """The sampling defaults of generation_config.json, type-checked here so a bad one
+    names that file (not a SamplingParams built much later)."""
+    where = os.path.join(os.path.dirname(source), "generation_config.json")
+    out = {}
+    for key in GENERATION_DEFAULT_KEYS:
+        value = generation.get(key)
+        if value is None:
+            continue
+        integral = key in ("top_k", "max_new_tokens")
+        ok = (not isinstance(value, bool) and isinstance(value, int if integral else (int, float))
+              and math.isfinite(value))
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {'an integer' if integral else 'a finite number'}, "
+                             f"got {value!r}")
+        out[key] = value
+    return out
 
 
 def _positive_int(value, key: str, source: str) -> int:

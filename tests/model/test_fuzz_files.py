@@ -280,6 +280,20 @@ def test_hf_directory_fuzz(tmp_path):
     (path / "tokenizer_config.json").write_bytes(b'{"bos_token": "\xff"}')
     cases.append({"name": "not_utf8", "path": path, "calls": ["load_model", "tokenizer"],
                   "match": r"(config|tokenizer_config)\.json: not UTF-8"})
+    side_files = {   # name: (file, its JSON, which loader reads it, what the error names)
+        "generation_temperature_string": ("generation_config.json", {"temperature": "hot"}, "load_model",
+                                          r"generation_config\.json: temperature"),
+        "generation_eos_string": ("generation_config.json", {"eos_token_id": ["two"]}, "tokenizer",
+                                  r"generation_config\.json: eos_token_id"),
+        "chat_template_number": ("tokenizer_config.json", {"chat_template": 5}, "tokenizer",
+                                 r"tokenizer_config\.json: chat_template"),
+        "chat_template_bad_list": ("tokenizer_config.json", {"chat_template": [{"name": "default"}]},
+                                   "tokenizer", r"tokenizer_config\.json: chat_template"),
+    }
+    for name, (file, content, call, match) in side_files.items():
+        path = _copy_checkpoint(tmp_path, name)
+        (path / file).write_text(json.dumps(content))
+        cases.append({"name": name, "path": path, "calls": [call], "match": match})
     path = _copy_checkpoint(tmp_path, "config_list")
     (path / "config.json").write_text("[1, 2]")
     cases.append({"name": "config_list", "path": path, "calls": ["load_model"], "match": "JSON object"})

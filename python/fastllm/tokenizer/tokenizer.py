@@ -28,10 +28,13 @@ def _token_text(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _id_list(value) -> list[int]:
+def _id_list(value, where: str) -> list[int]:
     if value is None:
         return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    ids = list(value) if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ids):
+        raise ValueError(f"{where}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return ids
 
 
 def _starts_with_gguf_magic(path: Path) -> bool:
@@ -128,7 +131,14 @@ class Tokenizer:
 
         chat_template = config.get("chat_template")
         if isinstance(chat_template, list):   # [{"name": ..., "template": ...}, ...]
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                       and isinstance(t.get("template"), str) for t in chat_template):
+                raise ValueError(f"{config_path}: chat_template must be a string or a list of "
+                                 f"{{'name': str, 'template': str}}")
             chat_template = {t["name"]: t["template"] for t in chat_template}
+        elif chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(f"{config_path}: chat_template must be a string, got "
+                             f"{type(chat_template).__name__}")
         if (path / "chat_template.jinja").is_file():
             chat_template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         elif (path / "chat_template.json").is_file():
@@ -140,7 +150,7 @@ class Tokenizer:
         extra_eos = []
         for name in ("generation_config.json", "config.json"):
             if (path / name).is_file():
-                extra_eos += _id_list(_read_json(path / name).get("eos_token_id"))
+                extra_eos += _id_list(_read_json(path / name).get("eos_token_id"), str(path / name))
 
         return cls(backend, bos_token=bos, eos_token=eos, unk_token=_token_text(config.get("unk_token")),
                    pad_token=_token_text(config.get("pad_token")), add_bos_token=add_bos,
