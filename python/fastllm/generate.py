@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Optional
 
+from fastllm.engine.arg_utils import add_engine_args, llm_kwargs
 from fastllm.engine.stats import format_kv_report, track_kv_peak
 from fastllm.sampling_params import SamplingParams
 
@@ -38,8 +39,6 @@ def _one_line(message) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m fastllm.generate",
                        description="Generate text with fastllm's engine.")
-    p.add_argument("--model", default=None,
-                   help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a file with one prompt per line")
     p.add_argument("--chat", action="store_true",
@@ -50,24 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = greedy (default: generation_config's, else 0)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--stats", action="store_true", help="print engine statistics at the end")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error instead of one line")
-    g = p.add_argument_group("engine")
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--swap-space", type=float, default=0, help="GiB of CPU memory for preempted KV")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="run every step eagerly (no CUDA graphs for decode steps)")
+    add_engine_args(p)
     return p
 
 
@@ -135,13 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         _check_sampling_flags(args)
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-                  gpu_memory_utilization=args.gpu_memory_utilization,
-                  num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=not args.no_prefix_caching,
-                  enable_chunked_prefill=not args.no_chunked_prefill,
-                  swap_space=args.swap_space, enforce_eager=args.enforce_eager, seed=args.seed)
+        llm = LLM(**llm_kwargs(args))
         params = sampling_params(args, llm)
     except Exception as e:
         return _report(e, args, _LOAD_ERRORS)

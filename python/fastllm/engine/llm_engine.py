@@ -150,6 +150,11 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.scheduler.groups)
 
+    def get_unfinished_request_ids(self) -> set[str]:
+        """Ids of the requests still in flight: what a caller checks after a failed step()
+        to learn which of its requests that step aborted."""
+        return set(self.scheduler.groups)
+
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         with nvtx_range("schedule"):
