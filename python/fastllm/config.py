@@ -123,21 +123,7 @@ class ModelConfig:
     def from_hf_dict(cls, hf: dict, generation: dict | None = None,
                      source: str = "config.json") -> "ModelConfig":
         generation = generation or {}
-        archs = hf.get("architectures") or []
-        if isinstance(archs, str):
-            archs = [archs]
-        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise ValueError(f"{source}: 'architectures' must be a list of strings, got {archs!r}")
-        if archs:
-            architecture = archs[0]
-        elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
-            architecture = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
-        else:
-            raise ValueError(f"{source}: neither 'architectures' nor a known 'model_type' "
-                             f"(got model_type={hf.get('model_type')!r})")
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"{source}: architecture {architecture!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        architecture = _architecture(hf, source)
 
         def need(key):
             if key not in hf or hf[key] is None:
@@ -192,6 +178,26 @@ class ModelConfig:
             return cls(**fields)
         except ValueError as e:      # ModelConfig.validate: name the file too
             raise ValueError(f"{source}: {e}") from None
+
+
+def _architecture(hf: dict, source: str) -> str:
+    """architectures[0], else the one model_type names; it must be supported."""
+    archs = hf.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{source}: 'architectures' must be a list of strings, got {archs!r}")
+    if archs:
+        architecture = archs[0]
+    elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
+        architecture = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
+    else:
+        raise ValueError(f"{source}: neither 'architectures' nor a known 'model_type' "
+                         f"(got model_type={hf.get('model_type')!r})")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{source}: architecture {architecture!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return architecture
 
 
 def _generation_defaults(generation: dict, source: str) -> dict:

@@ -101,17 +101,10 @@ def config_from_gguf(reader, path: str = "<gguf>") -> ModelConfig:
         rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor", kind="float")}
     elif scaling_type not in ("none", None):
         raise ValueError(f"{path}: {arch}.rope.scaling.type {scaling_type!r} is not supported")
-
-    embed = _find_tensor(reader, "token_embd.weight")
-    if embed is None:
-        raise ValueError(f"{path}: missing tensor 'token_embd.weight'")
-    if len(embed.shape) != 2:
-        raise ValueError(f"{path}: tensor 'token_embd.weight' has {len(embed.shape)} dims, expected 2")
-    vocab_size = int(embed.shape[1])  # ggml order: ne[0] = hidden, ne[1] = vocab
     return _model_config(
         path,
         architecture=architecture,
-        vocab_size=vocab_size,
+        vocab_size=_vocab_size(reader, path),
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
         num_hidden_layers=get("block_count"),
@@ -127,6 +120,15 @@ def config_from_gguf(reader, path: str = "<gguf>") -> ModelConfig:
         bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id"),
         pad_token_id=_value(reader, "tokenizer.ggml.padding_token_id"),
     )
+
+
+def _vocab_size(reader, path: str) -> int:
+    embed = _find_tensor(reader, "token_embd.weight")
+    if embed is None:
+        raise ValueError(f"{path}: missing tensor 'token_embd.weight'")
+    if len(embed.shape) != 2:
+        raise ValueError(f"{path}: tensor 'token_embd.weight' has {len(embed.shape)} dims, expected 2")
+    return int(embed.shape[1])  # ggml order: ne[0] = hidden, ne[1] = vocab
 
 
 def _checked_number(value, kind: str, key: str, path: str):
