@@ -96,14 +96,15 @@ class SampledToken:
 
 class ModelRunner:
     def __init__(self, model, model_config, engine_config, *,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, valid_vocab_size: Optional[int] = None):
         self.model = model
         self.model_config = model_config
         self.config = engine_config
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = engine_config.block_size
-        self.sampler = Sampler()
+        # valid_vocab_size: the ids the tokenizer knows (< the embedding's rows when padded).
+        self.sampler = Sampler(valid_vocab_size)
         self.num_kv_blocks = engine_config.num_kv_blocks or self._auto_num_blocks()
         self.kv_caches = allocate_kv_caches(model_config, self.num_kv_blocks, self.block_size,
                                             dtype=dtype, device=self.device)
