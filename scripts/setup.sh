@@ -11,6 +11,12 @@ if command -v apt-get >/dev/null && ! dpkg -s libgtest-dev libbenchmark-dev cmak
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends libgtest-dev libbenchmark-dev cmake ninja-build
 fi
+# Headless Chromium and its WebDriver: the chat page's browser test (tests/serve/test_chat_page.py).
+if command -v apt-get >/dev/null && ! dpkg -s chromium chromium-driver >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver
+fi
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 PY=.venv/bin/python

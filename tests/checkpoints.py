@@ -224,10 +224,13 @@ def _llama3_rope_factors(rope: dict, theta: float, head_dim: int) -> list:
     return factors
 
 
-def write_gguf(hf_path, out_file, tensor_type: str = "F32") -> Path:
+def write_gguf(hf_path, out_file, tensor_type: str = "F32", metadata: dict | None = None) -> Path:
     """Convert a checkpoint written by write_checkpoint to GGUF the way llama.cpp's
     converter does (Q/K row permutation for llama arch, rope_freqs for llama3 rope).
-    tensor_type: F32, F16, Q8_0, Q4_0, Q4_1 for every matrix, or "mixed" (SmolLM2-like)."""
+    tensor_type: F32, F16, Q8_0, Q4_0, Q4_1 for every matrix, or "mixed" (SmolLM2-like).
+    metadata: {key: value} written over (or beside) the converter's keys, for tests of
+    files whose metadata disagrees with their tensors (ints as INT32, floats as FLOAT32,
+    or a (value, GGUFValueType) pair)."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter, quants
     from safetensors.torch import load_file
@@ -252,6 +255,10 @@ def write_gguf(hf_path, out_file, tensor_type: str = "F32") -> Path:
     w.add_vocab_size(cfg["vocab_size"])
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
+    from gguf import GGUFValueType
+    for key, value in (metadata or {}).items():
+        value, vtype = value if isinstance(value, tuple) else (value, GGUFValueType.get_type(value))
+        w.add_key_value(key, value, vtype)
 
     tensors = {}
     for path in sorted(hf_path.glob("*.safetensors")):

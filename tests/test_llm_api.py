@@ -149,3 +149,15 @@ def test_gpu_penalties_and_default_device_match_cpu(path):
     want = [o.outputs[0].token_ids for o in cpu.generate(prompts, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in gpu.generate(prompts, params, use_tqdm=False)]
     assert got == want
+
+
+def test_malformed_chat_and_params_name_the_field(llm):
+    sp = SamplingParams(temperature=0, max_tokens=2)
+    for messages, match in (([5], r"messages\[0\] must be a dict"),
+                            ([[{"role": "user", "content": "a"}], 5], r"messages must be a list"),
+                            ([{"role": None, "content": "a"}], r"messages\[0\]\.role")):
+        with pytest.raises(ValueError, match=match):
+            llm.chat(messages, sp, use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling_params must be a SamplingParams"):
+        llm.generate(["x"], {"max_tokens": 2}, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -11,6 +11,13 @@ from fastllm.sampling_params import SamplingType
     ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0.0),
     ("repetition_penalty", -1.0), ("logprobs", -1), ("seed", "7"), ("stop", ""),
     ("stop", ["ok", 3]), ("stop_token_ids", [-1]), ("temperature", True),
+    # Limits a server needs (issue 11): bounded n, finite floats, 64-bit seeds, list types.
+    ("n", 16385), ("n", 10**9), ("temperature", float("inf")), ("top_p", float("nan")),
+    ("repetition_penalty", float("inf")), ("presence_penalty", float("-inf")),
+    ("min_p", float("nan")), ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", 1.0),
+    ("stop", 5), ("stop", {"a": 1}), ("stop_token_ids", 5), ("stop_token_ids", "12"),
+    ("stop_token_ids", [2**64]), ("top_k", 2**64), ("max_tokens", 2**63), ("logprobs", 2**70),
+    ("ignore_eos", "yes"), ("skip_special_tokens", None),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b"):
@@ -50,3 +57,11 @@ def test_stop_token_ids_and_eos():
     q.update_from_tokenizer([2])
     assert q.all_stop_token_ids == {7}
     assert p.clone() == p and p.clone() is not p
+
+
+def test_limits_are_inclusive():
+    assert SamplingParams(n=16384).n == 16384
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+    assert SamplingParams(seed=-(2**63)).seed == -(2**63)
+    assert SamplingParams(stop_token_ids=(4, 5)).stop_token_ids == [4, 5]
+    assert SamplingParams(top_p=1e-50).top_p == 1e-50      # tiny but positive: allowed

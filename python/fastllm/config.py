@@ -7,6 +7,7 @@ EngineConfig (scheduler / cache knobs) lives below it in this same file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -91,6 +92,13 @@ class ModelConfig:
             for key in needed:
                 if key not in self.rope_scaling:
                     raise ValueError(f"rope_scaling.{key} is required for rope_type {rope_type!r}")
+                value = self.rope_scaling[key]
+                if (isinstance(value, bool) or not isinstance(value, (int, float))
+                        or not math.isfinite(value) or value <= 0):
+                    raise ValueError(f"rope_scaling.{key} must be a positive number, got {value!r}")
+            if rope_type == "llama3" and not (self.rope_scaling["high_freq_factor"]
+                                              > self.rope_scaling["low_freq_factor"]):
+                raise ValueError("rope_scaling.high_freq_factor must be greater than low_freq_factor")
 
     @property
     def rope_type(self) -> str:
@@ -115,22 +123,16 @@ class ModelConfig:
     def from_hf_dict(cls, hf: dict, generation: dict | None = None,
                      source: str = "config.json") -> "ModelConfig":
         generation = generation or {}
-        archs = hf.get("architectures") or []
-        if archs:
-            architecture = archs[0]
-        elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
-            architecture = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
-        else:
-            raise ValueError(f"{source}: neither 'architectures' nor a known 'model_type' "
-                             f"(got model_type={hf.get('model_type')!r})")
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"{source}: architecture {architecture!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        architecture = _architecture(hf, source)
 
         def need(key):
             if key not in hf or hf[key] is None:
                 raise ValueError(f"{source}: required field {key!r} is missing")
-            return hf[key]
+            return _positive_int(hf[key], key, source)
+
+        def optional_int(key, default):
+            value = hf.get(key)
+            return default if value is None else _positive_int(value, key, source)
 
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -138,30 +140,30 @@ class ModelConfig:
 
         hidden_size = need("hidden_size")
         num_heads = need("num_attention_heads")
-        head_dim = hf.get("head_dim") or hidden_size // num_heads
-        rope_theta, rope_scaling = _rope_from_hf(hf)
+        head_dim = optional_int("head_dim", hidden_size // num_heads)
+        rope_theta, rope_scaling = _rope_from_hf(hf, source)
 
         is_qwen2 = architecture == "Qwen2ForCausalLM"
         attention_bias = True if is_qwen2 else bool(hf.get("attention_bias", False))
-        sliding_window = hf.get("sliding_window")
+        sliding_window = optional_int("sliding_window", None)
         if is_qwen2 and not hf.get("use_sliding_window", False):
             sliding_window = None  # Qwen2 carries a window size but disables it by default
 
         bos = generation.get("bos_token_id", hf.get("bos_token_id"))
         dtype = hf.get("dtype", hf.get("torch_dtype"))
-        return cls(
+        fields = dict(
             architecture=architecture,
             vocab_size=need("vocab_size"),
             hidden_size=hidden_size,
             intermediate_size=need("intermediate_size"),
             num_hidden_layers=need("num_hidden_layers"),
             num_attention_heads=num_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            num_key_value_heads=optional_int("num_key_value_heads", num_heads),
             head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_finite(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=optional_int("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             o_proj_bias=attention_bias and not is_qwen2,
@@ -170,9 +172,65 @@ class ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
             sliding_window=sliding_window,
             dtype=str(dtype) if dtype is not None else None,
-            generation_defaults={k: generation[k] for k in GENERATION_DEFAULT_KEYS
-                                 if generation.get(k) is not None},
+            generation_defaults=_generation_defaults(generation, source),
         )
+        try:
+            return cls(**fields)
+        except ValueError as e:      # ModelConfig.validate: name the file too
+            raise ValueError(f"{source}: {e}") from None
+
+
+def _architecture(hf: dict, source: str) -> str:
+    """architectures[0], else the one model_type names; it must be supported."""
+    archs = hf.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{source}: 'architectures' must be a list of strings, got {archs!r}")
+    if archs:
+        architecture = archs[0]
+    elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
+        architecture = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
+    else:
+        raise ValueError(f"{source}: neither 'architectures' nor a known 'model_type' "
+                         f"(got model_type={hf.get('model_type')!r})")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{source}: architecture {architecture!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return architecture
+
+
+def _generation_defaults(generation: dict, source: str) -> dict:
+    """The sampling defaults of generation_config.json, type-checked here so a bad one
+    names that file (not a SamplingParams built much later)."""
+    where = os.path.join(os.path.dirname(source), "generation_config.json")
+    out = {}
+    for key in GENERATION_DEFAULT_KEYS:
+        value = generation.get(key)
+        if value is None:
+            continue
+        integral = key in ("top_k", "max_new_tokens")
+        ok = (not isinstance(value, bool) and isinstance(value, int if integral else (int, float))
+              and math.isfinite(value))
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {'an integer' if integral else 'a finite number'}, "
+                             f"got {value!r}")
+        out[key] = value
+    return out
+
+
+def _positive_int(value, key: str, source: str) -> int:
+    # Checked before any arithmetic on it: a 0 or a string would otherwise surface as a
+    # bare ZeroDivisionError / TypeError.
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _finite(value, key: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{source}: {key} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def read_json(path) -> dict:
@@ -180,6 +238,8 @@ def read_json(path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
@@ -187,16 +247,19 @@ def read_json(path) -> dict:
     return data
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
+def _rope_from_hf(hf: dict, source: str = "config.json") -> tuple[float, Optional[dict]]:
     """(rope_theta, rope_scaling) from either transformers 5's `rope_parameters`
     (theta inside the dict) or the older top-level `rope_theta` + `rope_scaling`."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
-        theta = float(params["rope_theta"])
+        theta = _finite(params["rope_theta"], "rope_parameters.rope_theta", source)
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = float(hf.get("rope_theta", 10000.0))
-        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else {}
+        theta = _finite(hf.get("rope_theta", 10000.0), "rope_theta", source)
+        scaling = hf.get("rope_scaling") or {}
+        if not isinstance(scaling, dict):
+            raise ValueError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+        scaling = dict(scaling)
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     if scaling.get("rope_type", "default") == "default":
@@ -206,6 +269,14 @@ def _rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
 
 # ---------------------------------------------------------------------------------------
 # EngineConfig (owned by the engine; see fastllm.engine)
+
+# The most of the machine's RAM swap_space may take (vLLM refuses more than 70%).
+MAX_SWAP_FRACTION = 0.7
+
+
+def total_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
 
 @dataclass
 class EngineConfig:
@@ -224,6 +295,8 @@ class EngineConfig:
     # Decode CUDA graphs use block tables of ceil(min(max_model_len, this) / block_size)
     # columns; a step with a longer sequence runs eagerly (vLLM's name and default).
     max_seq_len_to_capture: int = 8192
+    # Most logprobs a request may ask for per token (vLLM's name and default).
+    max_logprobs: int = 20
 
     def __post_init__(self):
         def positive_int(name):
@@ -238,10 +311,27 @@ class EngineConfig:
                 and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization!r}")
-        if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
-            raise ValueError(f"EngineConfig.swap_space must be >= 0 (GiB), got {self.swap_space!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"EngineConfig.seed must be an integer, got {self.seed!r}")
+        self._check_swap_space()
+        if (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                or not -(1 << 63) <= self.seed < (1 << 64)):
+            raise ValueError(f"EngineConfig.seed must be a 64-bit integer, got {self.seed!r}")
+        if (not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool)
+                or self.max_logprobs < 0):
+            raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, "
+                             f"got {self.max_logprobs!r}")
+
+    def _check_swap_space(self) -> None:
+        """GiB, finite, and at most MAX_SWAP_FRACTION of this machine's RAM (vLLM's
+        limit): the swap space is allocated (and page-locked on a GPU) at start-up."""
+        value = self.swap_space
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value) or value < 0):
+            raise ValueError(f"EngineConfig.swap_space must be a finite number of GiB >= 0, "
+                             f"got {value!r}")
+        total_gib = total_ram_bytes() / (1 << 30)
+        if value > MAX_SWAP_FRACTION * total_gib:
+            raise ValueError(f"EngineConfig.swap_space={value} GiB is more than "
+                             f"{MAX_SWAP_FRACTION:.0%} of this machine's {total_gib:.1f} GiB of RAM")
 
     def resolve_max_model_len(self, model_config: "ModelConfig") -> int:
         """Fill max_model_len from the model (capped by a sliding window, which the

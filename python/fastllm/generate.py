@@ -24,9 +24,21 @@ from fastllm.sampling_params import SamplingParams
 CLI_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other
+    user mistake here; --help still prints the full usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastllm.generate",
-                                description="Generate text with fastllm's engine.")
+    p = _OneLineParser(prog="python -m fastllm.generate",
+                       description="Generate text with fastllm's engine.")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a file with one prompt per line")
     p.add_argument("--chat", action="store_true",
@@ -38,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--stats", action="store_true", help="print engine statistics at the end")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line")
     add_engine_args(p)
     return p
 
@@ -50,6 +64,9 @@ def read_prompts(args, parser) -> list[str]:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             parser.error(f"--prompts-file {args.prompts_file!r}: {e.strerror}")
+        except UnicodeDecodeError as e:
+            parser.error(f"--prompts-file {args.prompts_file!r} is not UTF-8 text "
+                         f"({e.reason} at byte {e.start})")
     if not prompts:
         parser.error("give at least one --prompt or a --prompts-file")
     return prompts
@@ -66,7 +83,35 @@ def sampling_params(args, llm) -> SamplingParams:
     return llm.default_sampling_params(**overrides)
 
 
+# Errors that are the user's (a bad flag value, file or model): one line, exit 2. At load
+# time RuntimeError is one too (no default model without network, a model too big).
+_USER_ERRORS = (ValueError, OSError)
+_LOAD_ERRORS = _USER_ERRORS + (RuntimeError,)
+
+
+def _report(error: Exception, args, user_errors: tuple) -> int:
+    """One line on stderr: exit 2 for a user mistake, 1 for an internal error; --debug
+    re-raises (the traceback)."""
+    if args.debug:
+        raise error
+    if isinstance(error, user_errors):
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print(f"internal error: {type(error).__name__}: {_one_line(error)} "
+          f"(run with --debug for the traceback)", file=sys.stderr)
+    return 1
+
+
+def _check_sampling_flags(args) -> None:
+    """The sampling flags alone, before the model loads (a bad one fails in a moment)."""
+    flags = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+             "top_p": args.top_p, "top_k": args.top_k}
+    SamplingParams(**{k: v for k, v in flags.items() if v is not None})
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """Exit status: 0 done, 2 a user mistake (one line on stderr), 1 an internal error
+    (one line; --debug shows the traceback of either), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
@@ -74,15 +119,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     from fastllm.llm import LLM
 
     try:
+        _check_sampling_flags(args)
         llm = LLM(**llm_kwargs(args))
         params = sampling_params(args, llm)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        return _report(e, args, _LOAD_ERRORS)
     engine = llm.llm_engine
     tok = llm.get_tokenizer()
-    inputs = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
-              for p in prompts]
+    try:     # a model without a chat template cannot take --chat
+        inputs = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
+                  for p in prompts]
+    except Exception as e:
+        return _report(e, args, _USER_ERRORS)
 
     start = time.perf_counter()
     num_tokens = 0
@@ -91,12 +139,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with kv_peak as kv_tracker:
             num_tokens = _run(llm, inputs, prompts, params, args.chat)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        return _report(e, args, _USER_ERRORS)
     elapsed = time.perf_counter() - start
     print(f"\n{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / max(elapsed, 1e-9):.1f} tokens/s")
     if args.stats:

@@ -27,7 +27,8 @@ class LLM:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, swap_space: float = 0,
-                 enforce_eager: bool = False, seed: int = 0, tokenizer=None):
+                 enforce_eager: bool = False, seed: int = 0, max_logprobs: int = 20,
+                 tokenizer=None):
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: the offline LLM runs on "
                              f"one device (tensor parallelism is not implemented yet)")
@@ -41,7 +42,8 @@ class LLM:
                               max_num_batched_tokens=max_num_batched_tokens,
                               enable_prefix_caching=enable_prefix_caching,
                               enable_chunked_prefill=enable_chunked_prefill,
-                              swap_space=swap_space, enforce_eager=enforce_eager, seed=seed)
+                              swap_space=swap_space, enforce_eager=enforce_eager, seed=seed,
+                              max_logprobs=max_logprobs)
         self.model_path = model
         self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
                                                     tokenizer=tokenizer)
@@ -86,9 +88,11 @@ class LLM:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
                              "or a list of such conversations")
-        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        # A list of conversations when its first entry is itself a list; else one conversation
+        # (whose entries the template's normalize_messages checks, naming the bad one).
+        conversations = list(messages) if isinstance(messages[0], (list, tuple)) else [messages]
         tok = self.get_tokenizer()
-        prompts = [tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
+        prompts = [tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
                                            tokenize=True, chat_template=chat_template,
                                            **template_kwargs)
                    for conv in conversations]
@@ -99,6 +103,9 @@ class LLM:
             return [self.default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
+        if not isinstance(sampling_params, (list, tuple)):
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, "
+                             f"got {type(sampling_params).__name__}")
         params = list(sampling_params)
         if len(params) != n:
             raise ValueError(f"sampling_params has {len(params)} entries but there are {n} prompts")

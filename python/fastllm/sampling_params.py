@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 # Below this a temperature is treated as 0 (greedy), as vLLM does: dividing logits by a
 # tiny temperature overflows and changes nothing about the argmax anyway.
 _SAMPLING_EPS = 1e-5
+# Samples per request: n lists are built per request, so n = 10**9 would allocate
+# gigabytes before anything runs (vLLM's serving floor).
+MAX_N = 16384
+# torch.Generator.manual_seed accepts exactly this range.
+_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+# Counts go into int64 arrays and tensors.
+_MAX_INT64 = (1 << 63) - 1
 
 
 class RequestOutputKind(enum.Enum):
@@ -29,11 +37,25 @@ class SamplingType(enum.IntEnum):
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int (not a bool) that fits in int64."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_INT64
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_list(value, name: str, allow_str: bool) -> list:
+    """None -> [], a str -> [it] (stop), a list/tuple/set -> a list; anything else is a
+    ValueError naming the field (list(5) would be a bare TypeError)."""
+    if value is None:
+        return []
+    if allow_str and isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    kind = "a string or a list of strings" if allow_str else "a list of integers"
+    raise ValueError(f"SamplingParams.{name} must be {kind}, got {value!r}")
 
 
 @dataclass
@@ -62,13 +84,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Normalize the convenient spellings first so validation sees one form.
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.stop = _as_list(self.stop, "stop", allow_str=True)
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", allow_str=False)
         self._validate()
         if self.temperature < _SAMPLING_EPS:
             # Greedy: the filters cannot change an argmax, so switch them off.
@@ -80,12 +97,12 @@ class SamplingParams:
         def fail(name: str, why: str):
             raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.n) or self.n < 1:
-            fail("n", "must be an integer >= 1")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            fail("n", f"must be an integer in [1, {MAX_N}]")
         for name in ("temperature", "top_p", "min_p", "presence_penalty",
                      "frequency_penalty", "repetition_penalty"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) != getattr(self, name):
-                fail(name, "must be a number (not NaN)")
+            if not _is_number(getattr(self, name)) or not math.isfinite(getattr(self, name)):
+                fail(name, "must be a finite number")
         if self.temperature < 0:
             fail("temperature", "must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
@@ -108,14 +125,18 @@ class SamplingParams:
             fail("repetition_penalty", "must be > 0 (1 = off)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             fail("logprobs", "must be an integer >= 0 (or None)")
-        if self.seed is not None and not _is_int(self.seed):
-            fail("seed", "must be an integer (or None)")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]):
+            fail("seed", "must be a 64-bit integer, in [-2**63, 2**64 - 1] (or None)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be a list of non-negative integers")
         if not isinstance(self.output_kind, RequestOutputKind):
             fail("output_kind", "must be a RequestOutputKind")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be a bool")
 
     @property
     def sampling_type(self) -> SamplingType:

@@ -366,3 +366,21 @@ def test_gguf_errors(tmp_path):
     with pytest.raises(ValueError, match="truncated.gguf"):
         load_model(truncated)
 
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("llama", {}), ("qwen2", {}), ("mistral", {"tie_word_embeddings": True}),
+    ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 32}),
+])
+def test_expected_shapes_are_the_models_checkpoint_weights(arch, overrides):
+    # The pre-build shape check (arithmetic on the config) against the shapes of the
+    # parameters the model really has (built on the meta device: no memory).
+    from checkpoints import hf_config
+    from fastllm.model.checkpoint_shapes import expected_tensor_shapes
+    from fastllm.model.llama import LlamaForCausalLM
+    config = ModelConfig.from_hf_dict(hf_config(arch, **overrides).to_dict())
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    real = {name: tuple(param.shape if rows is None else param[rows].shape)
+            for name, (param, rows) in model.checkpoint_weights().items()}
+    assert {name: shape for name, (shape, _) in expected_tensor_shapes(config).items()} == real

@@ -300,3 +300,38 @@ def test_rows_without_penalties_need_no_token_lists():
                                         num_output_tokens=[0, 1])
     # Row 1 saw 5 once: 1.0 - 2.0 < 0.5, so it picks 6; row 0 is untouched.
     assert Sampler()(logits, batch).sampled_token_ids.tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("top_p", [1e-50, 1e-45, 1e-9])
+def test_tiny_top_p_keeps_the_most_likely_token(top_p):
+    # float32 rounds 1e-50 to 0 (and 1e-45 to a denormal): the nucleus must still hold
+    # the top token, so every row draws its argmax (not id 0).
+    torch.manual_seed(3)
+    logits = torch.randn(32, V)
+    logits[:, 0] = -10.0                      # id 0 is never the answer
+    drawn = Sampler()(logits, _batch([SamplingParams(top_p=top_p, temperature=1.5)] * 32))
+    assert torch.equal(drawn.sampled_token_ids, logits.argmax(-1))
+
+
+def test_valid_vocab_size_never_samples_padded_ids():
+    """Columns past the tokenizer's vocabulary carry the largest logits here; they are
+    never sampled (hot or greedy), and logprobs are the log-softmax over the valid ids."""
+    valid = V - 10
+    torch.manual_seed(4)
+    logits = torch.randn(400, V, dtype=torch.float64)
+    logits[:, valid:] += 8.0
+    params = [SamplingParams(temperature=4.0, logprobs=3)] * 399 + [SamplingParams(temperature=0, logprobs=3)]
+    out = Sampler(valid_vocab_size=valid)(logits.float().clone(), _batch(params))
+    ids = out.sampled_token_ids
+    assert int(ids.max()) < valid
+    assert len(set(ids.tolist())) > valid // 2          # still samples broadly
+    assert int(ids[-1]) == int(logits[-1, :valid].argmax())
+    ref = torch.log_softmax(logits[:, :valid], dim=-1)
+    assert torch.allclose(out.sampled_logprobs.double(), ref.gather(1, ids.unsqueeze(1)).squeeze(1),
+                          atol=1e-5)
+    assert torch.allclose(out.top_logprobs.double(), ref.topk(3, dim=-1).values, atol=1e-5)
+    assert int(out.top_token_ids.max()) < valid
+    # Without the mask the padded ids dominate (the test would see them).
+    assert int(Sampler()(logits.float(), _batch(params)).sampled_token_ids.max()) >= valid
+    with pytest.raises(ValueError, match="valid_vocab_size"):
+        Sampler(valid_vocab_size=0)

@@ -233,10 +233,17 @@ def test_missing_or_bad_files(tmp_path):
         Tokenizer.from_pretrained(no_vocab)
 
 
-def test_decode_rejects_out_of_vocab_ids(hf_dir):
-    tok = Tokenizer.from_pretrained(hf_dir)
-    with pytest.raises(ValueError, match="token_ids"):
-        tok.decode([1, tok.vocab_size])
+def test_ids_past_the_vocabulary_decode_as_nothing(hf_dir):
+    # A model's embedding may be padded past its tokenizer (Qwen2.5); such ids decode as
+    # '' (as transformers decodes them), in a full decode and in the streaming one.
+    tok, hf = Tokenizer.from_pretrained(hf_dir), _hf(hf_dir)
+    ids = tok.encode("Hello world")
+    padded = [ids[0], tok.vocab_size, *ids[1:], tok.vocab_size + 100]
+    assert tok.decode(padded) == hf.decode(padded, skip_special_tokens=True) == tok.decode(ids) != ""
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.add(t) for t in padded) + detok.flush() == tok.decode(ids)
+    with pytest.raises(ValueError, match="negative"):
+        tok.decode([1, -1])
 
 
 # -- streaming detokenizer -------------------------------------------------------------
@@ -291,3 +298,40 @@ def test_find_stop_string():
     assert find_stop_string("abc STOP x END", 8, ["END", "STOP"]) == ("STOP", 4)
     assert find_stop_string("STOP and more", 4, ["STOP"]) is None
     assert find_stop_string("anything", 0, ["thing"]) is None
+
+
+def test_chat_message_content_forms(hf_dir):
+    """content None renders as '', OpenAI text parts are joined with newlines (vLLM's
+    rules); other shapes are ValueErrors naming the message and field."""
+    tok = Tokenizer.from_pretrained(hf_dir)
+    render = lambda messages: tok.apply_chat_template(messages, tokenize=False)  # noqa: E731
+    assert render([{"role": "user", "content": None}]) == render([{"role": "user", "content": ""}])
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    assert (render([{"role": "system", "content": "S"}, {"role": "user", "content": parts}])
+            == render([{"role": "system", "content": "S"}, {"role": "user", "content": "Hello\nworld"}]))
+    bad = [
+        ([{"role": 5, "content": "x"}], r"messages\[0\]\.role"),
+        ([{"role": "user", "content": "x"}, {"content": "y"}], r"messages\[1\]\.role"),
+        ([{"role": "user", "content": 7}], r"messages\[0\]\.content must be"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+         r"messages\[0\]\.content\[0\]\.type 'image_url'"),
+        ([{"role": "user", "content": [{"type": "text", "text": None}]}], r"messages\[0\]\.content\[0\]\.text"),
+        ([{"role": "user", "content": ["hi"]}], r"messages\[0\]\.content\[0\] must be a dict"),
+        ("hello", r"messages must be a list"),
+    ]
+    for messages, match in bad:
+        with pytest.raises(ValueError, match=match):
+            tok.apply_chat_template(messages)
+
+
+def test_gguf_is_known_by_its_magic_not_its_name(byte_level_gguf, tmp_path):
+    import shutil
+    renamed = tmp_path / "weights.bin"
+    shutil.copy(byte_level_gguf, renamed)
+    ours, original = Tokenizer.from_pretrained(renamed), Tokenizer.from_pretrained(byte_level_gguf)
+    text = "Hello world, 123"
+    assert ours.encode(text) == original.encode(text) and ours.vocab_size == original.vocab_size
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("just text")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        Tokenizer.from_pretrained(fake)

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "throughput": ("fastllm.bench.throughput", "fastllm vs transformers generate, tokens/s"),
     "latency": ("fastllm.bench.latency", "TTFT and inter-token latency p50/p99"),
     "overhead": ("fastllm.bench.overhead", "engine host time per decode step (CPU, tiny model)"),
+    "serve": ("fastllm.bench.serve", "load-test an OpenAI-compatible server (--compare: vs transformers)"),
 }
 
 

@@ -48,8 +48,14 @@ class LLMEngine:
         engine_config.resolve_max_model_len(model_config)
         # The tokenizer is the only source of the ids that end generation.
         self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else []
+        # Ids a request may hold or be sampled: an embedding padded past the tokenizer
+        # (Qwen2.5) has rows no token names; they are never sampled and refused in prompts.
+        self.vocab_size = model_config.vocab_size
+        tokenizer_size = getattr(tokenizer, "vocab_size", None)    # None: it knows every id
+        if isinstance(tokenizer_size, int):
+            self.vocab_size = min(self.vocab_size, tokenizer_size)
         self.runner = ModelRunner(model, model_config, engine_config, device=self.device,
-                                  dtype=dtype)
+                                  dtype=dtype, valid_vocab_size=self.vocab_size)
         # Unseeded random sampling draws from here. Seeded after the runner: its KV
         # profile and graph capture draw random numbers, as many as the config asks for.
         torch.manual_seed(engine_config.seed)
@@ -107,11 +113,18 @@ class LLMEngine:
                 raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         else:
             text = prompt if isinstance(prompt, str) else None
-        vocab = self.model_config.vocab_size
+        vocab = self.vocab_size
         for t in prompt_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"request {request_id!r}: prompt token id {t!r} is not an integer "
-                                 f"in [0, {vocab}) (the model's vocab_size)")
+                                 f"in [0, {vocab}) (the ids the model and its tokenizer know)")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"request {request_id!r}: SamplingParams.logprobs={params.logprobs} is "
+                             f"more than max_logprobs={self.config.max_logprobs} (EngineConfig)")
+        bad_stops = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stops:
+            raise ValueError(f"request {request_id!r}: SamplingParams.stop_token_ids {bad_stops[:5]} "
+                             f"are not in [0, {vocab}) (the ids the model and its tokenizer know)")
         params = params.clone()
         params.update_from_tokenizer(self.eos_token_ids)
         if delta:
@@ -119,7 +132,9 @@ class LLMEngine:
         self.scheduler.add(SequenceGroup(str(request_id), text, prompt_token_ids, params, arrival_time))
 
     def abort_request(self, request_id: Union[str, list[str]]) -> None:
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        """One id or an iterable of them; an id is anything add_request took (str() of it)."""
+        is_many = isinstance(request_id, (list, tuple, set, frozenset))
+        ids = list(request_id) if is_many else [request_id]
         for rid in ids:
             group = self.scheduler.abort(str(rid))
             if group is not None:

@@ -31,13 +31,14 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model, model_config, engine_config, *,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, valid_vocab_size: Optional[int] = None):
         self.model = model
         self.model_config = model_config
         self.config = engine_config
         self.device = torch.device(device)
         self.dtype = dtype
-        self.sampler = Sampler()
+        # valid_vocab_size: the ids the tokenizer knows (< the embedding's rows when padded).
+        self.sampler = Sampler(valid_vocab_size)
         self.inputs = InputBatch(self.device, engine_config.block_size, engine_config.max_num_seqs,
                                  model_config.vocab_size)
         self.requests = RequestStates(self.device)

@@ -9,6 +9,7 @@ model applies HF-style RoPE to both sources. Qwen2 GGUFs keep HF's layout.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 
@@ -49,6 +50,7 @@ def load_gguf_model(path: str, dtype="auto", device="cpu"):
 
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
+    _check_shapes(reader, config, path)
     device = torch.device(device)
     model = build_empty_model(config, resolve_dtype(dtype, device), device)
     load_weights(model, _iter_hf_tensors(reader, config, path), source=path)
@@ -62,62 +64,121 @@ def load_gguf_model(path: str, dtype="auto", device="cpu"):
 
 def config_from_gguf(reader, path: str = "<gguf>") -> ModelConfig:
     """ModelConfig from GGUF metadata ({arch}.* hyperparameters). Token ids (bos, eos,
-    end-of-generation) are the tokenizer's business: fastllm.tokenizer.gguf_vocab reads them."""
+    end-of-generation) are the tokenizer's business: fastllm.tokenizer.gguf_vocab reads them.
+    Every value is type-checked here: errors name the metadata key."""
     arch = _value(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"{path}: general.architecture {arch!r} is not supported; "
                          f"supported: {', '.join(_ARCHITECTURES)}")
     architecture, _ = _ARCHITECTURES[arch]
 
-    def need(key):
-        value = _value(reader, f"{arch}.{key}")
+    def get(key, default=None, kind="int"):
+        full = f"{arch}.{key}"
+        value = _value(reader, full)
         if value is None:
-            raise ValueError(f"{path}: required metadata {arch}.{key} is missing")
-        return value
+            if default is None:
+                raise ValueError(f"{path}: required metadata {full} is missing")
+            return default
+        if key == "attention.head_count_kv" and isinstance(value, list) and value:
+            # per-layer list; the Llama family uses one value
+            if len(set(value)) != 1:
+                raise ValueError(f"{path}: per-layer {full} is not supported")
+            value = value[0]
+        return _checked_number(value, kind, full, path)
 
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
-    kv_heads = _value(reader, f"{arch}.attention.head_count_kv", heads)
-    if isinstance(kv_heads, list):  # per-layer list; the Llama family uses one value
-        if len(set(kv_heads)) != 1:
-            raise ValueError(f"{path}: per-layer {arch}.attention.head_count_kv is not supported")
-        kv_heads = kv_heads[0]
-    head_dim = int(_value(reader, f"{arch}.attention.key_length", hidden // heads))
-    rope_dim = _value(reader, f"{arch}.rope.dimension_count", head_dim)
-    if int(rope_dim) != head_dim:
+    hidden = get("embedding_length")
+    heads = get("attention.head_count")
+    kv_heads = get("attention.head_count_kv", heads)
+    head_dim = get("attention.key_length", hidden // heads)
+    rope_dim = get("rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
         raise ValueError(f"{path}: partial rotary ({arch}.rope.dimension_count={rope_dim} "
                          f"< head_dim {head_dim}) is not supported")
 
     rope_scaling = None
     scaling_type = _value(reader, f"{arch}.rope.scaling.type", "none")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear",
-                        "factor": float(_value(reader, f"{arch}.rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor", kind="float")}
     elif scaling_type not in ("none", None):
         raise ValueError(f"{path}: {arch}.rope.scaling.type {scaling_type!r} is not supported")
-
-    embed = _find_tensor(reader, "token_embd.weight")
-    if embed is None:
-        raise ValueError(f"{path}: missing tensor 'token_embd.weight'")
-    vocab_size = int(embed.shape[1])  # ggml order: ne[0] = hidden, ne[1] = vocab
-    return ModelConfig(
+    return _model_config(
+        path,
         architecture=architecture,
-        vocab_size=vocab_size,
+        vocab_size=_vocab_size(reader, path),
         hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
         num_attention_heads=heads,
-        num_key_value_heads=int(kv_heads),
+        num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6, kind="float"),
+        rope_theta=get("rope.freq_base", 10000.0, kind="float"),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(_value(reader, f"{arch}.context_length", 2048)),
+        max_position_embeddings=get("context_length", 2048),
         tie_word_embeddings=_find_tensor(reader, "output.weight") is None,
         attention_bias=architecture == "Qwen2ForCausalLM",
         bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id"),
         pad_token_id=_value(reader, "tokenizer.ggml.padding_token_id"),
     )
+
+
+def _vocab_size(reader, path: str) -> int:
+    embed = _find_tensor(reader, "token_embd.weight")
+    if embed is None:
+        raise ValueError(f"{path}: missing tensor 'token_embd.weight'")
+    if len(embed.shape) != 2:
+        raise ValueError(f"{path}: tensor 'token_embd.weight' has {len(embed.shape)} dims, expected 2")
+    return int(embed.shape[1])  # ggml order: ne[0] = hidden, ne[1] = vocab
+
+
+def _checked_number(value, kind: str, key: str, path: str):
+    """A metadata value as an int (kind="int", > 0) or a float; ValueError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{path}: metadata {key} must be a number, got {value!r}")
+    if kind == "int":
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{path}: metadata {key} must be a positive integer, got {value!r}")
+        return value
+    if not math.isfinite(value):
+        raise ValueError(f"{path}: metadata {key} must be finite, got {value!r}")
+    return float(value)
+
+
+def _model_config(path: str, **fields) -> ModelConfig:
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+# ModelConfig field -> its GGUF key (after "{arch}."), for error messages.
+_GGUF_FIELDS = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+                "num_attention_heads": "attention.head_count",
+                "num_key_value_heads": "attention.head_count_kv",
+                "head_dim": "attention.key_length", "num_hidden_layers": "block_count",
+                "vocab_size": "token_embd.weight rows"}
+
+
+def _check_shapes(reader, config: ModelConfig, path: str) -> None:
+    """Every tensor against the metadata before the model is allocated (llama.cpp's
+    rule): an inconsistent file fails in milliseconds."""
+    from fastllm.model.checkpoint_shapes import check_tensor_shapes
+    arch = _value(reader, "general.architecture")
+    shapes, display = {}, {}
+    for tensor in reader.tensors:
+        try:
+            name = hf_tensor_name(tensor.name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if name is None:
+            if tensor.name == "rope_freqs.weight" and int(tensor.n_elements) != config.head_dim // 2:
+                raise ValueError(f"{path}: tensor 'rope_freqs.weight' has {int(tensor.n_elements)} "
+                                 f"values, expected head_dim / 2 = {config.head_dim // 2}")
+            continue
+        shapes[name] = tuple(int(d) for d in reversed(tensor.shape))
+        display[name] = tensor.name
+    fields = {f: (f"{arch}.{k}" if not k.startswith("token_embd") else k) for f, k in _GGUF_FIELDS.items()}
+    check_tensor_shapes(shapes, config, path, display=display, fields=fields)
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
@@ -181,6 +242,8 @@ def open_gguf(path):
     stat = os.stat(path)
     try:
         return _read_gguf(path, stat.st_mtime_ns, stat.st_size)
+    except MemoryError:
+        raise                  # not the file's fault as far as we can tell: do not disguise it
     except Exception as e:
         raise ValueError(f"{path}: corrupt or unreadable GGUF file ({e})") from e
 
@@ -189,7 +252,11 @@ def open_gguf(path):
 def _read_gguf(path: str, mtime_ns: int, size: int):
     # Parsing a GGUF's index takes seconds; the model and the tokenizer both read the same
     # file at load, so the (memory-mapped, read-only) reader is shared while unchanged.
+    # The reader trusts every count and offset in the file: check them against the file
+    # size first (a count past the end would make it loop forever).
     from gguf import GGUFReader
+    from fastllm.model.gguf_check import check_gguf_file
+    check_gguf_file(path)
     return GGUFReader(path, "r")
 
 

@@ -126,31 +126,28 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style (rotate-half) RoPE, as HF Llama/Mistral/Qwen2 apply it, with cos/sin
-    precomputed for every position up to max_position_embeddings."""
+    """Neox-style (rotate-half) RoPE, as HF Llama/Mistral/Qwen2 apply it. cos/sin are
+    computed for the step's positions (T x head_dim/2 values, a few small kernels), not
+    cached for every position up to max_position_embeddings: a model file's claimed
+    context length then allocates nothing (2^31 positions would be hundreds of GB)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.max_positions = config.max_position_embeddings
         self.set_inv_freq(rope_inv_freq(config))
 
     def set_inv_freq(self, inv_freq: torch.Tensor) -> None:
-        """(Re)build the cos/sin cache on inv_freq's device. The loader calls it after
+        """(Re)set the frequencies on inv_freq's device. The loader calls it after
         materialising a meta-device model, and with GGUF's rope_freqs applied."""
-        device = inv_freq.device
-        inv_freq = inv_freq.to(torch.float32)
-        positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)                   # [max_positions, head_dim/2]
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin [T, head_dim/2] in the model dtype for this step, gathered once and
-        shared by all layers (ops.rotary_embedding takes them as they are). No bounds
+        """cos, sin [T, head_dim/2] in the model dtype for this step, computed once and
+        shared by all layers (ops.rotary_embedding takes them as they are). Same float32
+        products as HF's position * inv_freq (exact positions up to 2^24). No bounds
         check (it would sync the GPU): the engine keeps max_model_len <=
         max_position_embeddings."""
-        return self.cos_cache[positions].to(dtype), self.sin_cache[positions].to(dtype)
+        freqs = positions.to(torch.float32).unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 class Attention(nn.Module):

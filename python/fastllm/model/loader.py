@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Union
 import torch
 
 from fastllm.config import ModelConfig
+from fastllm.model.checkpoint_shapes import IGNORED_SUFFIXES as _IGNORED_SUFFIXES
+from fastllm.model.checkpoint_shapes import check_tensor_shapes
 from fastllm.model.llama import LlamaForCausalLM
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -24,8 +26,6 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Checkpoint entries that are not weights (old Llama conversions store rope buffers).
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class LoadedForEngine(NamedTuple):
@@ -61,6 +61,8 @@ def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = t
 
     config = ModelConfig.from_hf_dir(path)
     files = safetensors_files(path)
+    # Every tensor's shape against config.json before anything is allocated.
+    check_tensor_shapes(safetensors_shapes(files), config, path)
     model = build_empty_model(config, resolve_dtype(dtype, device, config.dtype), device)
     load_weights(model, _iter_safetensors(files, device), source=path)
     return model, config
@@ -173,14 +175,48 @@ def safetensors_files(path: str) -> list:
     return files
 
 
-def _iter_safetensors(files: list, device: torch.device) -> Iterator:
+# safetensors' own cap on the JSON header (its MAX_HEADER_SIZE).
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_safetensors_header(file: str) -> None:
+    """The header length (the file's first 8 bytes) against the file size, before the
+    library parses it."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{file}: {size} bytes, too short for a safetensors file")
+    header_len = int.from_bytes(head, "little")
+    if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+        raise ValueError(f"{file}: safetensors header length {header_len} is past the end of the "
+                         f"file ({size} bytes) or over {_MAX_SAFETENSORS_HEADER} bytes")
+
+
+def _open_safetensors(file: str, device: str = "cpu"):
     from safetensors import safe_open
+    check_safetensors_header(file)
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except Exception as e:  # SafetensorError (bad header), OSError, ...
+        raise ValueError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
+
+
+def safetensors_shapes(files: list) -> dict:
+    """{tensor name: shape} from the shards' headers (no tensor data is read)."""
+    shapes = {}
     for file in files:
-        try:
-            handle = safe_open(file, framework="pt", device=str(device))
-        except Exception as e:  # SafetensorError (bad header), OSError, ...
-            raise ValueError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
-        with handle as f:
+        with _open_safetensors(file) as f:
+            for name in f.keys():
+                if name in shapes:
+                    raise ValueError(f"{file}: tensor {name!r} appears more than once")
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _iter_safetensors(files: list, device: torch.device) -> Iterator:
+    for file in files:
+        with _open_safetensors(file, str(device)) as f:
             for name in f.keys():
                 try:
                     tensor = f.get_tensor(name)

@@ -310,6 +310,9 @@ def _random_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
         top_p = torch.where(batch.top_p < 1.0, batch.top_p, torch.full_like(batch.top_p, 2.0))
         drop_sorted = mass_above >= top_p.unsqueeze(1)
+        # The most likely token always stays: a top_p that float32 rounds to 0 would
+        # otherwise drop every token and the race would return id 0.
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
 
@@ -330,6 +333,19 @@ def _exponential_race(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 
 
 class Sampler:
+    """valid_vocab_size: ids >= it are never sampled (nor reported in logprobs): a
+    model whose embedding is padded past its tokenizer (Qwen2.5: 151936 rows, 151665
+    tokens) has logits for ids that decode to nothing. None = every logits column is
+    an id. The mask is one fill of the padded columns per step, written into the
+    caller's logits when the sampler works on them directly (their values there are
+    meaningless anyway)."""
+
+    def __init__(self, valid_vocab_size: Optional[int] = None):
+        if valid_vocab_size is not None and (not isinstance(valid_vocab_size, int)
+                                             or valid_vocab_size < 1):
+            raise ValueError(f"valid_vocab_size must be a positive integer, got {valid_vocab_size!r}")
+        self.valid_vocab_size = valid_vocab_size
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(f"logits must be [num_rows={batch.num_rows}, vocab_size], "
@@ -342,6 +358,9 @@ class Sampler:
             logits = logits.float()
         elif batch.banned_tokens is not None or batch.output_tokens is not None:
             logits = logits.clone()
+
+        if self.valid_vocab_size is not None and self.valid_vocab_size < logits.shape[1]:
+            logits[:, self.valid_vocab_size:] = float("-inf")
 
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
@@ -364,7 +383,8 @@ class Sampler:
             out.sampled_logprobs = chosen.squeeze(1)
             out.sampled_ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
             if batch.max_num_logprobs > 0:
-                top = raw_logprobs.topk(min(batch.max_num_logprobs, logits.shape[1]), dim=-1)
+                width = min(logits.shape[1], self.valid_vocab_size or logits.shape[1])
+                top = raw_logprobs.topk(min(batch.max_num_logprobs, width), dim=-1)
                 out.top_logprobs, out.top_token_ids = top.values, top.indices
         return out
 

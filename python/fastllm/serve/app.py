@@ -141,6 +141,12 @@ def _add_other_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         check_model(state, req.model)
+        # Tokenizer.decode reads ids past the vocabulary as '' (a padded embedding's
+        # samples); a client asking for them gets told instead.
+        outside = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
+        if outside:
+            raise APIError(f"tokens holds ids outside the vocabulary [0, {tokenizer.vocab_size}): "
+                           f"{outside[:5]}", param="tokens")
         try:
             return DetokenizeResponse(prompt=tokenizer.decode(req.tokens))
         except ValueError as e:

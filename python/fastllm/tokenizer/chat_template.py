@@ -76,13 +76,56 @@ def render_chat_template(chat_template: Union[str, dict, None], messages: list,
 
     `context` carries the special token strings (bos_token, eos_token, ...) and any
     extra template variables (e.g. enable_thinking)."""
-    if not isinstance(messages, (list, tuple)) or not all(
-            isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError("messages must be a list of dicts, each with a 'role' "
-                         "(and usually 'content')")
+    messages = normalize_messages(messages)
     template = compile_template(select_template(chat_template, tools))
     try:
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                tools=tools, documents=documents, **context)
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, TypeError) as e:
+        # TypeError: the template did arithmetic on a value of the wrong type (user data).
         raise ValueError(f"chat_template rejected the messages: {e}") from e
+
+
+def normalize_messages(messages) -> list:
+    """Messages as every template expects them: a str role and a str content. As vLLM
+    does, content None renders as '' and OpenAI-style content parts
+    ([{"type": "text", "text": ...}, ...]) are joined with newlines; anything else is a
+    ValueError naming the message index and field. Other keys (name, tool_calls, ...)
+    pass through; a message without content keeps none."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', "
+                             f"got {type(message).__name__}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}].role must be a non-empty string, got {role!r}")
+        message = dict(message)
+        if "content" in message:
+            message["content"] = _content_text(message["content"], i)
+        out.append(message)
+    return out
+
+
+def _content_text(content, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(f"messages[{index}].content must be a string, a list of text parts or "
+                         f"null, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        where = f"messages[{index}].content[{j}]"
+        if not isinstance(part, dict):
+            raise ValueError(f"{where} must be a dict like {{'type': 'text', 'text': ...}}, "
+                             f"got {type(part).__name__}")
+        if part.get("type", "text") != "text":
+            raise ValueError(f"{where}.type {part.get('type')!r} is not supported (text parts only)")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}.text must be a string, got {part.get('text')!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)

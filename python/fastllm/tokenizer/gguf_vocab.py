@@ -8,11 +8,14 @@ transformers' GGUF loader, which the tests compare against).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+logger = logging.getLogger(__name__)
 
 # llama.cpp's token types (tokenizer.ggml.token_type)
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
@@ -109,7 +112,13 @@ def _byte_level(meta: dict, tokens: list[str]) -> Tokenizer:
         vocab.setdefault(key, i)
     if "tokenizer.ggml.merges" not in meta:
         raise ValueError("GGUF tokenizer.ggml.merges is missing (needed for a 'gpt2' tokenizer)")
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    merges = []
+    for i, merge in enumerate(meta["tokenizer.ggml.merges"]):
+        left, _, right = merge.partition(" ")
+        if not left or not right or left not in vocab or right not in vocab or left + right not in vocab:
+            raise ValueError(f"GGUF metadata tokenizer.ggml.merges[{i}] = {merge!r} is not two "
+                             f"vocabulary pieces whose join is in the vocabulary")
+        merges.append((left, right))
     pre = meta.get("tokenizer.ggml.pre", "default")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
                                ignore_merges=pre in _IGNORE_MERGES_PRES))
@@ -146,18 +155,76 @@ def _sentencepiece(meta: dict, tokens: list[str], add_space_prefix: bool, unk: O
     return tok
 
 
+def _check_metadata(meta: dict) -> None:
+    """Types and lengths of the vocabulary metadata (the file is untrusted): errors name
+    the key. The tokenizers library panics (not even an Exception) on some malformed
+    vocabularies, so nothing malformed may reach it."""
+    def fail(key, why):
+        raise ValueError(f"GGUF metadata {key} {why}")
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        fail("tokenizer.ggml.tokens", "must be a non-empty array of strings")
+    for key, item_types in (("tokenizer.ggml.token_type", (int,)), ("tokenizer.ggml.scores", (int, float))):
+        values = meta.get(key)
+        if values is None:
+            continue
+        if (not isinstance(values, list) or len(values) != len(tokens)
+                or not all(isinstance(v, item_types) and not isinstance(v, bool) for v in values)):
+            fail(key, f"must be an array of {len(tokens)} numbers (one per token)")
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+        fail("tokenizer.ggml.merges", "must be an array of strings")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            fail(key, f"must be a string, got {meta[key]!r}")
+    for key in _TOKEN_ID_KEYS:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            fail(f"tokenizer.ggml.{key}", f"must be an integer token id, got {value!r}")
+
+
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id",
+                  "eot_token_id", "eom_token_id")
+
+
+def _token_id(meta: dict, key: str, num_tokens: int) -> Optional[int]:
+    """A special token id, or None when absent or outside the vocabulary (llama.cpp
+    ignores such an id too, with a warning)."""
+    value = meta.get(f"tokenizer.ggml.{key}")
+    if value is None:
+        return None
+    if not 0 <= value < num_tokens:
+        logger.warning("GGUF tokenizer.ggml.%s = %d is outside the vocabulary (%d tokens); ignored",
+                       key, value, num_tokens)
+        return None
+    return value
+
+
 def load_gguf_tokenizer(path) -> GGUFTokenizerData:
     path = Path(path)
     meta = _read_metadata(path)
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"{path}: GGUF has no embedded vocabulary (tokenizer.ggml.tokens)")
+    try:
+        _check_metadata(meta)
+        return _build(meta, path)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except BaseException as e:  # a panic inside tokenizers (pyo3 PanicException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise ValueError(f"{path}: the embedded vocabulary cannot be built ({type(e).__name__}: {e})") from None
+
+
+def _build(meta: dict, path: Path) -> GGUFTokenizerData:
     model_type = meta.get("tokenizer.ggml.model")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
 
     def token_at(key: str) -> Optional[str]:
-        index = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+        index = _token_id(meta, key, len(tokens))
+        return None if index is None else tokens[index]
 
     unk = token_at("unknown_token_id")
     if model_type == "gpt2":
@@ -192,8 +259,8 @@ def load_gguf_tokenizer(path) -> GGUFTokenizerData:
     # control tokens llama.cpp treats as end of generation.
     extra_eos = []
     for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        if meta.get(f"tokenizer.ggml.{key}") is not None:
-            extra_eos.append(int(meta[f"tokenizer.ggml.{key}"]))
+        if _token_id(meta, key, len(tokens)) is not None:
+            extra_eos.append(meta[f"tokenizer.ggml.{key}"])
     extra_eos += [i for i, (t, ty) in enumerate(zip(tokens, types))
                   if ty == _CONTROL and t in _EOG_TEXTS]
 

@@ -28,10 +28,18 @@ def _token_text(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _id_list(value) -> list[int]:
+def _id_list(value, where: str) -> list[int]:
     if value is None:
         return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    ids = list(value) if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ids):
+        raise ValueError(f"{where}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return ids
+
+
+def _starts_with_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -70,12 +78,13 @@ class Tokenizer:
         """From a Hugging Face directory (tokenizer.json, tokenizer_config.json,
         generation_config.json, chat_template.jinja) or a .gguf file."""
         path = Path(path)
-        if path.is_file() and path.suffix == ".gguf":
+        # A GGUF is known by its magic bytes, as the model loader knows it, not its name.
+        if path.is_file() and _starts_with_gguf_magic(path):
             return cls._from_gguf(path)
         if path.is_dir():
             return cls._from_hf_dir(path)
         if path.is_file():
-            raise ValueError(f"{path}: not a .gguf file or a model directory")
+            raise ValueError(f"{path}: not a GGUF file (no GGUF magic) or a model directory")
         raise ValueError(f"{path}: no such tokenizer file or directory")
 
     @classmethod
@@ -99,8 +108,10 @@ class Tokenizer:
             raise ValueError(f"{path}: tokenizer.json is missing{hint}")
         try:
             backend = _Backend.from_file(str(tokenizer_json))
-        except Exception as e:
-            raise ValueError(f"{tokenizer_json}: not a valid tokenizers file ({e})") from e
+        except BaseException as e:   # also a panic inside tokenizers (pyo3 PanicException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+                raise
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizers file ({e})") from None
 
         config_path = path / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
@@ -120,7 +131,14 @@ class Tokenizer:
 
         chat_template = config.get("chat_template")
         if isinstance(chat_template, list):   # [{"name": ..., "template": ...}, ...]
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                       and isinstance(t.get("template"), str) for t in chat_template):
+                raise ValueError(f"{config_path}: chat_template must be a string or a list of "
+                                 f"{{'name': str, 'template': str}}")
             chat_template = {t["name"]: t["template"] for t in chat_template}
+        elif chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(f"{config_path}: chat_template must be a string, got "
+                             f"{type(chat_template).__name__}")
         if (path / "chat_template.jinja").is_file():
             chat_template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         elif (path / "chat_template.json").is_file():
@@ -132,7 +150,7 @@ class Tokenizer:
         extra_eos = []
         for name in ("generation_config.json", "config.json"):
             if (path / name).is_file():
-                extra_eos += _id_list(_read_json(path / name).get("eos_token_id"))
+                extra_eos += _id_list(_read_json(path / name).get("eos_token_id"), str(path / name))
 
         return cls(backend, bos_token=bos, eos_token=eos, unk_token=_token_text(config.get("unk_token")),
                    pad_token=_token_text(config.get("pad_token")), add_bos_token=add_bos,
@@ -182,9 +200,11 @@ class Tokenizer:
                clean_up_tokenization_spaces: Optional[bool] = None) -> str:
         ids = [int(t) for t in token_ids]
         vocab_size = self.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"token_ids holds ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if any(t < 0 for t in ids):
+            raise ValueError(f"token_ids holds negative ids: {[t for t in ids if t < 0][:5]}")
+        # Ids past the vocabulary (an embedding padded past the tokenizer) decode as '',
+        # as transformers decodes them.
+        ids = [t for t in ids if t < vocab_size]
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
