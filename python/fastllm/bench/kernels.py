@@ -612,7 +612,7 @@ def run(args: argparse.Namespace) -> dict:
     only = [s for s in args.only.split(",") if s] if args.only else None
     warmup, iters = args.warmup, args.iters
     if args.quick:
-        from fastllm.engine.llm_engine import resolve_device
+        from fastllm.model.loader import resolve_device
         on_cpu = resolve_device(args.device).type == "cpu"
         warmup = warmup if warmup is not None else (QUICK_CPU_WARMUP if on_cpu else QUICK_WARMUP)
         iters = iters if iters is not None else (QUICK_CPU_ITERS if on_cpu else QUICK_ITERS)
