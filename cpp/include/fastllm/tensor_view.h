@@ -9,7 +9,7 @@
 
 namespace fastllm {
 
-enum class DType { kF32, kF16, kBF16, kI32, kI64, kOther };
+enum class DType { kF32, kF16, kBF16, kI32, kI64, kU8, kOther };  // kU8: raw quantized blocks
 enum class Device { kCPU, kCUDA };
 
 const char* dtype_name(DType dtype);
