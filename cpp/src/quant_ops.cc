@@ -6,6 +6,7 @@
 #include "fastllm/cpu/thread_pool.h"
 #include "fastllm/errors.h"
 #ifdef FASTLLM_WITH_CUDA
+#include "fastllm/cuda/launchers.h"
 #include "fastllm/cuda/quant_launchers.h"
 #endif
 
