@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -13,10 +14,27 @@ namespace {
 
 thread_local bool in_pool_job = false;
 
+// One call's work. Shared by the caller and every worker that picks it up, so a worker
+// that wakes late (descheduled on a busy machine) still holds a live object; it finds
+// every task claimed and never touches `fn`, which lives on the caller's stack.
+struct Job {
+  const std::function<void(int64_t)>* fn;
+  int64_t num_tasks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void work(Job& job) {
+  in_pool_job = true;
+  for (int64_t t = job.next.fetch_add(1); t < job.num_tasks; t = job.next.fetch_add(1)) {
+    (*job.fn)(t);
+    job.done.fetch_add(1, std::memory_order_release);
+  }
+  in_pool_job = false;
+}
+
 class ThreadPool {
  public:
-  ~ThreadPool() { resize(1); }
-
   int size() {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
     return static_cast<int>(workers_.size()) + 1;
@@ -25,12 +43,11 @@ class ThreadPool {
   void resize(int threads) {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
     stop_workers();
-    // The generation is read here, not in the new thread: a thread that starts late must
-    // still see the first job as new.
-    const uint64_t seen = generation_.load();
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, seen] { worker_loop(seen); });
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
   }
 
+  // The caller never waits for a worker that has not started: it runs whatever tasks are
+  // left itself, and waits only for tasks already running elsewhere.
   void run(int64_t num_tasks, const std::function<void(int64_t)>& fn) {
     if (num_tasks <= 0) return;
     if (in_pool_job || num_tasks == 1) {
@@ -38,32 +55,29 @@ class ThreadPool {
       return;
     }
     std::lock_guard<std::mutex> run_lock(run_mutex_);
-    if (workers_.empty()) {
-      for (int64_t t = 0; t < num_tasks; ++t) fn(t);
-      return;
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->num_tasks = num_tasks;
+    if (!workers_.empty()) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        job_ = job;
+        generation_.fetch_add(1, std::memory_order_release);
+      }
+      wake_.notify_all();
     }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &fn;
-      num_tasks_ = num_tasks;
-      next_task_.store(0);
-      finished_.store(0);
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    wake_.notify_all();
-    work(fn, num_tasks);
-    const int64_t workers = static_cast<int64_t>(workers_.size());
-    while (finished_.load(std::memory_order_acquire) < workers) std::this_thread::yield();
+    work(*job);
+    while (job->done.load(std::memory_order_acquire) < num_tasks) std::this_thread::yield();
   }
 
  private:
-  void work(const std::function<void(int64_t)>& fn, int64_t num_tasks) {
-    in_pool_job = true;
-    for (int64_t t = next_task_.fetch_add(1); t < num_tasks; t = next_task_.fetch_add(1)) fn(t);
-    in_pool_job = false;
-  }
-
-  void worker_loop(uint64_t seen) {
+  void worker_loop() {
+    uint64_t seen = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      seen = generation_.load();
+      if (job_) --seen;  // started after a job was posted: take it too (it may be over)
+    }
     for (;;) {
       // Spin ~50 us for the next job of this step, then sleep on the condition variable.
       const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
@@ -71,14 +85,15 @@ class ThreadPool {
              std::chrono::steady_clock::now() < spin_until) {
         std::this_thread::yield();
       }
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+        if (stop_.load()) return;
+        seen = generation_.load();
+        job = job_;
       }
-      if (stop_.load()) return;
-      seen = generation_.load(std::memory_order_acquire);
-      work(*job_, num_tasks_);
-      finished_.fetch_add(1, std::memory_order_release);
+      if (job) work(*job);
     }
   }
 
@@ -94,15 +109,12 @@ class ThreadPool {
   }
 
   std::mutex run_mutex_;  // one job at a time
-  std::mutex mutex_;
+  std::mutex mutex_;      // guards job_ and the generation bump
   std::condition_variable wake_;
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_task_{0};
-  std::atomic<int64_t> finished_{0};
   std::atomic<bool> stop_{false};
-  const std::function<void(int64_t)>* job_ = nullptr;
-  int64_t num_tasks_ = 0;
+  std::shared_ptr<Job> job_;
 };
 
 ThreadPool& pool() {
