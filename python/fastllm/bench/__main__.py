@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "kernels": ("fastllm.bench.kernels", "each kernel vs copy/GEMM ceilings and torch peers"),
     "throughput": ("fastllm.bench.throughput", "fastllm vs transformers generate, tokens/s"),
     "latency": ("fastllm.bench.latency", "TTFT and inter-token latency p50/p99"),
+    "cpu": ("fastllm.bench.cpu", "CPU: fastllm vs transformers vs llama.cpp on one GGUF"),
 }
 
 
