@@ -29,6 +29,8 @@ bool quant_format(int ggml_type, QuantFormat* format) {
     case QuantType::kBF16: *format = {1, 2}; return true;
     case QuantType::kQ4_0: *format = {32, 18}; return true;
     case QuantType::kQ4_1: *format = {32, 20}; return true;
+    case QuantType::kQ5_0: *format = {32, 22}; return true;
+    case QuantType::kQ5_1: *format = {32, 24}; return true;
     case QuantType::kQ8_0: *format = {32, 34}; return true;
     case QuantType::kQ4_K: *format = {256, 144}; return true;
     case QuantType::kQ5_K: *format = {256, 176}; return true;

@@ -16,7 +16,7 @@ std::pair<int, int> quant_block_shape(int ggml_type) {
   cpu::QuantFormat f{};
   if (!cpu::quant_format(ggml_type, &f)) {
     throw ArgValueError("ggml_type: type " + std::to_string(ggml_type) +
-                        " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+                        " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
   }
   return {f.block_elems, f.block_bytes};
 }

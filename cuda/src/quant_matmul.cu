@@ -27,6 +27,8 @@ cudaError_t quant_matmul(const float* x, int64_t ldx, const uint8_t* weight, con
     case kGgmlF16: case kGgmlBF16: block_elems = 1; block_bytes = 2; break;
     case kGgmlQ4_0: block_elems = 32; block_bytes = 18; break;
     case kGgmlQ4_1: block_elems = 32; block_bytes = 20; break;
+    case kGgmlQ5_0: block_elems = 32; block_bytes = 22; break;
+    case kGgmlQ5_1: block_elems = 32; block_bytes = 24; break;
     case kGgmlQ8_0: block_elems = 32; block_bytes = 34; break;
     case kGgmlQ4_K: block_elems = 256; block_bytes = 144; break;
     case kGgmlQ5_K: block_elems = 256; block_bytes = 176; break;
@@ -42,6 +44,8 @@ cudaError_t quant_matmul(const float* x, int64_t ldx, const uint8_t* weight, con
     FASTLLM_QUANT_CASE(kGgmlBF16)
     FASTLLM_QUANT_CASE(kGgmlQ4_0)
     FASTLLM_QUANT_CASE(kGgmlQ4_1)
+    FASTLLM_QUANT_CASE(kGgmlQ5_0)
+    FASTLLM_QUANT_CASE(kGgmlQ5_1)
     FASTLLM_QUANT_CASE(kGgmlQ8_0)
     FASTLLM_QUANT_CASE(kGgmlQ4_K)
     FASTLLM_QUANT_CASE(kGgmlQ5_K)

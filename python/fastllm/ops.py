@@ -237,7 +237,7 @@ def quant_block_shape(ggml_type: int) -> tuple:
     """(weights per block, bytes per block) of a ggml type; ValueError if unsupported."""
     if ggml_type not in reference.GGML_BLOCKS:
         raise ValueError(f"ggml_type {ggml_type} is not supported by quant_linear "
-                         f"(F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)")
+                         f"(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")
     return reference.GGML_BLOCKS[ggml_type]
 
 

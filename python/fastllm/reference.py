@@ -232,7 +232,7 @@ class BlockAllocator:
 
 # -- GGUF block formats (quant_linear) -----------------------------------------------------
 # ggml type id -> (weights per block, bytes per block), for the types the kernels handle.
-GGML_BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34),
+GGML_BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
                12: (256, 144), 13: (256, 176), 14: (256, 210)}
 
 
@@ -257,6 +257,14 @@ def _dequant_blocks(b, ggml_type: int):
         qs = b[:, 2:18] if ggml_type == 2 else b[:, 4:20]
         q = torch.cat([qs & 15, qs >> 4], 1).to(torch.float64)
         return _half(b, 0) * (q - 8) if ggml_type == 2 else _half(b, 0) * q + _half(b, 2)
+    if ggml_type in (6, 7):                       # Q5_0: d, qh[4], qs[16]; Q5_1: d, m, qh[4], qs[16]
+        qh_at, qs_at = (2, 6) if ggml_type == 6 else (4, 8)
+        qs = b[:, qs_at:qs_at + 16].long()
+        qh = b[:, qh_at:qh_at + 4].long()
+        qh = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)       # [nb]
+        fifth = (qh.unsqueeze(1) >> torch.arange(32)) & 1                             # [nb, 32]
+        q = (torch.cat([qs & 15, qs >> 4], 1) | (fifth << 4)).to(torch.float64)
+        return _half(b, 0) * (q - 16) if ggml_type == 6 else _half(b, 0) * q + _half(b, 2)
     if ggml_type == 8:                            # Q8_0: d, int8 qs[32]
         return _half(b, 0) * b[:, 2:34].contiguous().view(torch.int8).to(torch.float64)
     if ggml_type in (12, 13):                     # Q4_K / Q5_K: d, dmin, scales[12], (qh[32]), qs[128]

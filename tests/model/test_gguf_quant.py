@@ -13,7 +13,7 @@ from tests.model.test_loader import prefill_logits, rel_err
 
 pytest.importorskip("gguf")
 
-CASES = [("llama", "F32"), ("llama", "F16"), ("llama", "Q8_0"), ("llama-tied", "mixed"),
+CASES = [("llama", "F32"), ("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q5_0"), ("llama-tied", "mixed"),
          ("qwen2", "Q4_0"), ("llama", "multi")]
 
 

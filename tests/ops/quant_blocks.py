@@ -6,10 +6,10 @@ import torch
 from fastllm import reference
 
 # name -> ggml type id
-QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 FLOAT_TYPES = {"F32": 0, "F16": 1, "BF16": 30}
 # byte offsets of each type's fp16 scale fields (d, and m/dmin where present)
-_HALF_FIELDS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}
+_HALF_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}
 
 
 def random_blocks(ggml_type: int, rows: int, in_features: int, seed: int = 0) -> torch.Tensor:

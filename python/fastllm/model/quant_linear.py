@@ -1,4 +1,4 @@
-"""QuantLinear: a linear layer whose weight stays in GGUF's blocks (Q4_0, Q4_1, Q8_0, Q4_K,
+"""QuantLinear: a linear layer whose weight stays in GGUF's blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
 Q5_K, Q6_K, or F32/F16/BF16 rows), multiplied by fastllm.ops.quant_linear's kernels.
 
 A fused projection (q|k|v, gate|up) whose parts were stored in different types (a

@@ -1,4 +1,5 @@
-// Linear layers on weights kept in GGUF's block formats (and plain F32/F16/BF16 rows),
+// Linear layers on weights kept in GGUF's block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+// Q5_K, Q6_K, and plain F32/F16/BF16 rows),
 // on the CPU: y[T, N] = x[T, K] @ W[N, K]^T (+ bias), fp32 activations and accumulation.
 // Each weight row is K / block_elems blocks of block_bytes, laid out exactly as ggml
 // stores them (so a GGUF tensor's bytes are the weight, untouched). Blocks are decoded to
@@ -11,7 +12,7 @@ namespace fastllm::cpu {
 
 // ggml's type ids (gguf.GGMLQuantizationType), the ones these kernels handle.
 enum class QuantType : int {
-  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
+  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
 };
 
 struct QuantFormat {

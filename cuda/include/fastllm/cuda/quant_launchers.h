@@ -8,7 +8,7 @@
 namespace fastllm::cuda {
 
 // y [T, N] (row stride ldy) = x [T, K] (row stride ldx) @ W^T + bias; W [N, K] as rows of
-// ggml blocks of `ggml_type` (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K); bias
+// ggml blocks of `ggml_type` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); bias
 // float32 [N] or null. cudaErrorInvalidValue for another type.
 cudaError_t quant_matmul(const float* x, int64_t ldx, const uint8_t* weight, const float* bias, float* y,
                          int64_t ldy, int64_t T, int64_t K, int64_t N, int ggml_type, cudaStream_t stream);

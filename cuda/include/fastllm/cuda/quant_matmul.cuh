@@ -1,7 +1,7 @@
 // Quantized linear on the GPU: one warp per weight row, a tile of kTokens activation rows
 // per CTA. Each lane decodes the weights it multiplies straight from the ggml blocks in
 // registers (no dequantized copy of the weight in memory) and accumulates in fp32; the
-// warp then reduces. Block layouts as in cpp/src/cpu_quant_impl.inc (ggml-common.h).
+// warp then reduces. Block layouts (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F32/F16/BF16) as in cpp/src/cpu_quant_impl.inc (ggml-common.h).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,7 +10,7 @@
 
 namespace fastllm::cuda {
 
-enum GgmlType : int { kGgmlF32 = 0, kGgmlF16 = 1, kGgmlQ4_0 = 2, kGgmlQ4_1 = 3, kGgmlQ8_0 = 8,
+enum GgmlType : int { kGgmlF32 = 0, kGgmlF16 = 1, kGgmlQ4_0 = 2, kGgmlQ4_1 = 3, kGgmlQ5_0 = 6, kGgmlQ5_1 = 7, kGgmlQ8_0 = 8,
                       kGgmlQ4_K = 12, kGgmlQ5_K = 13, kGgmlQ6_K = 14, kGgmlBF16 = 30 };
 
 __device__ __forceinline__ float load_half(const uint8_t* p) {
@@ -46,6 +46,16 @@ __device__ __forceinline__ float weight_at(const uint8_t* row, int64_t k) {
     const int q = j < 16 ? (qs[j] & 0x0F) : (qs[j - 16] >> 4);
     if constexpr (TYPE == kGgmlQ4_0) return load_half(b) * static_cast<float>(q - 8);
     else return load_half(b) * static_cast<float>(q) + load_half(b + 2);
+  } else if constexpr (TYPE == kGgmlQ5_0 || TYPE == kGgmlQ5_1) {
+    constexpr bool kMin = TYPE == kGgmlQ5_1;
+    const uint8_t* b = row + (k / 32) * (kMin ? 24 : 22);
+    const int j = static_cast<int>(k % 32);
+    const uint8_t* qhp = b + (kMin ? 4 : 2);
+    const uint32_t qh = qhp[0] | (qhp[1] << 8) | (qhp[2] << 16) | (static_cast<uint32_t>(qhp[3]) << 24);
+    const uint8_t* qs = b + (kMin ? 8 : 6);
+    const int q = (j < 16 ? (qs[j] & 0x0F) : (qs[j - 16] >> 4)) | (((qh >> j) & 1) << 4);
+    const float d = load_half(b);
+    return d * static_cast<float>(q) + (kMin ? load_half(b + 2) : -16.f * d);
   } else if constexpr (TYPE == kGgmlQ8_0) {
     const uint8_t* b = row + (k / 32) * 34;
     return load_half(b) * static_cast<float>(reinterpret_cast<const int8_t*>(b + 2)[k % 32]);
