@@ -1,4 +1,4 @@
-// AVX2 + FMA build of the quantized matmul kernels (cpu_quant_impl.inc). Only this file's
+// AVX2 + FMA (+ F16C, which every AVX2 CPU has) build of the quantized matmul kernels (cpu_quant_impl.inc). Only this file's
 // own functions get the target (the pragma comes after every standard header), and they
 // run only when __builtin_cpu_supports says the CPU has AVX2 and FMA, so the module still
 // imports and runs on a CPU without them. Non-x86 or non-GCC/Clang builds: not supported.
@@ -21,15 +21,16 @@ namespace fastllm::cpu::quant_avx2 {
 
 #ifdef FASTLLM_HAVE_AVX2_BUILD
 bool supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return ok;
 }
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #endif
 #define FASTLLM_QUANT_AVX2 1
 namespace impl {
