@@ -6,7 +6,10 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
+
+#include <pthread.h>
 #include <vector>
 
 namespace fastllm::cpu {
@@ -38,6 +41,18 @@ class ThreadPool {
   int size() {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
     return static_cast<int>(workers_.size()) + 1;
+  }
+
+  // In a forked child the workers do not exist: forget them (their std::thread objects
+  // are leaked, as joining or destroying them there is undefined) and run inline until a
+  // resize starts new ones. Runs in the child right after fork().
+  void forget_workers_after_fork() {
+    new (&run_mutex_) std::mutex();
+    new (&mutex_) std::mutex();
+    new (&wake_) std::condition_variable();
+    new std::vector<std::thread>(std::move(workers_));
+    workers_.clear();
+    stop_.store(false);
   }
 
   void resize(int threads) {
@@ -121,6 +136,7 @@ ThreadPool& pool() {
   static ThreadPool* instance = [] {
     auto* p = new ThreadPool();  // leaked on purpose: no join races at interpreter exit
     p->resize(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    pthread_atfork(nullptr, nullptr, [] { pool().forget_workers_after_fork(); });
     return p;
   }();
   return *instance;

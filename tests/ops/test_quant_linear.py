@@ -103,3 +103,32 @@ def test_quant_linear_rejects_bad_arguments():
 @pytest.mark.parametrize("tokens,out_features,blocks", [(1, 37, 3), (11, 130, 2)])
 def test_quant_linear_cuda(name, tokens, out_features, blocks):
     _check_linear(name, tokens, out_features, blocks, device="cuda", bias=True)
+
+
+def _linear_in_child(queue, x, w, want):
+    # No torch math here: torch's own OpenMP pool may hang in a forked child.
+    first = ops.quant_linear(x, w, 3)          # inline: the parent's workers are gone
+    torch.set_num_threads(3)                   # next call resizes the pool in the child
+    second = ops.quant_linear(x, w, 3)
+    queue.put([first.tolist(), second.tolist()])
+
+
+@native
+def test_quant_linear_in_a_forked_child():
+    """A fork()ed child (multiprocessing's default on Linux) has none of the pool's
+    threads; its calls must still run (inline, then on a new pool)."""
+    import multiprocessing
+    w = random_blocks(3, 640, 96, seed=1)
+    x = torch.randn(2, 96)
+    want = torch.empty(2, 640, dtype=torch.float64)
+    reference.quant_linear(want, x, w, 3)
+    ops.quant_linear(x, w, 3)                            # the parent's pool is running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_linear_in_child, args=(queue, x, w, want))
+    child.start()
+    results = queue.get(timeout=60)
+    child.join(30)
+    assert child.exitcode == 0
+    for got in results:
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-4, atol=1e-4)
