@@ -182,9 +182,14 @@ def hf_greedy(hf, prompt, max_new):
 
 def gguf_tensor_type(hf_name: str, ndim: int, tensor_type: str) -> str:
     """The GGUF type a tensor gets: norms/biases stay F32 (as llama.cpp keeps them);
-    "mixed" is SmolLM2-135M's Q4_1 file: Q8_0 embeddings, Q4_1 matrices."""
+    "mixed" is SmolLM2-135M's Q4_1 file: Q8_0 embeddings, Q4_1 matrices; "multi" mixes
+    types inside the fused projections (as Q4_K_M files do: v and down in another type)."""
     if ndim == 1:
         return "F32"
+    if tensor_type == "multi":
+        if hf_name.endswith(("v_proj.weight", "down_proj.weight")):
+            return "Q8_0"
+        return "F16" if hf_name.endswith(("q_proj.weight", "embed_tokens.weight")) else "Q4_0"
     if tensor_type == "mixed":
         return "Q8_0" if hf_name == "model.embed_tokens.weight" else "Q4_1"
     return tensor_type

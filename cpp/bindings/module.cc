@@ -9,6 +9,7 @@
 #include "fastllm/block_allocator.h"
 #include "fastllm/errors.h"
 #include "fastllm/ops.h"
+#include "fastllm/quant_ops.h"
 #include "fastllm/tensor_view.h"
 
 namespace py = pybind11;
@@ -21,6 +22,29 @@ static TensorView view(const py::capsule& capsule, const char* name) {
     throw fastllm::ArgTypeError(std::string(name) + ": expected an unconsumed DLPack capsule ('dltensor')");
   }
   return TensorView::from_dlpack(managed->dl_tensor, name);
+}
+
+// Linear layers on GGUF-quantized weights (fastllm/quant_ops.h) and the CPU kernels' pool.
+static void def_quant_ops(py::module_& m) {
+  m.def("quant_linear", [](py::capsule out, py::capsule x, py::capsule weight, py::object bias, int ggml_type,
+                           int64_t stream) {
+    auto o = view(out, "out"), xv = view(x, "x"), w = view(weight, "weight");
+    std::optional<TensorView> b;
+    if (!bias.is_none()) b = view(bias.cast<py::capsule>(), "bias");
+    py::gil_scoped_release release;
+    fastllm::quant_linear(o, xv, w, b ? &*b : nullptr, ggml_type, stream);
+  });
+  m.def("quant_dequantize", [](py::capsule out, py::capsule weight, int ggml_type) {
+    auto o = view(out, "out"), w = view(weight, "weight");
+    py::gil_scoped_release release;
+    fastllm::quant_dequantize(o, w, ggml_type);
+  });
+  m.def("quant_block_shape", &fastllm::quant_block_shape, py::arg("ggml_type"),
+        "(block_elems, block_bytes) of a ggml type the quantized kernels handle");
+  m.def("quant_cpu_isa", &fastllm::quant_cpu_isa, "the CPU quantized kernels' build: 'avx2' or 'generic'");
+  m.def("quant_cpu_force_generic", &fastllm::quant_cpu_force_generic, py::arg("generic"));
+  m.def("cpu_num_threads", &fastllm::cpu_num_threads);
+  m.def("set_cpu_num_threads", &fastllm::set_cpu_num_threads, py::arg("n"));
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -138,6 +162,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_rotary_embedding", [](py::capsule query, py::capsule key, py::capsule cos, py::capsule sin) {
     fastllm::check_rotary_embedding(view(query, "query"), view(key, "key"), view(cos, "cos"), view(sin, "sin"));
   });
+
+  def_quant_ops(m);
 
   py::class_<fastllm::BlockAllocator>(m, "BlockAllocator", "Fixed pool of KV blocks with a prefix cache (LRU)")
       .def(py::init<int64_t>(), py::arg("num_blocks"))

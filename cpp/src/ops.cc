@@ -36,7 +36,7 @@ bool cuda_available() {
 std::vector<std::string> cuda_ops() {
 #ifdef FASTLLM_WITH_CUDA
   return {"reshape_and_cache", "paged_attention", "fused_softmax",
-          "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"};
+          "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "quant_linear"};
 #else
   return {};
 #endif

@@ -13,6 +13,7 @@ const char* dtype_name(DType dtype) {
     case DType::kBF16: return "bfloat16";
     case DType::kI32: return "int32";
     case DType::kI64: return "int64";
+    case DType::kU8: return "uint8";
     default: return "unsupported";
   }
 }
@@ -22,6 +23,7 @@ size_t dtype_size(DType dtype) {
     case DType::kF32: case DType::kI32: return 4;
     case DType::kF16: case DType::kBF16: return 2;
     case DType::kI64: return 8;
+    case DType::kU8: return 1;
     default: return 0;
   }
 }
@@ -40,6 +42,7 @@ static DType to_dtype(DLDataType t) {
   if (t.code == kDLBfloat && t.bits == 16) return DType::kBF16;
   if (t.code == kDLInt && t.bits == 32) return DType::kI32;
   if (t.code == kDLInt && t.bits == 64) return DType::kI64;
+  if (t.code == kDLUInt && t.bits == 8) return DType::kU8;
   return DType::kOther;
 }
 
@@ -58,7 +61,7 @@ TensorView TensorView::from_dlpack(const DLTensor& t, std::string name) {
   v.dtype = to_dtype(t.dtype);
   if (v.dtype == DType::kOther) {
     throw ArgTypeError(v.name + ": unsupported dtype (code " + std::to_string(t.dtype.code) + ", " +
-                       std::to_string(t.dtype.bits) + " bits); expected float32/float16/bfloat16/int32/int64");
+                       std::to_string(t.dtype.bits) + " bits); expected float32/float16/bfloat16/int32/int64/uint8");
   }
   v.data = static_cast<char*>(t.data) + t.byte_offset;
   v.shape.assign(t.shape, t.shape + t.ndim);

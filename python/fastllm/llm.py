@@ -28,7 +28,7 @@ class LLM:
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, swap_space: float = 0,
                  enforce_eager: bool = False, seed: int = 0, max_logprobs: int = 20,
-                 tokenizer=None):
+                 tokenizer=None, quantization: Optional[str] = "auto"):
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: the offline LLM runs on "
                              f"one device (tensor parallelism is not implemented yet)")
@@ -45,8 +45,10 @@ class LLM:
                               swap_space=swap_space, enforce_eager=enforce_eager, seed=seed,
                               max_logprobs=max_logprobs)
         self.model_path = model
+        # quantization: "auto" (= "gguf" for a .gguf file: its linear weights stay in their
+        # blocks; None for an HF directory), "gguf", or None (dequantize at load).
         self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
-                                                    tokenizer=tokenizer)
+                                                    tokenizer=tokenizer, quantization=quantization)
         self._request_counter = itertools.count()
 
     def close(self) -> None:

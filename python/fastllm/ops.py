@@ -243,3 +243,66 @@ def rotary_embedding(query, key, cos, sin) -> None:
     """Rotate-half RoPE in place on query [T, H, D] and key [T, Hkv, D] (views of the
     fused qkv output are fine: any token stride); cos, sin [T, D/2] in their dtype."""
     _run_fused("rotary_embedding", (query, key, cos, sin))
+
+
+# -- linear layers on GGUF-quantized weights -------------------------------------------------
+
+_pool_threads = None
+
+
+def _sync_cpu_threads() -> None:
+    """Size the CPU kernels' pool to torch's intra-op thread count (one pool's worth of
+    threads in all: torch's workers sleep while ours run and the reverse)."""
+    global _pool_threads
+    n = torch.get_num_threads()
+    if n != _pool_threads:
+        _C.set_cpu_num_threads(n)
+        _pool_threads = n
+
+
+def quant_block_shape(ggml_type: int) -> tuple:
+    """(weights per block, bytes per block) of a ggml type; ValueError if unsupported."""
+    if ggml_type not in reference.GGML_BLOCKS:
+        raise ValueError(f"ggml_type {ggml_type} is not supported by quant_linear "
+                         f"(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")
+    return reference.GGML_BLOCKS[ggml_type]
+
+
+def quant_linear(x, weight, ggml_type: int, bias=None, out=None):
+    """-> out [T, N] float32 = x [T, K] float32 @ W^T (+ bias [N] float32); W: uint8
+    [N, row_bytes], a GGUF tensor's blocks as stored (row_bytes = K / block * block_bytes)."""
+    if out is None:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    if _native_for("quant_linear", x):
+        if x.is_cpu:
+            _sync_cpu_threads()
+        _C.quant_linear(to_dlpack(out), to_dlpack(x.detach()), to_dlpack(weight),
+                        None if bias is None else to_dlpack(bias.detach()), int(ggml_type), _stream(x))
+    else:
+        quant_block_shape(ggml_type)
+        reference.quant_linear(out, x, weight, ggml_type, bias)
+    return out
+
+
+def quant_dequantize(weight, ggml_type: int, in_features: int, use_native: bool = True):
+    """uint8 blocks [N, row_bytes] -> float32 [N, in_features] (the CPU kernels' decoder;
+    use_native=False, or no _C: the float64 reference, rounded)."""
+    out = torch.empty(weight.shape[0], in_features, dtype=torch.float32)
+    if use_native and _C is not None and weight.is_cpu:
+        _sync_cpu_threads()
+        _C.quant_dequantize(to_dlpack(out), to_dlpack(weight), int(ggml_type))
+    else:
+        quant_block_shape(ggml_type)
+        out.copy_(reference.quant_dequantize(weight.cpu(), ggml_type, in_features))
+    return out
+
+
+def quant_cpu_isa() -> str:
+    """Which build of the CPU quantized kernels runs here: 'avx2' or 'generic'."""
+    return _C.quant_cpu_isa() if _C is not None else "reference"
+
+
+def quant_cpu_force_generic(generic: bool) -> None:
+    """Run the portable CPU kernels even on an AVX2 CPU (tests cover both builds)."""
+    if _C is not None:
+        _C.quant_cpu_force_generic(bool(generic))

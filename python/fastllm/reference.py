@@ -230,3 +230,82 @@ class BlockAllocator:
     @property
     def num_cached(self) -> int:
         return len(self._hash_to_block)
+
+
+# -- GGUF block formats (quant_linear) -----------------------------------------------------
+# ggml type id -> (weights per block, bytes per block), for the types the kernels handle.
+GGML_BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+               12: (256, 144), 13: (256, 176), 14: (256, 210)}
+
+
+def _half(blocks, offset: int):
+    """[num_blocks, 1] float64 of the fp16 at byte `offset` of each block."""
+    return blocks[:, offset:offset + 2].contiguous().view(torch.float16).to(torch.float64)
+
+
+def _k_scales_mins(s):
+    """s [nb, 12] uint8 -> (scales, mins) [nb, 8] int64: Q4_K/Q5_K's packed 6-bit values."""
+    s = s.long()
+    low_sc, low_mn = s[:, 0:4] & 63, s[:, 4:8] & 63
+    high_sc = (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)
+    high_mn = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return torch.cat([low_sc, high_sc], 1), torch.cat([low_mn, high_mn], 1)
+
+
+def _dequant_blocks(b, ggml_type: int):
+    """b [nb, block_bytes] uint8 -> [nb, block_elems] float64 (ggml-common.h layouts)."""
+    nb = b.shape[0]
+    if ggml_type in (2, 3):                       # Q4_0: d, qs[16]; Q4_1: d, m, qs[16]
+        qs = b[:, 2:18] if ggml_type == 2 else b[:, 4:20]
+        q = torch.cat([qs & 15, qs >> 4], 1).to(torch.float64)
+        return _half(b, 0) * (q - 8) if ggml_type == 2 else _half(b, 0) * q + _half(b, 2)
+    if ggml_type in (6, 7):                       # Q5_0: d, qh[4], qs[16]; Q5_1: d, m, qh[4], qs[16]
+        qh_at, qs_at = (2, 6) if ggml_type == 6 else (4, 8)
+        qs = b[:, qs_at:qs_at + 16].long()
+        qh = b[:, qh_at:qh_at + 4].long()
+        qh = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)       # [nb]
+        fifth = (qh.unsqueeze(1) >> torch.arange(32)) & 1                             # [nb, 32]
+        q = (torch.cat([qs & 15, qs >> 4], 1) | (fifth << 4)).to(torch.float64)
+        return _half(b, 0) * (q - 16) if ggml_type == 6 else _half(b, 0) * q + _half(b, 2)
+    if ggml_type == 8:                            # Q8_0: d, int8 qs[32]
+        return _half(b, 0) * b[:, 2:34].contiguous().view(torch.int8).to(torch.float64)
+    if ggml_type in (12, 13):                     # Q4_K / Q5_K: d, dmin, scales[12], (qh[32]), qs[128]
+        scales, mins = _k_scales_mins(b[:, 4:16])
+        qs = b[:, 16:144] if ggml_type == 12 else b[:, 48:176]
+        qs = qs.long().reshape(nb, 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], 2).reshape(nb, 8, 32)    # sub-block 2g: low nibbles
+        if ggml_type == 13:
+            qh = b[:, 16:48].long().unsqueeze(1)                     # [nb, 1, 32]
+            q = q + 16 * ((qh >> torch.arange(8).view(1, 8, 1)) & 1)
+        values = _half(b, 0).unsqueeze(2) * scales.unsqueeze(2) * q - _half(b, 2).unsqueeze(2) * mins.unsqueeze(2)
+        return values.reshape(nb, 256)
+    if ggml_type == 14:                           # Q6_K: ql[128], qh[64], int8 scales[16], d
+        ql = b[:, :128].long().reshape(nb, 2, 2, 32)                 # [half, lo/hi 32, l]
+        qh = b[:, 128:192].long().reshape(nb, 2, 1, 32)
+        low = torch.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], 2)
+        high = (qh >> (2 * torch.arange(4).view(1, 1, 4, 1))) & 3     # [nb, 2, 4, 32]
+        q = (low | (high << 4)) - 32
+        sc = b[:, 192:208].contiguous().view(torch.int8).long().reshape(nb, 2, 4, 2, 1)
+        values = q.reshape(nb, 2, 4, 2, 16) * sc * _half(b, 208).view(nb, 1, 1, 1, 1)
+        return values.reshape(nb, 256)
+    raise ValueError(f"ggml_type {ggml_type} has no reference dequantization")
+
+
+def quant_dequantize(weight, ggml_type: int, in_features: int):
+    """weight uint8 [N, row_bytes] of ggml blocks -> [N, in_features] float64."""
+    block_elems, block_bytes = GGML_BLOCKS[ggml_type]
+    rows = weight.shape[0]
+    if ggml_type in (0, 1, 30):
+        dtype = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}[ggml_type]
+        return weight.contiguous().view(dtype).reshape(rows, in_features).to(torch.float64)
+    blocks = weight.reshape(rows * (in_features // block_elems), block_bytes)
+    return _dequant_blocks(blocks, ggml_type).reshape(rows, in_features)
+
+
+def quant_linear(out, x, weight, ggml_type: int, bias=None) -> None:
+    """out [T, N] = x [T, K] @ dequant(weight [N, row_bytes])^T (+ bias), in float64."""
+    w = quant_dequantize(weight.cpu(), ggml_type, x.shape[1]).to(x.device)
+    y = x.to(torch.float64) @ w.T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    out.copy_(y)

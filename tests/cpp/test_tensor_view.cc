@@ -42,5 +42,7 @@ TEST(TensorView, ChecksNameTheArgument) {
   }
   EXPECT_THROW(v.check_rank(2), fastllm::ArgValueError);
   EXPECT_THROW(v.check_dtype(fastllm::DType::kI32), fastllm::ArgTypeError);
-  EXPECT_THROW(TensorView::from_dlpack(make(buf, shape, nullptr, kDLUInt, 8), "x"), fastllm::ArgTypeError);
+  EXPECT_THROW(TensorView::from_dlpack(make(buf, shape, nullptr, kDLUInt, 16), "x"), fastllm::ArgTypeError);
+  // uint8: the raw blocks of a quantized weight (quant_linear).
+  EXPECT_EQ(TensorView::from_dlpack(make(buf, shape, nullptr, kDLUInt, 8), "w").dtype, fastllm::DType::kU8);
 }

@@ -1,6 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end: fastllm's greedy
-tokens against transformers loading the same GGUF (gguf_file=, dequantized to float32),
-and the CLI's answer to the README's first command."""
+tokens against transformers loading the same GGUF (gguf_file=, dequantized to float32;
+fastllm dequantized too, quantization=None), the quantized default (quantization="gguf")
+against the dequantized model, and the CLI's answer to the README's first command."""
 import os
 
 import pytest
@@ -17,7 +18,7 @@ MAX_TOKENS = 20
 
 @pytest.fixture(scope="module")
 def llm(gguf_path):
-    return LLM(str(gguf_path), dtype="float32", device="cpu")
+    return LLM(str(gguf_path), dtype="float32", device="cpu", quantization=None)
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +52,19 @@ def test_readme_command_says_paris(gguf_path, capsys, monkeypatch):
     assert generate.main(["--prompt", "The capital of France is", "--max-tokens", "8", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("The capital of France is") and "Paris" in out
+
+
+@pytest.mark.slow
+def test_quantized_default_matches_dequantized(llm, gguf_path):
+    """The same weights, kept in Q4_1/Q8_0 blocks: only the fp32 summation order differs,
+    so greedy tokens agree (a near-tie may flip one prompt late; the Paris one must hold)."""
+    from fastllm.model.quant_linear import QuantLinear
+    quant = LLM(str(gguf_path), dtype="float32", device="cpu")   # quantization="auto" -> "gguf"
+    assert isinstance(quant.llm_engine.runner.model.layers[0].mlp.down_proj, QuantLinear)
+    chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prompts = PROMPTS + [chat]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    ours = [o.outputs[0].token_ids for o in quant.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert ours[0] == want[0] and ours[-1] == want[-1]
+    assert sum(a == b for a, b in zip(ours, want)) >= len(prompts) - 1, (ours, want)

@@ -5,7 +5,7 @@
 
 namespace fastllm {
 
-enum class DType { kF32, kF16, kBF16, kI32, kI64, kOther };
+enum class DType { kF32, kF16, kBF16, kI32, kI64, kU8, kOther };  // kU8: raw quantized blocks
 
 const char* dtype_name(DType dtype);  // "float32", "bfloat16", ...
 size_t dtype_size(DType dtype);

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "latency": ("fastllm.bench.latency", "TTFT and inter-token latency p50/p99"),
     "overhead": ("fastllm.bench.overhead", "engine host time per decode step (CPU, tiny model)"),
     "serve": ("fastllm.bench.serve", "load-test an OpenAI-compatible server (--compare: vs transformers)"),
+    "cpu": ("fastllm.bench.cpu", "CPU: fastllm vs transformers vs llama.cpp on one GGUF"),
 }
 
 

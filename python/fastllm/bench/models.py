@@ -69,7 +69,9 @@ def load(model: Optional[str] = None, random_weights: Optional[str] = None,
                            f"random:{random_weights}")
     if not os.path.exists(model):
         raise ValueError(f"--model {model!r} does not exist")
-    net, config, dev, torch_dtype = load_for_engine(model, dtype=dtype, device=device)
+    # Dequantized (quantization=None): the transformers baseline shares these float weights.
+    # `bench cpu` measures GGUF weights kept quantized.
+    net, config, dev, torch_dtype = load_for_engine(model, dtype=dtype, device=device, quantization=None)
     return LoadedModel(net, config, dev, torch_dtype, model)
 
 

@@ -77,11 +77,13 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str, engine_config: Optional[EngineConfig] = None,
-                        dtype="auto", device="auto", tokenizer=None) -> "LLMEngine":
-        """Load `model` (HF directory or .gguf file) and its tokenizer."""
+                        dtype="auto", device="auto", tokenizer=None,
+                        quantization="auto") -> "LLMEngine":
+        """Load `model` (HF directory or .gguf file) and its tokenizer. quantization:
+        'auto' keeps a GGUF's linear weights in their blocks, None dequantizes them."""
         from fastllm.model.loader import load_for_engine
         engine_config = engine_config or EngineConfig()
-        loaded = load_for_engine(model, dtype=dtype, device=device)
+        loaded = load_for_engine(model, dtype=dtype, device=device, quantization=quantization)
         if tokenizer is None:
             from fastllm.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_pretrained(model)

@@ -36,18 +36,36 @@ class LoadedForEngine(NamedTuple):
 
 
 def load_for_engine(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = "auto",
-                    device: Union[str, torch.device, None] = "auto") -> LoadedForEngine:
+                    device: Union[str, torch.device, None] = "auto",
+                    quantization: Optional[str] = "auto") -> LoadedForEngine:
     """What an engine (LLMEngine.from_pretrained, the benchmarks) runs: the model on the
-    resolved device in the resolved dtype (see resolve_device / resolve_dtype)."""
+    resolved device in the resolved dtype (see resolve_device / resolve_dtype), its
+    weights quantized as `quantization` says (see resolve_quantization)."""
     device = resolve_device(device)
-    model, config = load_model(path, dtype=dtype, device=device)
+    model, config = load_model(path, dtype=dtype, device=device, quantization=quantization)
     return LoadedForEngine(model, config, device, next(model.parameters()).dtype)
 
 
+QUANTIZATIONS = ("auto", "gguf", None)
+
+
+def resolve_quantization(quantization: Optional[str], is_gguf: bool) -> Optional[str]:
+    """'auto': "gguf" for a GGUF file (its linear weights stay in their blocks), None for
+    an HF directory; "gguf": keep a GGUF's blocks; None: dequantize to `dtype` at load."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: choose 'auto', 'gguf' or None")
+    if quantization == "auto":
+        return "gguf" if is_gguf else None
+    if quantization == "gguf" and not is_gguf:
+        raise ValueError("quantization='gguf' needs a .gguf model file")
+    return quantization
+
+
 def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = torch.float32,
-               device: Union[str, torch.device, None] = "cpu"):
+               device: Union[str, torch.device, None] = "cpu", quantization: Optional[str] = None):
     """-> (model in eval mode, ModelConfig). `path`: an HF model directory or a .gguf file.
-    dtype: a torch dtype, a name ("bfloat16", ...) or "auto" (see resolve_dtype)."""
+    dtype: a torch dtype, a name ("bfloat16", ...) or "auto" (see resolve_dtype).
+    quantization: see resolve_quantization (None here: dequantized, as before)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
@@ -56,8 +74,12 @@ def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = t
         if not _is_gguf(path):
             raise ValueError(f"model file {path!r} is not a GGUF file (expected a .gguf file "
                              f"or a directory with config.json and *.safetensors)")
+        if resolve_quantization(quantization, True) == "gguf":
+            from fastllm.model.gguf_quant import load_gguf_quantized
+            return load_gguf_quantized(path, dtype=dtype, device=device)
         from fastllm.model.gguf_loader import load_gguf_model
         return load_gguf_model(path, dtype=dtype, device=device)
+    resolve_quantization(quantization, False)
 
     config = ModelConfig.from_hf_dir(path)
     files = safetensors_files(path)

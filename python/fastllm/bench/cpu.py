@@ -1,0 +1,192 @@
+"""`python -m fastllm.bench cpu`: fastllm against transformers and llama.cpp on the CPU,
+on the same GGUF file at the same thread count.
+
+Engines (each skipped with a note when it cannot run here):
+  fastllm-gguf   the file's blocks kept as stored (quantization="gguf", the default)
+  fastllm-f32    dequantized to float32 at load (quantization=None)
+  fastllm-bf16   dequantized to bfloat16 (the CPU middle option)
+  hf-f32         transformers, the GGUF loaded with gguf_file= (dequantized, float32)
+  llama.cpp      llama-cpp-python on the same file, when installed (a benchmark
+                 dependency only: `pip install llama-cpp-python`, which builds llama.cpp)
+
+Workloads, greedy: batch-1 decode (ms/token: the time of --decode-tokens more tokens
+after the first, per token), --prefill-len-token prefill (tok/s: one request, one output
+token), and throughput (--batch prompts x --batch-len in / --batch-len out, output tok/s).
+Greedy tokens of the decode run are compared with fastllm-f32's (same precision:
+hf-f32; same file: llama.cpp and fastllm-gguf) and the agreement is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+ENGINES = ("fastllm-gguf", "fastllm-f32", "fastllm-bf16", "hf-f32", "llama.cpp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="a .gguf file (default: the default model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch-len", type=int, default=64)
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (all its threads), "
+                             "steadier on a machine shared with other jobs")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+
+
+def _prompt(n: int, seed: int, vocab: int) -> list:
+    """n random token ids (the same for every engine), clear of the special ids at the start."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min(100, vocab // 4), min(vocab, 30000), (n,), generator=g).tolist()
+
+
+class FastllmEngine:
+    def __init__(self, path, quantization, dtype):
+        from fastllm import LLM
+        self.llm = LLM(path, device="cpu", dtype=dtype, quantization=quantization, enable_prefix_caching=False)
+        self.vocab_size = self.llm.llm_engine.model_config.vocab_size
+
+    def generate(self, prompts, max_tokens):
+        from fastllm import SamplingParams
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in self.llm.generate(prompts, params, use_tqdm=False)]
+
+
+class HFEngine:
+    def __init__(self, path):
+        import transformers
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path) or ".", gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+        self.vocab_size = self.model.config.vocab_size
+
+    @torch.no_grad()
+    def generate(self, prompts, max_tokens):
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("hf engine: prompts of equal length only")
+        ids = torch.tensor(prompts)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                  min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+
+class LlamaCppEngine:
+    def __init__(self, path, threads, n_ctx=1024):
+        import llama_cpp
+        self.llama = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                                     n_batch=512, verbose=False, logits_all=False)
+        self.vocab_size = self.llama.n_vocab()
+
+    def generate(self, prompts, max_tokens):
+        outs = []
+        for p in prompts:  # the high-level binding runs one sequence at a time
+            self.llama.reset()
+            toks = []
+            for tok in self.llama.generate(p, temp=0.0, top_k=1, reset=True):
+                toks.append(tok)
+                if len(toks) == max_tokens:
+                    break
+            outs.append(toks)
+        return outs
+
+
+_clock = time.perf_counter
+
+
+def _time(fn) -> float:
+    t0 = _clock()
+    fn()
+    return _clock() - t0
+
+
+def measure(engine, args) -> dict:
+    """decode ms/token, prefill tok/s, throughput tok/s and the decode run's tokens."""
+    vocab = engine.vocab_size
+    prompt = _prompt(16, 0, vocab)
+    engine.generate([prompt], 2)                                       # warm-up
+    first = min(_time(lambda: engine.generate([prompt], 1)) for _ in range(2))
+    tokens = []
+    full = _time(lambda: tokens.extend(engine.generate([prompt], args.decode_tokens + 1)))
+    result = {"decode_ms_per_token": 1000 * (full - first) / args.decode_tokens, "tokens": tokens[0]}
+    long_prompt = _prompt(args.prefill_len, 1, vocab)
+    result["prefill_tok_s"] = args.prefill_len / min(_time(lambda: engine.generate([long_prompt], 1))
+                                                     for _ in range(2))
+    if not args.skip_throughput:
+        batch = [_prompt(args.batch_len, 10 + i, vocab) for i in range(args.batch)]
+        elapsed = _time(lambda: engine.generate(batch, args.batch_len))
+        result["throughput_out_tok_s"] = args.batch * args.batch_len / elapsed
+    return result
+
+
+def _make(name, path, threads):
+    if name == "fastllm-gguf":
+        return FastllmEngine(path, "gguf", "float32")
+    if name == "fastllm-f32":
+        return FastllmEngine(path, None, "float32")
+    if name == "fastllm-bf16":
+        return FastllmEngine(path, None, "bfloat16")
+    if name == "hf-f32":
+        return HFEngine(path)
+    if name == "llama.cpp":
+        return LlamaCppEngine(path, threads)
+    raise ValueError(f"--engines: unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+
+
+def agreement(a: list, b: list) -> str:
+    """Greedy tokens equal up to the first difference, out of the shorter run."""
+    n = min(len(a), len(b))
+    same = next((i for i in range(n) if a[i] != b[i]), n)
+    return f"{same}/{n}"
+
+
+def run(args) -> None:
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    path = args.model
+    if path is None:
+        from fastllm.model.default_model import default_model_path
+        path = str(default_model_path())
+    torch.set_num_threads(args.threads)
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    results = {}
+    for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        try:
+            engine = _make(name, path, args.threads)
+        except ImportError as e:
+            print(f"{name}: skipped ({e})", flush=True)
+            continue
+        results[name] = measure(engine, args)
+        del engine
+        print(f"{name}: " + json.dumps({k: round(v, 2) for k, v in results[name].items() if k != "tokens"}),
+              flush=True)
+    reference = results.get("fastllm-f32", {}).get("tokens")
+    for name, r in results.items():
+        if reference is not None and name != "fastllm-f32":
+            r["greedy_agreement_vs_fastllm_f32"] = agreement(r["tokens"], reference)
+    if "llama.cpp" in results and "fastllm-gguf" in results:
+        results["llama.cpp"]["greedy_agreement_vs_fastllm_gguf"] = agreement(
+            results["llama.cpp"]["tokens"], results["fastllm-gguf"]["tokens"])
+    print(format_table(results, path, args.threads) + f"\n(clock: {args.clock})")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"model": path, "threads": args.threads, "results": results}, f, indent=1)
+
+
+def format_table(results: dict, path: str, threads: int) -> str:
+    rows = [f"model {os.path.basename(path)}, {threads} threads",
+            "| engine | decode ms/token | prefill tok/s | 32x64/64 out tok/s | greedy agreement |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        agree = ", ".join(f"{v} vs {k.split('_vs_')[1]}" for k, v in r.items() if k.startswith("greedy_agreement"))
+        thr = r.get("throughput_out_tok_s")
+        rows.append(f"| {name} | {r['decode_ms_per_token']:.1f} | {r['prefill_tok_s']:.0f} | "
+                    f"{'-' if thr is None else f'{thr:.0f}'} | {agree or '-'} |")
+    return "\n".join(rows)

@@ -1,0 +1,63 @@
+"""QuantLinear: a linear layer whose weight stays in GGUF's blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+Q5_K, Q6_K, or F32/F16/BF16 rows), multiplied by fastllm.ops.quant_linear's kernels.
+
+A fused projection (q|k|v, gate|up) whose parts were stored in different types (a
+Q4_K_M file keeps some v and down weights in Q6_K) is a list of segments, each a run of
+output rows in one type, written into its columns of one output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastllm import ops
+
+
+class QuantLinear(nn.Module):
+    # No float weight: LlamaForCausalLM.checkpoint_weights skips a None weight, so only
+    # the bias (if any) is loaded by name.
+    weight = None
+
+    def __init__(self, in_features: int, segments: list, bias: bool = False, device=None):
+        """segments: [(ggml_type, uint8 [rows, row_bytes])], in output-row order."""
+        super().__init__()
+        if not segments:
+            raise ValueError("QuantLinear needs at least one weight segment")
+        self.in_features = in_features
+        self.ggml_types = []
+        self.row_starts = [0]
+        for i, (ggml_type, blocks) in enumerate(segments):
+            block_elems, block_bytes = ops.quant_block_shape(ggml_type)
+            if in_features % block_elems or blocks.dim() != 2 or blocks.dtype != torch.uint8 \
+                    or blocks.shape[1] != in_features // block_elems * block_bytes:
+                raise ValueError(f"weight segment {i}: {tuple(blocks.shape)} {blocks.dtype} is not "
+                                 f"rows of {in_features} weights in ggml type {ggml_type}")
+            self.register_buffer(f"qweight{i}", blocks.to(device).contiguous())
+            self.ggml_types.append(int(ggml_type))
+            self.row_starts.append(self.row_starts[-1] + blocks.shape[0])
+        self.out_features = self.row_starts[-1]
+        # float32 always: the kernels add it in their fp32 accumulators.
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False) if bias else None
+
+    def segments(self):
+        return [(t, getattr(self, f"qweight{i}")) for i, t in enumerate(self.ggml_types)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype (fp32 math)."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        segments = self.segments()
+        if len(segments) == 1:
+            y = ops.quant_linear(x2, segments[0][1], segments[0][0], self.bias)
+        else:
+            y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+            for (t, w), r0, r1 in zip(segments, self.row_starts, self.row_starts[1:]):
+                bias = None if self.bias is None else self.bias[r0:r1]
+                ops.quant_linear(x2, w, t, bias, out=y[:, r0:r1])
+        y = y.reshape(*lead, self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, ggml_types={self.ggml_types}"
