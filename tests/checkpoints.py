@@ -290,3 +290,13 @@ def write_gguf(hf_path, out_file, tensor_type: str = "F32", metadata: dict | Non
     w.write_tensors_to_file()
     w.close()
     return out_file
+
+
+def run_all(engine) -> dict:
+    """Step `engine` until it is idle; the final RequestOutput of each request by id."""
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+    return outs

@@ -4,7 +4,7 @@ engine that sampled them would do so at once."""
 import pytest
 import torch
 
-from checkpoints import EOS_ID, load_hf_model, write_checkpoint, write_tokenizer
+from checkpoints import EOS_ID, load_hf_model, run_all, write_checkpoint, write_tokenizer
 from fastllm.config import EngineConfig
 from fastllm.engine.llm_engine import LLMEngine
 from fastllm.sampling_params import SamplingParams
@@ -29,15 +29,6 @@ def padded_path(tmp_path_factory):
 def make_engine(path, **kw):
     return LLMEngine.from_pretrained(str(path), EngineConfig(max_model_len=128, num_kv_blocks=64, **kw),
                                      dtype="float32", device="cpu")
-
-
-def run_all(engine):
-    outs = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outs[out.request_id] = out
-    return outs
 
 
 def test_padded_rows_dominate_the_raw_logits(padded_path):

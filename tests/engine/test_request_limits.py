@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from checkpoints import cached_checkpoint
+from checkpoints import cached_checkpoint, run_all
 from fastllm.config import MAX_SWAP_FRACTION, EngineConfig, total_ram_bytes
 from fastllm.engine.llm_engine import LLMEngine
 from fastllm.sampling_params import SamplingParams
@@ -15,15 +15,6 @@ def engine():
     return LLMEngine.from_pretrained(str(cached_checkpoint("llama")),
                                      EngineConfig(max_model_len=64, num_kv_blocks=16),
                                      dtype="float32", device="cpu")
-
-
-def run_all(engine):
-    outs = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outs[out.request_id] = out
-    return outs
 
 
 @pytest.mark.parametrize("field, value", [

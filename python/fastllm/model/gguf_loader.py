@@ -166,10 +166,7 @@ def _check_shapes(reader, config: ModelConfig, path: str) -> None:
     arch = _value(reader, "general.architecture")
     shapes, display = {}, {}
     for tensor in reader.tensors:
-        try:
-            name = hf_tensor_name(tensor.name)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        name = _hf_name(tensor, path)
         if name is None:
             if tensor.name == "rope_freqs.weight" and int(tensor.n_elements) != config.head_dim // 2:
                 raise ValueError(f"{path}: tensor 'rope_freqs.weight' has {int(tensor.n_elements)} "
@@ -193,6 +190,13 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a Llama-family model")
 
 
+def _hf_name(tensor, path: str) -> str | None:
+    try:
+        return hf_tensor_name(tensor.name)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf's `permute`: per head, rows (pair j, half a) stored as
     j*2 + a go back to HF's a*(head_dim/2) + j. Works for weights [rows, in] and biases [rows]."""
@@ -205,10 +209,7 @@ def _iter_hf_tensors(reader, config: ModelConfig, path: str):
     arch = _value(reader, "general.architecture")
     permuted = _ARCHITECTURES[arch][1]
     for tensor in reader.tensors:
-        try:
-            name = hf_tensor_name(tensor.name)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        name = _hf_name(tensor, path)
         if name is None:
             continue
         weight = torch.from_numpy(np.array(_dequantize(tensor, path), dtype=np.float32))
