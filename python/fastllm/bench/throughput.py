@@ -123,22 +123,14 @@ def run_throughput(loaded, prompts: list, output_lens: list, engine_config: Engi
     agreement is over those N). hf_timeout_s: transformers' continuous batching gives up
     after that long (a note; static batching cannot be interrupted). on_engine_done(engines)
     after each engine, so a caller can save what is measured before a slow baseline."""
-    for mode in hf_modes:
-        if mode not in HF_MODES:
-            raise ValueError(f"--hf-modes: unknown mode {mode!r}; choose from {', '.join(HF_MODES)}")
-    if hf_num_prompts is not None and not 1 <= hf_num_prompts <= len(prompts):
-        raise ValueError(f"--hf-num-prompts must be in [1, {len(prompts)}] (the number of "
-                         f"requests), got {hf_num_prompts}")
-    if hf_timeout_s is not None and not hf_timeout_s > 0:
-        raise ValueError(f"--hf-timeout must be > 0 seconds, got {hf_timeout_s}")
+    _check_throughput_args(prompts, hf_modes, hf_num_prompts, hf_timeout_s)
     hf_count = len(prompts) if hf_num_prompts is None else hf_num_prompts
-    hf_prompts, hf_lens = prompts[:hf_count], output_lens[:hf_count]
     engines, token_ids, notes = {}, {}, []
     done = on_engine_done or (lambda _engines: None)
-    warm = [p[:8] for p in prompts[:2]]          # short, so setup costs are not timed
+    warm = [p[:8] for p in prompts[:2]] if warmup else None   # short: setup costs not timed
 
     engine = models.make_engine(loaded, engine_config)
-    if warmup:
+    if warm:
         fastllm_generate(engine, warm, [4] * len(warm), tag="warmup")
     outs, elapsed = fastllm_generate(engine, prompts, output_lens)
     engines["fastllm"] = summarize(outs, output_lens, elapsed)
@@ -149,38 +141,62 @@ def run_throughput(loaded, prompts: list, output_lens: list, engine_config: Engi
     models.release(loaded.device)
 
     if hf_modes:
-        hf_config = _hf_config(loaded, hf_architecture)
-        hf = hf_model_sharing_weights(loaded.model, hf_config, loaded.device, loaded.dtype)
-        continuous_kw = {} if hf_timeout_s is None else {"timeout_s": hf_timeout_s}
-        runners = {"static": lambda p, n: hf_static_generate(hf, p, n, hf_batch_size),
-                   "continuous": lambda p, n: hf_continuous_generate(hf, p, n, **continuous_kw)}
-        for mode in hf_modes:
-            name = f"hf_{mode}"
-            try:
-                if warmup:
-                    runners[mode](warm, [4] * len(warm))
-                outs, elapsed = runners[mode](hf_prompts, hf_lens)
-            except HFUnavailable as e:
-                notes.append(f"{name} skipped: {e}")
-                engines[name] = {"status": "skipped", "error": str(e)}
-                done(engines)
-                continue
-            except Exception as e:  # noqa: BLE001 - a baseline failing must not lose fastllm's numbers
-                if mode == "static":
-                    raise
-                notes.append(f"{name} failed: {type(e).__name__}: {e}")
-                engines[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                done(engines)
-                continue
-            finally:
-                models.release(loaded.device)
-            engines[name] = summarize(outs, hf_lens, elapsed)
-            engines[name]["num_requests"] = hf_count
-            token_ids[name] = outs
-            done(engines)
-        del hf
-        models.release(loaded.device)
+        _run_hf_baselines(loaded, prompts[:hf_count], output_lens[:hf_count], hf_modes,
+                          hf_batch_size, hf_architecture, hf_timeout_s, warm,
+                          engines, token_ids, notes, done)
+    ratios, agree = _ratios(engines, token_ids)
+    return {"engines": engines, "ratios": ratios, "agreement": agree, "notes": notes,
+            "token_ids": token_ids}
 
+
+def _check_throughput_args(prompts, hf_modes, hf_num_prompts, hf_timeout_s) -> None:
+    for mode in hf_modes:
+        if mode not in HF_MODES:
+            raise ValueError(f"--hf-modes: unknown mode {mode!r}; choose from {', '.join(HF_MODES)}")
+    if hf_num_prompts is not None and not 1 <= hf_num_prompts <= len(prompts):
+        raise ValueError(f"--hf-num-prompts must be in [1, {len(prompts)}] (the number of "
+                         f"requests), got {hf_num_prompts}")
+    if hf_timeout_s is not None and not hf_timeout_s > 0:
+        raise ValueError(f"--hf-timeout must be > 0 seconds, got {hf_timeout_s}")
+
+
+def _run_hf_baselines(loaded, hf_prompts, hf_lens, hf_modes, hf_batch_size, hf_architecture,
+                      hf_timeout_s, warm, engines, token_ids, notes, done) -> None:
+    """Each HF mode on the weights fastllm just ran; fills engines / token_ids / notes."""
+    hf_config = _hf_config(loaded, hf_architecture)
+    hf = hf_model_sharing_weights(loaded.model, hf_config, loaded.device, loaded.dtype)
+    continuous_kw = {} if hf_timeout_s is None else {"timeout_s": hf_timeout_s}
+    runners = {"static": lambda p, n: hf_static_generate(hf, p, n, hf_batch_size),
+               "continuous": lambda p, n: hf_continuous_generate(hf, p, n, **continuous_kw)}
+    for mode in hf_modes:
+        name = f"hf_{mode}"
+        try:
+            if warm:
+                runners[mode](warm, [4] * len(warm))
+            outs, elapsed = runners[mode](hf_prompts, hf_lens)
+        except HFUnavailable as e:
+            notes.append(f"{name} skipped: {e}")
+            engines[name] = {"status": "skipped", "error": str(e)}
+            done(engines)
+            continue
+        except Exception as e:  # noqa: BLE001 - a baseline failing must not lose fastllm's numbers
+            if mode == "static":
+                raise
+            notes.append(f"{name} failed: {type(e).__name__}: {e}")
+            engines[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            done(engines)
+            continue
+        finally:
+            models.release(loaded.device)
+        engines[name] = summarize(outs, hf_lens, elapsed)
+        engines[name]["num_requests"] = len(hf_prompts)
+        token_ids[name] = outs
+        done(engines)
+    del hf
+    models.release(loaded.device)
+
+
+def _ratios(engines: dict, token_ids: dict) -> tuple[dict, dict]:
     ratios, agree = {}, {}
     for name, m in engines.items():
         if name == "fastllm" or m.get("status") != "ok":
@@ -189,8 +205,7 @@ def run_throughput(loaded, prompts: list, output_lens: list, engine_config: Engi
             "output_tok_s": engines["fastllm"]["output_tok_s"] / m["output_tok_s"],
             "requests_per_s": engines["fastllm"]["requests_per_s"] / m["requests_per_s"]}
         agree[name] = agreement(token_ids["fastllm"][:len(token_ids[name])], token_ids[name])
-    return {"engines": engines, "ratios": ratios, "agreement": agree, "notes": notes,
-            "token_ids": token_ids}
+    return ratios, agree
 
 
 def _hf_config(loaded, architecture: Optional[str]):

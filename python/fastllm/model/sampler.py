@@ -187,56 +187,10 @@ class SamplingBatch:
         random_params = [p for p, g in zip(params, is_greedy) if not g]
         temps = {p.temperature for p in random_params}
         shared_temperature = temps.pop() if len(temps) == 1 else None
-        max_top_k = 0
-        if any(p.top_k > 0 for p in random_params):
-            ks = [0 if g else max(p.top_k, 0) for p, g in zip(params, is_greedy)]
-            arrays["top_k"] = np.array(ks, dtype=np.int64)
-            max_top_k = max(ks)
-        if any(p.top_p < 1.0 for p in random_params):
-            arrays["top_p"] = np.array([1.0 if g else p.top_p for p, g in zip(params, is_greedy)],
-                                       dtype=np.float32)
-        if any(p.min_p > 0.0 for p in random_params):
-            arrays["min_p"] = np.array([0.0 if g else p.min_p for p, g in zip(params, is_greedy)],
-                                       dtype=np.float32)
-
-        prompts, new_prompts = [], []
-        penalized = [i for i, p in enumerate(params) if p.has_penalties]
-        if penalized:
-            # Rows without penalties keep count 0 / penalty 1: their logits are untouched,
-            # so only the penalized rows' tokens are flattened.
-            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-                arrays[name] = np.array([getattr(p, name) for p in params], dtype=np.float32)
-            arrays["output_tokens.rows"], arrays["output_tokens.ids"] = _flat_token_index(
-                output_token_ids, penalized)
-            repeated = [i for i in penalized if params[i].repetition_penalty != 1.0]
-            lens = []
-            for i in repeated:
-                entry = prompt_token_ids[i]
-                if isinstance(entry, torch.Tensor) and _same_device(entry.device, torch.device(device)):
-                    prompts.append((i, entry.reshape(-1)))
-                    lens.append(entry.numel())
-                else:
-                    if isinstance(entry, torch.Tensor):
-                        entry = entry.cpu()
-                    ids = np.asarray(entry, dtype=np.int64).reshape(-1)
-                    prompts.append((i, None))
-                    new_prompts.append(ids)
-                    lens.append(len(ids))
-            if repeated:
-                arrays["prompt.rows"] = np.array(repeated, dtype=np.int64)
-                arrays["prompt.lens"] = np.array(lens, dtype=np.int64)
-            if new_prompts:
-                arrays["new_prompt_ids"] = np.concatenate(new_prompts)
-
-        banned = [[] for _ in params]
-        for i, p in enumerate(params):
-            if num_output_tokens[i] < p.min_tokens:
-                banned[i] = sorted(t for t in p.all_stop_token_ids
-                                   if vocab_size is None or t < vocab_size)
-        banned_rows = [i for i, ids in enumerate(banned) if ids]
-        if banned_rows:
-            arrays["banned_tokens.rows"], arrays["banned_tokens.ids"] = _flat_token_index(
-                banned, banned_rows)
+        max_top_k = _stage_filters(params, is_greedy, arrays)
+        prompts, new_prompts = _stage_penalties(params, prompt_token_ids, output_token_ids,
+                                                device, arrays)
+        _stage_banned(params, num_output_tokens, vocab_size, arrays)
 
         num_logprobs = [p.logprobs for p in params]
         asked = [n for n in num_logprobs if n is not None]
@@ -257,6 +211,71 @@ class SamplerOutput:
     top_logprobs: Optional[torch.Tensor] = None      # [S, N] float32, N = max requested
     top_token_ids: Optional[torch.Tensor] = None     # [S, N] int64; row i uses its first num_logprobs[i]
 
+
+
+def _stage_filters(params, is_greedy, arrays: dict) -> int:
+    """top_k / top_p / min_p arrays, only when some random row uses them; -> max top_k."""
+    random_params = [p for p, g in zip(params, is_greedy) if not g]
+    max_top_k = 0
+    if any(p.top_k > 0 for p in random_params):
+        ks = [0 if g else max(p.top_k, 0) for p, g in zip(params, is_greedy)]
+        arrays["top_k"] = np.array(ks, dtype=np.int64)
+        max_top_k = max(ks)
+    if any(p.top_p < 1.0 for p in random_params):
+        arrays["top_p"] = np.array([1.0 if g else p.top_p for p, g in zip(params, is_greedy)],
+                                   dtype=np.float32)
+    if any(p.min_p > 0.0 for p in random_params):
+        arrays["min_p"] = np.array([0.0 if g else p.min_p for p, g in zip(params, is_greedy)],
+                                   dtype=np.float32)
+    return max_top_k
+
+
+def _stage_penalties(params, prompt_token_ids, output_token_ids, device, arrays: dict):
+    """Penalty arrays and flat token indices; -> (prompts: [(row, device tensor or None)],
+    new_prompts: host id arrays still to upload)."""
+    prompts, new_prompts = [], []
+    penalized = [i for i, p in enumerate(params) if p.has_penalties]
+    if not penalized:
+        return prompts, new_prompts
+    # Rows without penalties keep count 0 / penalty 1: their logits are untouched,
+    # so only the penalized rows' tokens are flattened.
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        arrays[name] = np.array([getattr(p, name) for p in params], dtype=np.float32)
+    arrays["output_tokens.rows"], arrays["output_tokens.ids"] = _flat_token_index(
+        output_token_ids, penalized)
+    repeated = [i for i in penalized if params[i].repetition_penalty != 1.0]
+    lens = []
+    for i in repeated:
+        entry = prompt_token_ids[i]
+        if isinstance(entry, torch.Tensor) and _same_device(entry.device, torch.device(device)):
+            prompts.append((i, entry.reshape(-1)))
+            lens.append(entry.numel())
+        else:
+            if isinstance(entry, torch.Tensor):
+                entry = entry.cpu()
+            ids = np.asarray(entry, dtype=np.int64).reshape(-1)
+            prompts.append((i, None))
+            new_prompts.append(ids)
+            lens.append(len(ids))
+    if repeated:
+        arrays["prompt.rows"] = np.array(repeated, dtype=np.int64)
+        arrays["prompt.lens"] = np.array(lens, dtype=np.int64)
+    if new_prompts:
+        arrays["new_prompt_ids"] = np.concatenate(new_prompts)
+    return prompts, new_prompts
+
+
+def _stage_banned(params, num_output_tokens, vocab_size, arrays: dict) -> None:
+    """Stop ids banned while a row is under min_tokens (ids >= vocab_size dropped)."""
+    banned = [[] for _ in params]
+    for i, p in enumerate(params):
+        if num_output_tokens[i] < p.min_tokens:
+            banned[i] = sorted(t for t in p.all_stop_token_ids
+                               if vocab_size is None or t < vocab_size)
+    banned_rows = [i for i, ids in enumerate(banned) if ids]
+    if banned_rows:
+        arrays["banned_tokens.rows"], arrays["banned_tokens.ids"] = _flat_token_index(
+            banned, banned_rows)
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     """In place, vLLM semantics: a token seen in prompt or output has its logit divided
