@@ -172,7 +172,9 @@ def test_load_generator_measures_scripted_stream(scripted, endpoint):
     assert (s["completed"], s["errors"], s["total_output_tokens"]) == (2, 1, 9)
     assert s["ttft_ms"]["p50"] >= 1000 * ScriptedServer.FIRST_S
     assert s["itl_ms"]["p50"] >= 1000 * ScriptedServer.GAP_S * 0.9
-    body = app.bodies[0]
+    # The three requests go out at once, so the server may see them in any order.
+    body = next(b for b in app.bodies if "one two" in json.dumps(b.get("prompt", b.get("messages"))))
+    assert sorted(b["max_tokens"] for b in app.bodies) == [4, 5, 5]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["ignore_eos"] is True and body["model"] == "m" and body["max_tokens"] == 5
     assert ("messages" in body) == (endpoint == "chat")
