@@ -29,7 +29,8 @@ def server(model_path):
 @pytest.fixture(scope="session")
 def limited_server(model_path):
     proc = ServerProcess(model_path, "--num-kv-blocks", 128, "--api-key", API_KEY,
-                         "--max-queue-len", 2, "--max-request-bytes", 4096, api_key=API_KEY)
+                         "--max-queue-len", 2, "--max-request-bytes", 4096, "--max-logprobs", 3,
+                         api_key=API_KEY)
     yield proc
     rc = proc.stop()
     assert rc == 0, proc.output()

@@ -142,3 +142,19 @@ def test_body_over_limit_gets_413(limited_server):
     ok = httpx.post(limited_server.url + "/v1/completions", json=OK_COMPLETION, headers=headers,
                     timeout=60)
     assert ok.status_code == 200
+
+
+def test_max_logprobs_flag(limited_server):
+    """--max-logprobs 3: the engine's limit is the server's (400 naming the field above it)."""
+    headers = limited_server.headers
+    for route, body in (("/v1/completions", {**OK_COMPLETION, "logprobs": 4}),
+                        ("/v1/chat/completions", {**OK_CHAT, "logprobs": True, "top_logprobs": 4})):
+        r = httpx.post(limited_server.url + route, json=body, headers=headers, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+    r = httpx.post(limited_server.url + "/v1/completions", json={**OK_COMPLETION, "logprobs": 3},
+                   headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    top = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+    # At most the 3 asked for plus the sampled token (OpenAI adds it); byte pieces that
+    # all decode to U+FFFD share one key, so an entry can hold fewer.
+    assert top and all(1 <= len(t) <= 4 for t in top) and max(len(t) for t in top) >= 3

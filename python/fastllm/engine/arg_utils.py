@@ -25,6 +25,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_help: str = None) 
     g.add_argument("--swap-space", type=float, default=0, help="GiB of CPU memory for preempted KV")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most logprobs (or top_logprobs) a request may ask for")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (no CUDA graphs for decode steps)")
 
@@ -37,4 +39,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill,
-                swap_space=args.swap_space, enforce_eager=args.enforce_eager, seed=args.seed)
+                swap_space=args.swap_space, enforce_eager=args.enforce_eager, seed=args.seed,
+                max_logprobs=args.max_logprobs)

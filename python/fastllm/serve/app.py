@@ -47,6 +47,7 @@ class ServerState:
         self.llm, self.config = llm, config
         self.metrics = ServerMetrics(llm)
         self.defaults = llm.llm.generation_defaults()
+        self.max_logprobs = llm.engine.config.max_logprobs
         self.token_text = token_text_fn(llm.tokenizer)
         self.draining = False
         self.loop: Optional[asyncio.AbstractEventLoop] = None
@@ -171,7 +172,7 @@ async def _generate(state: ServerState, req: GenerateRequest, request: Request):
     ids = state.llm.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
     if not ids:
         raise APIError("prompt must not be empty", param="prompt")
-    params = sampling_params(req, state.defaults, req.max_tokens, None)
+    params = sampling_params(req, state, req.max_tokens, None)
     if params.n != 1:
         raise APIError("/generate returns one completion; n must be 1", param="n")
     admit(state, 1)

@@ -64,7 +64,7 @@ async def create_chat_completion(state, req: ChatCompletionRequest, request: Req
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     num_top = req.top_logprobs or 0
-    params = sampling_params(req, state.defaults, max_tokens, num_top if req.logprobs else None)
+    params = sampling_params(req, state, max_tokens, num_top if req.logprobs else None)
     admit(state, 1)
     rid = new_request_id("chatcmpl")
     record = request.state.record = RequestRecord(rid, len(ids))

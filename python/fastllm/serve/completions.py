@@ -50,7 +50,7 @@ async def create_completion(state, req: CompletionRequest, request: Request):
     _check_supported(req)
     tokenizer = state.llm.tokenizer
     prompts = _prompts(req, tokenizer)
-    params = sampling_params(req, state.defaults, req.max_tokens, req.logprobs)
+    params = sampling_params(req, state, req.max_tokens, req.logprobs)
     admit(state, len(prompts))
     rid = new_request_id("cmpl")
     record = request.state.record = RequestRecord(rid, sum(len(ids) for _, ids in prompts))

@@ -17,7 +17,6 @@ from fastllm.sampling_params import SamplingParams
 from fastllm.serve.errors import APIError, from_value_error
 from fastllm.serve.protocol import ChatLogprobToken, CompletionLogprobs, TopLogprob, UsageInfo
 
-MAX_LOGPROBS = 20
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids",
                     "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
                     "ignore_eos", "min_tokens", "include_stop_str_in_output",
@@ -34,16 +33,17 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params(req, defaults: dict, max_tokens: Optional[int],
+def sampling_params(req, state, max_tokens: Optional[int],
                     logprobs: Optional[int]) -> SamplingParams:
-    """Fields the request gave, over the checkpoint's generation_config defaults."""
+    """Fields the request gave, over the checkpoint's generation_config defaults
+    (state.defaults); logprobs up to the engine's max_logprobs (--max-logprobs)."""
     if req.logit_bias:
         raise APIError("logit_bias is not supported", param="logit_bias")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise APIError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}",
+    if logprobs is not None and not 0 <= logprobs <= state.max_logprobs:
+        raise APIError(f"logprobs must be in [0, {state.max_logprobs}], got {logprobs}",
                        param="logprobs")
     given = {name: getattr(req, name) for name in _SAMPLING_FIELDS}
-    merged = {k: v for k, v in defaults.items() if k != "max_tokens"}
+    merged = {k: v for k, v in state.defaults.items() if k != "max_tokens"}
     merged.update((k, v) for k, v in given.items() if v is not None)
     merged.update(max_tokens=max_tokens, logprobs=logprobs)
     try:
