@@ -345,3 +345,22 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds what the model supports "
                              f"({limit} tokens)")
         return self.max_model_len
+
+
+@dataclass
+class ParallelConfig:
+    """How one engine spreads over processes (fastllm.distributed): world = tp * pp ranks
+    per replica, data_parallel_size replicas. Rank 0 of a replica is the driver (schedules,
+    samples); the others only compute."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            check_positive_int(name, getattr(self, name))
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one replica (tensor x pipeline)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
