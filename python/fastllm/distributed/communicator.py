@@ -104,14 +104,17 @@ class GlooCommunicator(Communicator):
         return x
 
 
-def new_communicator(ranks: Sequence[int], device: torch.device | str) -> Communicator:
-    """The communicator for `ranks` on `device`: one rank -> SingleRankCommunicator; CUDA ->
-    NcclCommunicator (fastllm.distributed.nccl); CPU -> GlooCommunicator. Collective: every
-    rank of the world calls it with the same `ranks` (torch.distributed.new_group's rule)."""
+def new_communicator(ranks: Sequence[int], device: torch.device | str,
+                     group: Optional[dist.ProcessGroup] = None) -> Communicator:
+    """The communicator of this rank (a member of `ranks`) on `device`: one rank ->
+    SingleRankCommunicator; CUDA -> NcclCommunicator (fastllm.distributed.nccl); CPU ->
+    GlooCommunicator. `group`: the gloo group over `ranks`, which every rank of the world
+    must create, members or not (torch.distributed.new_group's rule); see
+    parallel_state.init_parallel_context."""
     device = torch.device(device)
     if len(ranks) == 1:
         return SingleRankCommunicator(device)
     if device.type == "cuda":
         from fastllm.distributed.nccl import NcclCommunicator   # the NCCL backend's module
-        return NcclCommunicator(ranks, device)
-    return GlooCommunicator(ranks)
+        return NcclCommunicator(ranks, device, group)
+    return GlooCommunicator(ranks, group)
