@@ -10,7 +10,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from fastllm.utils import check_positive_int
 
@@ -297,6 +297,8 @@ class EngineConfig:
     max_seq_len_to_capture: int = 8192
     # Most logprobs a request may ask for per token (vLLM's name and default).
     max_logprobs: int = 20
+    # fastllm.spec_decode.SpeculativeConfig, or the dict / JSON text of one; None = off.
+    speculative_config: Optional[Any] = None
 
     def __post_init__(self):
         def positive_int(name):
@@ -312,6 +314,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization!r}")
         self._check_swap_space()
+        from fastllm.spec_decode.config import SpeculativeConfig
+        self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
         if (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                 or not -(1 << 63) <= self.seed < (1 << 64)):
             raise ValueError(f"EngineConfig.seed must be a 64-bit integer, got {self.seed!r}")

@@ -28,7 +28,8 @@ class LLM:
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, swap_space: float = 0,
                  enforce_eager: bool = False, seed: int = 0, max_logprobs: int = 20,
-                 tokenizer=None, quantization: Optional[str] = "auto"):
+                 tokenizer=None, quantization: Optional[str] = "auto",
+                 speculative_config=None):
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: the offline LLM runs on "
                              f"one device (tensor parallelism is not implemented yet)")
@@ -43,7 +44,7 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching,
                               enable_chunked_prefill=enable_chunked_prefill,
                               swap_space=swap_space, enforce_eager=enforce_eager, seed=seed,
-                              max_logprobs=max_logprobs)
+                              max_logprobs=max_logprobs, speculative_config=speculative_config)
         self.model_path = model
         # quantization: "auto" (= "gguf" for a .gguf file: its linear weights stay in their
         # blocks; None for an HF directory), "gguf", or None (dequantize at load).

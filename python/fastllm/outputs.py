@@ -41,6 +41,8 @@ class RequestMetrics:
     finished_time: Optional[float] = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0
+    num_spec_draft_tokens: int = 0      # speculative decoding: drafts verified, accepted
+    num_spec_accepted_tokens: int = 0
 
 
 @dataclass

@@ -137,6 +137,13 @@ class BlockManager:
             self.allocator.free(block_id)
         seq.block_table = []
 
+    def trim(self, seq: Sequence) -> None:
+        """Free seq's blocks past those its tokens need (speculative decoding: the
+        lookahead slots of rejected drafts), tail first."""
+        keep = self.blocks_for_tokens(seq.num_tokens)
+        while len(seq.block_table) > keep:
+            self.allocator.free(seq.block_table.pop())
+
     def is_private_from(self, seq: Sequence, position: int) -> bool:
         """Whether every block of seq holding positions >= position is seq's alone and
         not offered to the prefix cache, so its KV may be rewritten."""

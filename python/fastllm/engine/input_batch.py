@@ -147,7 +147,7 @@ class InputBatch:
         the sampler's memory was profiled for."""
         rows, states, params, gens, prompts, outputs, num_outputs = [], [], [], [], [], [], []
         for i, s in enumerate(scheduled):
-            if not s.num_samples:
+            if not s.num_samples or s.num_draft_tokens:   # drafts: verified, not sampled
                 continue
             state = requests[s.request_id]
             p = state.params

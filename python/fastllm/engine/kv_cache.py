@@ -97,7 +97,8 @@ def profile_step(engine_config, vocab_size: int) -> tuple[SchedulerOutput, int]:
         table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
         out.scheduled.append(ScheduledSeq(
             rid, -1 - i, [0] * n, 0, table, num_samples=samples,
-            num_output_tokens=_PROFILE_TOKENS, output_token_ids=outputs))
+            num_output_tokens=_PROFILE_TOKENS, output_token_ids=outputs,
+            num_lookahead=0, num_draft_tokens=0))
     return out, num_seqs * blocks_per_seq
 
 
@@ -163,7 +164,9 @@ class KVCache:
     """The KV tensors of num_blocks blocks and num_swap_blocks of CPU swap space."""
 
     def __init__(self, model_config, engine_config, num_blocks: int, *,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, num_swap_blocks: Optional[int] = None):
+        """num_swap_blocks: None = what swap_space GiB holds (a draft model's cache takes
+        the target's count, so the same swap block ids index both)."""
         self.device = device
         self.num_blocks = num_blocks
         self.bytes_per_block = kv_bytes_per_block(model_config, engine_config.block_size, dtype)
@@ -171,7 +174,8 @@ class KVCache:
                                             dtype=dtype, device=device)
         # CPU swap space: swap_space GiB of blocks, made once (page-locked on a GPU, so
         # swaps are asynchronous copies); the BlockManager hands out its block ids.
-        self.num_swap_blocks = int(engine_config.swap_space * (1 << 30)) // self.bytes_per_block
+        self.num_swap_blocks = (int(engine_config.swap_space * (1 << 30)) // self.bytes_per_block
+                                if num_swap_blocks is None else num_swap_blocks)
         # One tensor [L, 2 (K, V), num_swap_blocks, *block shape] with per-layer views,
         # pinned by cudaHostRegister at exactly its size (torch's pinned allocator would
         # round it up to a power of two).

@@ -31,6 +31,8 @@ from fastllm.engine.step_data import RunnerOutput, SchedulerOutput
 from fastllm.outputs import RequestOutput
 from fastllm.profiling import nvtx_range
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
+from fastllm.spec_decode.draft import DraftProposer, load_draft
+from fastllm.spec_decode.planner import SpecPlanner
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,12 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching,
                                           num_swap_blocks=self.runner.num_swap_blocks)
-        self.scheduler = Scheduler(engine_config, self.block_manager)
+        self.drafter = None
+        spec = engine_config.speculative_config
+        if spec is not None and spec.method == "draft_model":
+            self.drafter = self._make_drafter(spec)
+        self.scheduler = Scheduler(engine_config, self.block_manager,
+                                   SpecPlanner(spec) if spec is not None else None)
         self.output_processor = OutputProcessor(tokenizer)
         self.num_steps = 0
         self.finished_latencies: collections.deque = collections.deque(maxlen=_MAX_LATENCY_RECORDS)
@@ -74,6 +81,15 @@ class LLMEngine:
         idempotent."""
         self.scheduler.stop_swapping()
         self.runner.close()
+        if self.drafter is not None:
+            self.drafter.close()
+
+    def _make_drafter(self, spec) -> DraftProposer:
+        """The draft model (same vocabulary) and its mirror of the target's KV blocks."""
+        model, config = load_draft(spec.model, self.model_config, device=self.device, dtype=self.dtype)
+        return DraftProposer(model, config, self.config, num_blocks=self.runner.num_kv_blocks,
+                             num_swap_blocks=self.runner.num_swap_blocks, device=self.device,
+                             dtype=self.dtype, valid_vocab_size=self.vocab_size)
 
     @classmethod
     def from_pretrained(cls, model: str, engine_config: Optional[EngineConfig] = None,
@@ -162,6 +178,9 @@ class LLMEngine:
         # A failed step drops its requests (their KV or token state is unknown) so the
         # engine stays usable for the others, then lets the caller see the error.
         try:
+            if self.drafter is not None:      # on the driver: drafts into the plain data
+                with nvtx_range("propose"):
+                    self.drafter.propose(sched)
             result = self.runner.execute(sched)
         except BaseException:
             self._abort_failed_step(sched, cache_ops_failed=True)
@@ -208,7 +227,10 @@ class LLMEngine:
             num_preemptions=sch.num_preemptions, num_swaps_out=sch.num_swaps_out,
             num_prompt_tokens_computed=sch.num_prefill_tokens_computed,
             num_generation_tokens=sch.num_decode_tokens_computed,
-            num_steps=self.num_steps, requests=list(self.finished_latencies))
+            num_steps=self.num_steps, requests=list(self.finished_latencies),
+            spec_num_draft_tokens=sch.num_spec_draft_tokens,
+            spec_num_accepted_tokens=sch.num_spec_accepted_tokens,
+            spec_num_verifications=sch.num_spec_verifications)
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()

@@ -24,6 +24,7 @@ from fastllm.engine.step_data import RunnerOutput, SampledToken, SchedulerOutput
 from fastllm.model.layers import AttentionSpec
 from fastllm.model.sampler import Sampler
 from fastllm.profiling import nvtx_range
+from fastllm.spec_decode import verify as spec_verify
 from fastllm.utils import cdiv
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ModelRunner:
         self.dtype = dtype
         # valid_vocab_size: the ids the tokenizer knows (< the embedding's rows when padded).
         self.sampler = Sampler(valid_vocab_size)
+        self.valid_vocab_size = valid_vocab_size
         self.inputs = InputBatch(self.device, engine_config.block_size, engine_config.max_num_seqs,
                                  model_config.vocab_size)
         self.requests = RequestStates(self.device)
@@ -112,6 +114,11 @@ class ModelRunner:
             # The step's attention is planned once, in AttentionMetadata, for these caches.
             spec = AttentionSpec.of(self.model_config, kv_caches[0][0])
             input_ids, positions, meta = self.inputs.prepare(out.scheduled, spec)
+            # Speculating sequences: every fed position's logits (None: last rows only).
+            rows = spec_verify.plan_rows(out.scheduled)
+            if rows is not None:
+                meta.logits_indices = torch.tensor(rows.logits_indices, dtype=torch.int64).to(
+                    self.device, non_blocking=True)
             # Before the forward pass: it depends only on the schedule, and building it
             # (pinned, non-blocking uploads) never waits for the device.
             sampling = self.inputs.prepare_sampling(out.scheduled, requests)
@@ -119,10 +126,30 @@ class ModelRunner:
             if graphs is not None and graphs.can_run(input_ids, meta):
                 logits = graphs.run(input_ids, positions, meta)               # [S, V]
             else:
-                logits = self.model(input_ids, positions, kv_caches, meta)    # [S, V]
+                logits = self.model(input_ids, positions, kv_caches, meta)    # [S or R, V]
         with nvtx_range("sample"):
-            sampled = self._sample(len(out.scheduled), sampling, logits)
+            if rows is None:
+                sampled = self._sample(len(out.scheduled), sampling, logits)
+            else:
+                sampled = self._sample_speculative(out, rows, sampling, logits, requests)
         return RunnerOutput(seq_ids=[s.seq_id for s in out.scheduled], sampled=sampled)
+
+    def _sample_speculative(self, out: SchedulerOutput, rows: spec_verify.SpecRows,
+                            sampling: Optional[SamplingStep], logits: torch.Tensor,
+                            requests: RequestStates) -> list[list[SampledToken]]:
+        """logits [R, V] (rows.logits_indices): the plain sampler on every sequence's last
+        row (speculating ones are left out of `sampling`), verification on the drafts'."""
+        device = logits.device
+        last = logits.index_select(0, torch.tensor(rows.last_rows, device=device))     # [S, V]
+        sampled = self._sample(len(out.scheduled), sampling, last)
+        seqs = [out.scheduled[i] for i in rows.spec_seqs]
+        params = [requests[s.request_id].params for s in seqs]
+        spec_logits = logits.index_select(0, torch.tensor(rows.spec_rows, device=device))
+        verified = spec_verify.verify(self.sampler, spec_logits, seqs, params,
+                                      self.valid_vocab_size or logits.shape[1])
+        for i, tokens in zip(rows.spec_seqs, verified):
+            sampled[i] = tokens
+        return sampled
 
     def _sample(self, num_seqs: int, sampling: Optional[SamplingStep],
                 logits: torch.Tensor) -> list[list[SampledToken]]:

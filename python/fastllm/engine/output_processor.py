@@ -93,7 +93,9 @@ class OutputProcessor:
             last_token_time=max((s.token_times[-1] for s in group.seqs if s.token_times), default=None),
             finished_time=group.finish_time or (time.time() if group.is_finished else None),
             num_preemptions=sum(s.num_preemptions for s in group.seqs),
-            num_cached_tokens=group.seqs[0].num_cached_tokens)
+            num_cached_tokens=group.seqs[0].num_cached_tokens,
+            num_spec_draft_tokens=sum(s.num_spec_draft_tokens for s in group.seqs),
+            num_spec_accepted_tokens=sum(s.num_spec_accepted_tokens for s in group.seqs))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=list(group.prompt_token_ids), outputs=completions,
                              finished=group.is_finished, metrics=metrics)

@@ -34,11 +34,17 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, config, block_manager: BlockManager):
+    def __init__(self, config, block_manager: BlockManager, spec_planner=None):
         """Swap space is the block manager's (num_swap_blocks); none = always preempt by
-        recompute."""
+        recompute. spec_planner: a fastllm.spec_decode.planner.SpecPlanner when
+        speculative decoding is on."""
         self.config = config
         self.block_manager = block_manager
+        self.spec = spec_planner
+        self._step_spec: dict[int, tuple[int, list[int]]] = {}   # seq id -> (lookahead, drafts)
+        self.num_spec_draft_tokens = 0       # drafts verified, accepted and accepted/verify
+        self.num_spec_accepted_tokens = 0
+        self.num_spec_verifications = 0      # sequence-steps that verified >= 1 draft
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []       # sorted by Sequence.sort_key (arrival order)
         self.swapped: collections.deque[Sequence] = collections.deque()
@@ -152,6 +158,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(blocks_to_copy=self.block_manager.take_copies())
         picked: list[tuple[Sequence, int]] = []     # (seq, tokens to feed)
+        self._step_spec = {}
         budget, preempted = self._schedule_running(out, picked, self.config.max_num_batched_tokens)
         if not preempted:                 # a step that preempts admits nothing else
             budget = self._schedule_swapped(out, picked, budget)
@@ -167,6 +174,12 @@ class Scheduler:
         while idx < len(self.running) and budget > 0:
             seq = self.running[idx]
             n = min(seq.num_uncomputed_tokens, budget)
+            lookahead = self._speculate(seq, budget)
+            if lookahead:
+                picked.append((seq, n))
+                budget -= n + lookahead
+                idx += 1
+                continue
             while not self.block_manager.allocate_slots(seq, n):
                 self._preempt(self.running[-1], out)
                 preempted = True
@@ -177,6 +190,25 @@ class Scheduler:
                 budget -= n
                 idx += 1
         return budget, preempted
+
+    def _speculate(self, seq: Sequence, budget: int) -> int:
+        """Reserve seq's lookahead slots for this step's drafts (n-gram drafts are found
+        here) -> their number, 0 when seq does not speculate. Never preempts: without
+        free blocks for the lookahead, seq decodes one token as usual."""
+        if self.spec is None:
+            return 0
+        k = self.spec.max_drafts(seq, budget, self.max_new_tokens(seq.group), self.config.max_model_len)
+        if not k:
+            return 0
+        drafts = self.spec.propose(seq.token_ids, k)
+        if drafts is not None:
+            if not drafts:
+                return 0
+            k = len(drafts)
+        if not self.block_manager.allocate_slots(seq, 1 + k):
+            return 0
+        self._step_spec[seq.seq_id] = (k, drafts or [])
+        return k
 
     def _schedule_swapped(self, out: SchedulerOutput, picked: list, budget: int) -> int:
         """Swapped-out sequences come back before anything new is admitted."""
@@ -254,7 +286,7 @@ class Scheduler:
         now = time.time()
         self._in_flight = {}
         for seq, n in picked:
-            out.scheduled.append(self._scheduled_seq(seq, n))
+            out.scheduled.append(self._scheduled_seq(seq, n, *self._step_spec.get(seq.seq_id, (0, ()))))
             self._in_flight[seq.seq_id] = seq
             group = seq.group
             if group.first_scheduled_time is None:
@@ -268,7 +300,7 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _scheduled_seq(seq: Sequence, n: int) -> ScheduledSeq:
+    def _scheduled_seq(seq: Sequence, n: int, lookahead: int, drafts) -> ScheduledSeq:
         # Runs per sequence per step: plain attribute reads, positional arguments.
         group, tokens, start = seq.group, seq.token_ids, seq.num_computed_tokens
         samples, output_ids = 0, None
@@ -276,8 +308,11 @@ class Scheduler:
             samples = 1 if group.forked else group.n
             if group.sampling_params.has_penalties:
                 output_ids = tokens[seq.prompt_len:]
-        return ScheduledSeq(group.request_id, seq.seq_id, tokens[start:start + n], start,
-                            seq.block_table.copy(), samples, len(tokens) - seq.prompt_len, output_ids)
+        fed = tokens[start:start + n]
+        if drafts:
+            fed.extend(drafts)
+        return ScheduledSeq(group.request_id, seq.seq_id, fed, start, seq.block_table.copy(),
+                            samples, len(tokens) - seq.prompt_len, output_ids, lookahead, len(drafts))
 
     # -- after the step -------------------------------------------------------------------
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
@@ -288,10 +323,17 @@ class Scheduler:
             raise ValueError("RunnerOutput.seq_ids do not match the SchedulerOutput's sequences")
         live = [self._live_seq(s) for s in out.scheduled]
         commit = self.block_manager.commit_computed
-        for s, seq in zip(out.scheduled, live):
+        now = time.time()
+        appended: list[Sequence] = []
+        for s, seq, sampled in zip(out.scheduled, live, result.sampled):
             if seq is None:
                 continue
             n = len(s.token_ids)
+            if s.num_lookahead:           # settled once its accepted tokens are known
+                self.num_decode_tokens_computed += n
+                self._settle_speculative(seq, s, sampled, now)
+                appended.append(seq)
+                continue
             if n > 1 or s.num_output_tokens == 0:
                 self.num_prefill_tokens_computed += n
             else:
@@ -299,10 +341,8 @@ class Scheduler:
             seq.num_computed_tokens += n
             seq.num_tokens_fed += n
             commit(seq)
-        now = time.time()
-        appended: list[Sequence] = []
-        for seq, sampled in zip(live, result.sampled):
-            if seq is None or not sampled:
+        for s, seq, sampled in zip(out.scheduled, live, result.sampled):
+            if seq is None or not sampled or s.num_lookahead:
                 continue
             if not seq.group.forked:
                 appended.extend(self._fork(seq, sampled, now))
@@ -310,6 +350,30 @@ class Scheduler:
                 self._append(seq, sampled, now)
                 appended.append(seq)
         return appended
+
+    def _settle_speculative(self, seq: Sequence, s: ScheduledSeq, sampled: list[SampledToken],
+                            now: float) -> None:
+        """seq fed [last, x_1..x_d] and got back its accepted drafts + one token (1..d+1):
+        append them (up to a stop), roll back the KV of the rejected drafts, free the
+        lookahead blocks no longer needed, offer the newly full blocks to the prefix cache."""
+        fed, num_drafts = len(s.token_ids), s.num_draft_tokens
+        if not 1 <= len(sampled) <= num_drafts + 1:
+            raise ValueError(f"sequence {seq.seq_id}: {len(sampled)} tokens back for "
+                             f"{num_drafts} drafts (expected 1..{num_drafts + 1})")
+        seq.num_computed_tokens += fed
+        seq.num_tokens_fed += fed
+        if num_drafts:
+            self.num_spec_verifications += 1
+            self.num_spec_draft_tokens += num_drafts
+            self.num_spec_accepted_tokens += len(sampled) - 1
+            seq.num_spec_draft_tokens += num_drafts
+            seq.num_spec_accepted_tokens += len(sampled) - 1
+        self._append(seq, sampled, now)
+        if seq.status.is_finished:        # freed already
+            return
+        self.rollback(seq, fed - len(sampled))
+        self.block_manager.trim(seq)
+        self.block_manager.commit_computed(seq)
 
     def _live_seq(self, s: ScheduledSeq) -> Optional[Sequence]:
         seq = self._in_flight.get(s.seq_id)

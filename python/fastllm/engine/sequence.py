@@ -66,6 +66,8 @@ class Sequence:
         self.first_token_time: Optional[float] = None
         self.token_times: list[float] = []      # wall time each output token was sampled
         self.num_preemptions = 0
+        self.num_spec_draft_tokens = 0           # speculative decoding: drafts verified
+        self.num_spec_accepted_tokens = 0        # and accepted
 
     # -- token views ---------------------------------------------------------------
     @property

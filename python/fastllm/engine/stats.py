@@ -37,6 +37,8 @@ class RequestLatency:
     ttft: Optional[float]          # seconds from arrival to the first token
     mean_itl: Optional[float]      # mean seconds between consecutive tokens of a sample
     num_output_tokens: int
+    num_spec_draft_tokens: int = 0       # speculative decoding: drafts verified for it
+    num_spec_accepted_tokens: int = 0    # and accepted
 
 
 @dataclass
@@ -55,6 +57,26 @@ class EngineStats:
     num_generation_tokens: int          # decode tokens fed to the model
     num_steps: int
     requests: list[RequestLatency] = field(default_factory=list)   # finished, newest last
+    # Speculative decoding, since start: drafts verified, accepted, and the sequence-steps
+    # that verified at least one draft.
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_verifications: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> Optional[float]:
+        """Accepted / verified drafts (None before any)."""
+        if not self.spec_num_draft_tokens:
+            return None
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens
+
+    @property
+    def spec_mean_accepted_length(self) -> Optional[float]:
+        """Tokens a verifying sequence-step yields on average: its accepted drafts + the
+        one the target always adds (1 = no draft ever accepted)."""
+        if not self.spec_num_verifications:
+            return None
+        return 1 + self.spec_num_accepted_tokens / self.spec_num_verifications
 
     @property
     def mean_ttft(self) -> Optional[float]:
@@ -93,7 +115,9 @@ def request_latency(group) -> RequestLatency:
         request_id=group.request_id,
         ttft=None if first is None else first - group.arrival_time,
         mean_itl=statistics.fmean(gaps) if gaps else None,
-        num_output_tokens=sum(s.num_output_tokens for s in group.seqs))
+        num_output_tokens=sum(s.num_output_tokens for s in group.seqs),
+        num_spec_draft_tokens=sum(s.num_spec_draft_tokens for s in group.seqs),
+        num_spec_accepted_tokens=sum(s.num_spec_accepted_tokens for s in group.seqs))
 
 
 # -- KV-cache efficiency report -------------------------------------------------------

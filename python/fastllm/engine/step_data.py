@@ -33,7 +33,7 @@ class ScheduledSeq:
     """One sequence's share of the step: tokens [start, start + len(token_ids)) are fed.
     Made per sequence per step: slots, and every field given (no defaults)."""
     __slots__ = ("request_id", "seq_id", "token_ids", "start", "block_table", "num_samples",
-                 "num_output_tokens", "output_token_ids")
+                 "num_output_tokens", "output_token_ids", "num_lookahead", "num_draft_tokens")
     request_id: str
     seq_id: int
     token_ids: list[int]          # the tokens fed this step (a prefill chunk, or 1 to decode)
@@ -42,6 +42,11 @@ class ScheduledSeq:
     num_samples: int              # 0 mid-prefill; 1; n when the prompt completes and forks
     num_output_tokens: int        # output tokens before this step (min_tokens)
     output_token_ids: Optional[list[int]]   # all so far, for requests with penalties; else None
+    # Speculative decoding (fastllm.spec_decode): KV slots reserved past the sequence's
+    # tokens for drafts (0 = it does not speculate this step), and how many drafts end
+    # token_ids (<= num_lookahead; the draft model's proposer appends them before execute).
+    num_lookahead: int
+    num_draft_tokens: int
 
     @property
     def num_tokens(self) -> int:

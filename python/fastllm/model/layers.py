@@ -49,6 +49,9 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [S+1] int32 cumulative query counts
     max_query_len: Optional[int] = None  # longest q_len, known on the host (None: unknown)
     spec: Optional[AttentionSpec] = None
+    # [R] int64 rows of the step's T tokens whose logits the model returns; None = each
+    # sequence's last row (query_start_loc[1:] - 1). Speculative decoding scores several.
+    logits_indices: Optional[torch.Tensor] = None
     plan: Optional[ops.AttentionPlan] = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):

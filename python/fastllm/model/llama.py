@@ -44,7 +44,8 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] int64 (the flattened step); kv_caches: one
         (k_cache, v_cache) per layer. Returns [S, vocab] float32 logits of each
-        sequence's last query token (rows query_start_loc[1:] - 1)."""
+        sequence's last query token (rows query_start_loc[1:] - 1), or [R, vocab] of the
+        rows meta.logits_indices names."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model has "
                              f"{len(self.layers)} layers")
@@ -57,7 +58,9 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
         # Only the rows that get sampled go through the last residual add, the final
         # norm and the LM head (the gathers are copies, so the add stays out of place).
-        last = meta.query_start_loc[1:].long() - 1                   # [S]
+        last = meta.logits_indices
+        if last is None:
+            last = meta.query_start_loc[1:].long() - 1               # [S]
         hidden, _ = self.norm(hidden[last], residual[last])
         return self.lm_head(hidden).float()                          # [S, vocab]
 

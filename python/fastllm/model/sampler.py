@@ -407,6 +407,23 @@ class Sampler:
                 out.top_logprobs, out.top_token_ids = top.values, top.indices
         return out
 
+    def processed_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[S, V] float32, rows summing to 1: the distribution __call__ draws each row
+        from -- temperature, top-k, top-p, min-p; one-hot at the argmax on greedy rows.
+        Speculative verification's target p (fastllm.spec_decode): its rows never carry
+        penalties, min_tokens bans or logprobs, which are refused here."""
+        if batch.banned_tokens is not None or batch.output_tokens is not None:
+            raise ValueError("processed_probs: rows with penalties or min_tokens bans are not supported")
+        logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        if self.valid_vocab_size is not None and self.valid_vocab_size < logits.shape[1]:
+            logits[:, self.valid_vocab_size:] = float("-inf")
+        greedy = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        if batch.all_greedy:
+            return greedy
+        probs = _random_probs(logits, batch)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        return torch.where(batch.is_greedy.unsqueeze(1), greedy, probs)
+
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """a == b, reading a CUDA device without an index as the current one."""

@@ -84,6 +84,14 @@ class _EngineCollector:
         yield CounterMetricFamily("fastllm:generation_tokens_computed", "Decode tokens fed to "
                                   "the model.", value=s.num_generation_tokens)
         yield CounterMetricFamily("fastllm:engine_steps", "Engine steps taken.", value=s.num_steps)
+        yield CounterMetricFamily("fastllm:spec_decode_num_draft_tokens", "Speculative draft "
+                                  "tokens verified.", value=s.spec_num_draft_tokens)
+        yield CounterMetricFamily("fastllm:spec_decode_num_accepted_tokens", "Speculative draft "
+                                  "tokens accepted.", value=s.spec_num_accepted_tokens)
+        yield gauge("spec_decode_acceptance_rate", "Accepted / verified draft tokens since start "
+                    "(0 before any).", s.spec_acceptance_rate or 0.0)
+        yield gauge("spec_decode_mean_accepted_length", "Tokens per verifying sequence-step: "
+                    "accepted drafts + 1 (0 before any).", s.spec_mean_accepted_length or 0.0)
 
 
 class ServerMetrics:
