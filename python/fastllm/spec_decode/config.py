@@ -12,6 +12,7 @@ position); while a request is under min_tokens the scheduler does not speculate 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
@@ -33,6 +34,8 @@ class SpeculativeConfig:
         _check_int("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
         _check_int("prompt_lookup_max", self.prompt_lookup_max, 1, 1 << 16)
         _check_int("prompt_lookup_min", self.prompt_lookup_min, 1, self.prompt_lookup_max)
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
         if self.method == "draft_model":
             if not isinstance(self.model, str) or not self.model:
                 raise ValueError("speculative_config.model (the draft model's path) is required "
