@@ -61,10 +61,11 @@ def test_padding_rows_and_varying_num_drafts():
 
 
 def test_greedy_verify_by_hand():
-    argmax = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [7, 8, 9, 10]])
-    drafts = torch.tensor([[1, 2, 3], [1, 5, 3], [7, 8, 0]])
-    out = greedy_verify(argmax, drafts, torch.tensor([3, 3, 2]))
-    assert out == [[1, 2, 3, 4], [1, 2], [7, 8, 9]]
+    argmax = [[1, 2, 3, 4], [1, 2, 3, 4], [7, 8, 9], [5]]
+    drafts = [[1, 2, 3], [1, 5, 3], [7, 8], []]
+    assert greedy_verify(argmax, drafts) == [[1, 2, 3, 4], [1, 2], [7, 8, 9], [5]]
+    with pytest.raises(ValueError, match="argmax"):
+        greedy_verify([[1, 2]], [[1, 2]])
 
 
 def test_shape_mismatch_is_value_error():

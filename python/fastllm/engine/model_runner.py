@@ -140,11 +140,16 @@ class ModelRunner:
         """logits [R, V] (rows.logits_indices): the plain sampler on every sequence's last
         row (speculating ones are left out of `sampling`), verification on the drafts'."""
         device = logits.device
-        last = logits.index_select(0, torch.tensor(rows.last_rows, device=device))     # [S, V]
-        sampled = self._sample(len(out.scheduled), sampling, last)
+        if sampling is None:          # every sampled sequence speculates
+            sampled = [[] for _ in out.scheduled]
+        else:
+            last = logits.index_select(0, torch.tensor(rows.last_rows, device=device))  # [S, V]
+            sampled = self._sample(len(out.scheduled), sampling, last)
         seqs = [out.scheduled[i] for i in rows.spec_seqs]
         params = [requests[s.request_id].params for s in seqs]
-        spec_logits = logits.index_select(0, torch.tensor(rows.spec_rows, device=device))
+        spec_logits = logits
+        if len(rows.spec_rows) != logits.shape[0]:
+            spec_logits = logits.index_select(0, torch.tensor(rows.spec_rows, device=device))
         verified = spec_verify.verify(self.sampler, spec_logits, seqs, params,
                                       self.valid_vocab_size or logits.shape[1])
         for i, tokens in zip(rows.spec_seqs, verified):

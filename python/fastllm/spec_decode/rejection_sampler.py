@@ -8,7 +8,8 @@ min(1, p_j(x_j) / q_j(x_j)), in order; at the first rejection the token comes fr
 norm(max(0, p_j - q_j)) and the rest is dropped; when all d are accepted a bonus token
 is drawn from p_{d+1}. q = None means one-hot drafts (n-gram lookup, a greedy draft
 model): accept with probability p_j(x_j), resample from p_j with x_j removed. Greedy is
-the special case of one-hot p: accept iff x_j is the argmax (greedy_verify, no [V] work).
+the special case of one-hot p: accept iff x_j is the argmax (greedy_verify, on the host
+from the argmax ids alone).
 
 Shapes: B sequences, K = the most drafts any has (rows padded), V the vocabulary.
 """
@@ -31,13 +32,19 @@ def _assemble(draft_ids: torch.Tensor, num_accepted: torch.Tensor, last: torch.T
     return [row[:n] + [t] for row, n, t in zip(drafts, counts, lasts)]
 
 
-def greedy_verify(target_argmax: torch.Tensor, draft_ids: torch.Tensor,
-                  num_drafts: torch.Tensor) -> list[list[int]]:
-    """target_argmax [B, K+1], draft_ids [B, K], num_drafts [B] -> 1..d+1 tokens per row."""
-    k = draft_ids.shape[1]
-    accepted = _num_accepted(draft_ids == target_argmax[:, :k], num_drafts)
-    last = target_argmax.gather(1, accepted.unsqueeze(1)).squeeze(1)
-    return _assemble(draft_ids, accepted, last)
+def greedy_verify(target_argmax: list[list[int]], drafts: list[list[int]]) -> list[list[int]]:
+    """Per sequence: the target's argmax at its d + 1 positions and its d drafts ->
+    the drafts up to the first that differs from the argmax, then the argmax there."""
+    out = []
+    for argmax, row in zip(target_argmax, drafts):
+        if len(argmax) != len(row) + 1:
+            raise ValueError(f"greedy_verify: {len(row)} drafts need {len(row) + 1} argmax ids, "
+                             f"got {len(argmax)}")
+        n = 0
+        while n < len(row) and row[n] == argmax[n]:
+            n += 1
+        out.append(row[:n] + [argmax[n]])
+    return out
 
 
 def rejection_sample(target_probs: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor,

@@ -50,6 +50,16 @@ def verify(sampler: Sampler, logits: torch.Tensor, seqs: list[ScheduledSeq], par
     1..d_i+1 tokens (accepted drafts, then the correction or bonus token)."""
     device = logits.device
     counts = [s.num_draft_tokens for s in seqs]
+    drafts = [s.token_ids[len(s.token_ids) - d:] for s, d in zip(seqs, counts)]
+    if all(p.is_greedy for p in params):
+        if sampler.valid_vocab_size is not None and sampler.valid_vocab_size < logits.shape[1]:
+            logits = logits[:, :sampler.valid_vocab_size]
+        ids = logits.argmax(dim=-1).tolist()                 # the step's one device sync
+        starts = [0]
+        for d in counts:
+            starts.append(starts[-1] + d + 1)
+        tokens = greedy_verify([ids[a:b] for a, b in zip(starts, starts[1:])], drafts)
+        return [[SampledToken(t, None, None) for t in row] for row in tokens]
     k = max(counts)
     row_params, num_outputs, dest = [], [], []
     for b, (s, p) in enumerate(zip(seqs, params)):
@@ -57,23 +67,16 @@ def verify(sampler: Sampler, logits: torch.Tensor, seqs: list[ScheduledSeq], par
             row_params.append(p)
             num_outputs.append(s.num_output_tokens + j)
             dest.append(b * (k + 1) + j)
-    drafts = torch.tensor([s.token_ids[len(s.token_ids) - d:] + [0] * (k - d)
-                           for s, d in zip(seqs, counts)], dtype=torch.int64, device=device)
+    drafts = torch.tensor([row + [0] * (k - len(row)) for row in drafts], dtype=torch.int64,
+                          device=device)
     num_drafts = torch.tensor(counts, dtype=torch.int64, device=device)
     dest = torch.tensor(dest, dtype=torch.int64, device=device)
     none = [None] * len(row_params)
     batch = SamplingBatch.from_requests(row_params, none, none, none, device,
                                         num_output_tokens=num_outputs, vocab_size=vocab_size)
-    if batch.all_greedy:
-        argmax = logits.float()
-        if sampler.valid_vocab_size is not None and sampler.valid_vocab_size < argmax.shape[1]:
-            argmax = argmax[:, :sampler.valid_vocab_size]
-        padded = torch.zeros(len(seqs) * (k + 1), dtype=torch.int64, device=device)
-        padded[dest] = argmax.argmax(dim=-1)
-        tokens = greedy_verify(padded.view(len(seqs), k + 1), drafts, num_drafts)
-    else:
-        probs = sampler.processed_probs(logits, batch)                       # [R, V]
-        padded = torch.zeros(len(seqs) * (k + 1), probs.shape[1], dtype=probs.dtype, device=device)
-        padded[dest] = probs
-        tokens = rejection_sample(padded.view(len(seqs), k + 1, -1), drafts, num_drafts)
+    # Greedy rows among random ones: processed_probs makes their p one-hot.
+    probs = sampler.processed_probs(logits, batch)                           # [R, V]
+    padded = torch.zeros(len(seqs) * (k + 1), probs.shape[1], dtype=probs.dtype, device=device)
+    padded[dest] = probs
+    tokens = rejection_sample(padded.view(len(seqs), k + 1, -1), drafts, num_drafts)
     return [[SampledToken(t, None, None) for t in row] for row in tokens]
