@@ -85,3 +85,20 @@ def test_ngram_proposer():
     assert ngram.propose([1, 2, 3, 4], 3) == []                     # no repeat
     assert ngram.propose([4, 4], 3) == []                           # shorter than min + 1
     assert ngram.propose([1, 2, 1, 2], 5) == [1, 2]                 # overlap: what is there
+
+
+def test_engine_stats_rates():
+    """6 of 9 drafts accepted over 3 verifying sequence-steps: rate 2/3, 1 + 6/3 = 3
+    tokens per step; none verified yet: None, and format() leaves the line out."""
+    from fastllm.engine.stats import EngineStats
+    zeros = dict.fromkeys(("num_running", "num_waiting", "num_swapped", "kv_blocks_used",
+                           "kv_block_usage", "kv_slot_utilization", "prefix_cache_hit_rate",
+                           "num_preemptions", "num_swaps_out", "num_prompt_tokens_computed",
+                           "num_generation_tokens", "num_steps"), 0)
+    stats = EngineStats(kv_blocks_total=1, spec_num_draft_tokens=9, spec_num_accepted_tokens=6,
+                        spec_num_verifications=3, **zeros)
+    assert stats.spec_acceptance_rate == 6 / 9 and stats.spec_mean_accepted_length == 3.0
+    assert "6/9 drafts accepted (66.7%), mean accepted length 3.00" in stats.format()
+    idle = EngineStats(kv_blocks_total=1, **zeros)
+    assert idle.spec_acceptance_rate is None and idle.spec_mean_accepted_length is None
+    assert "speculative" not in idle.format()

@@ -101,7 +101,9 @@ class EngineStats:
             f"tokens computed: prompt {self.num_prompt_tokens_computed}, "
             f"generation {self.num_generation_tokens}, steps {self.num_steps}",
             f"latency: mean TTFT {ms(self.mean_ttft)}, mean inter-token {ms(self.mean_itl)}",
-        ])
+        ] + ([f"speculative decoding: {self.spec_num_accepted_tokens}/{self.spec_num_draft_tokens} "
+              f"drafts accepted ({self.spec_acceptance_rate:.1%}), mean accepted length "
+              f"{self.spec_mean_accepted_length:.2f}"] if self.spec_num_draft_tokens else []))
 
 
 def request_latency(group) -> RequestLatency:
