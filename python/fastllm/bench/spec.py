@@ -122,8 +122,8 @@ def run(args) -> dict:
     from fastllm.model.default_model import default_model_path
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = args.model or default_model_path()
-    draft = args.draft_model or model
+    model = str(args.model or default_model_path())
+    draft = str(args.draft_model or model)
     methods = args.methods.split(",")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     workloads = args.workloads.split(",")
