@@ -16,8 +16,15 @@ from fastllm.config import EngineConfig
 from fastllm.engine.llm_engine import LLMEngine
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
+from fastllm.utils import check_positive_int
 
 PromptType = Union[str, list[int]]
+
+# EngineConfig fields LLM(...) takes under the same name (what a replica is built with).
+_LLM_CONFIG_FIELDS = ("block_size", "num_kv_blocks", "gpu_memory_utilization", "max_model_len",
+                      "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+                      "enable_chunked_prefill", "swap_space", "enforce_eager", "seed",
+                      "max_logprobs")
 
 
 class LLM:
@@ -28,7 +35,9 @@ class LLM:
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, swap_space: float = 0,
                  enforce_eager: bool = False, seed: int = 0, max_logprobs: int = 20,
-                 tokenizer=None, quantization: Optional[str] = "auto"):
+                 tokenizer=None, quantization: Optional[str] = "auto",
+                 data_parallel_size: int = 1):
+        check_positive_int("data_parallel_size", data_parallel_size)
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: the offline LLM runs on "
                              f"one device (tensor parallelism is not implemented yet)")
@@ -47,12 +56,22 @@ class LLM:
         self.model_path = model
         # quantization: "auto" (= "gguf" for a .gguf file: its linear weights stay in their
         # blocks; None for an HF directory), "gguf", or None (dequantize at load).
-        self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
-                                                    tokenizer=tokenizer, quantization=quantization)
+        if data_parallel_size > 1:
+            # N replicas, each an LLM of its own in its own process (engine/dp_client.py).
+            from fastllm.engine.dp_client import DPClient
+            replica = dict(dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
+                           quantization=quantization, tokenizer=tokenizer,
+                           **{f: getattr(config, f) for f in _LLM_CONFIG_FIELDS})
+            self.llm_engine = DPClient(model, data_parallel_size, replica, tokenizer=tokenizer)
+        else:
+            self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
+                                                        tokenizer=tokenizer,
+                                                        quantization=quantization)
         self._request_counter = itertools.count()
 
     def close(self) -> None:
-        """Release the engine's page-locked swap space now (see LLMEngine.close)."""
+        """Release the engine's page-locked swap space now (see LLMEngine.close); with
+        data_parallel_size > 1, stop the replica processes."""
         self.llm_engine.close()
 
     def get_tokenizer(self):

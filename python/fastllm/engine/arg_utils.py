@@ -29,6 +29,9 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_help: str = None) 
                    help="the most logprobs (or top_logprobs) a request may ask for")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (no CUDA graphs for decode steps)")
+    g.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine replicas, one process each (cuda:i on GPUs); requests go to "
+                        "the least loaded")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -40,4 +43,4 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill,
                 swap_space=args.swap_space, enforce_eager=args.enforce_eager, seed=args.seed,
-                max_logprobs=args.max_logprobs)
+                max_logprobs=args.max_logprobs, data_parallel_size=args.data_parallel_size)

@@ -138,6 +138,12 @@ class AsyncLLM:
         self.dead_error: Optional[BaseException] = None   # the engine thread died of this
         self.latest_stats = self.engine.get_stats()      # replaced, never mutated
         self.num_unstarted = 0     # requests added that have had no output yet (queue length)
+        # An engine in other processes (DPClient) learns whether an add was accepted a
+        # step later; add_request waits for that answer (engine thread side).
+        self._accepts_later = hasattr(self.engine, "take_acceptances")
+        if self._accepts_later:
+            self.engine.enable_acceptance_reports()
+        self._awaiting_accept: dict[str, asyncio.Future] = {}
 
     @classmethod
     def from_pretrained(cls, model: Optional[str] = None, **llm_kwargs) -> "AsyncLLM":
@@ -155,7 +161,8 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return (self._thread is not None and self._thread.is_alive()
+                and getattr(self.engine, "is_healthy", True))
 
     async def shutdown(self) -> None:
         """Abort what is left, stop the thread and release the engine."""
@@ -219,6 +226,8 @@ class AsyncLLM:
             del self._streams[stream.request_id]
 
     def _check_alive(self) -> None:
+        if not getattr(self.engine, "is_healthy", True):      # DPClient: a replica died
+            raise RequestAbortedError(f"the engine is not running: {self.engine.dead_error}")
         if self.dead_error is not None or self._stopping:
             raise RequestAbortedError("the engine is not running"
                                       + (f": {self.dead_error}" if self.dead_error else ""))
@@ -255,6 +264,8 @@ class AsyncLLM:
                 outputs, errors = [], {}
                 if self.engine.has_unfinished_requests():
                     outputs, errors = self._step(live)
+                if self._accepts_later:
+                    self._resolve_acceptances(live)
                 if outputs or errors:
                     self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
                 now = time.monotonic()
@@ -262,6 +273,7 @@ class AsyncLLM:
                     self.latest_stats = self.engine.get_stats()
                     last_stats = now
             self._apply(self._inbox.take(block=False), live)    # the shutdown's aborts
+            self._refuse_awaiting(RequestAbortedError("the server is shutting down"))
         except BaseException as e:          # a bug in this loop: fail everything, loudly
             logger.exception("the engine thread died")
             self.dead_error = e
@@ -275,6 +287,8 @@ class AsyncLLM:
         for cmd in commands:
             if isinstance(cmd, _Abort):
                 known = [rid for rid in cmd.request_ids if rid in live]
+                for rid in known:
+                    self._awaiting_accept.pop(rid, None)
                 if known:
                     self.engine.abort_request(known)
                     live.difference_update(known)
@@ -288,7 +302,23 @@ class AsyncLLM:
                 self._loop.call_soon_threadsafe(self._resolve, cmd.accepted, e)
             else:
                 live.add(cmd.request_id)
-                self._loop.call_soon_threadsafe(self._resolve, cmd.accepted, None)
+                if self._accepts_later:
+                    self._awaiting_accept[cmd.request_id] = cmd.accepted
+                else:
+                    self._loop.call_soon_threadsafe(self._resolve, cmd.accepted, None)
+
+    def _resolve_acceptances(self, live: set[str]) -> None:
+        for rid, error in self.engine.take_acceptances():
+            future = self._awaiting_accept.pop(rid, None)
+            if error is not None:
+                live.discard(rid)
+            if future is not None:
+                self._loop.call_soon_threadsafe(self._resolve, future, error)
+
+    def _refuse_awaiting(self, error: BaseException) -> None:
+        for future in self._awaiting_accept.values():
+            self._loop.call_soon_threadsafe(self._resolve, future, error)
+        self._awaiting_accept.clear()
 
     def _step(self, live: set[str]) -> tuple[list[RequestOutput], dict[str, BaseException]]:
         try:
