@@ -1,0 +1,189 @@
+"""Data parallelism on CPU: LLM(..., data_parallel_size=2) runs two engine replicas in
+their own processes behind one front end. Checked against the single engine on the same
+random-weight checkpoint (the reference), the replicas' own reports of what they ran,
+hand-computed routing (4 * waiting + running, prefix affinity on ties), and the process
+table (no replica outlives its front end)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from checkpoints import cached_checkpoint
+from fastllm import LLM, SamplingParams
+from fastllm.engine.async_llm import RequestAbortedError
+from fastllm.engine.dp_client import ReplicaDiedError
+
+MAX_MODEL_LEN = 128
+ENGINE = dict(device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64, block_size=16)
+
+
+def ids(seed: int, n: int) -> list[int]:
+    """A prompt of n token ids whose first block no other seed shares."""
+    return [3 + (seed * 37 + i * 11) % 380 for i in range(n)]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(gone(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def ran_on(llm, request_ids) -> dict:
+    """request id -> the replica whose engine reported finishing it."""
+    where = {}
+    for index, stats in enumerate(llm.llm_engine.get_stats().replicas):
+        for lat in stats.requests:
+            if lat.request_id in request_ids:
+                where[lat.request_id] = index
+    return where
+
+
+def step_until(client, condition, timeout: float = 60.0) -> list:
+    outs, deadline = [], time.monotonic() + timeout
+    while not condition(outs):
+        assert time.monotonic() < deadline, "timed out stepping the engine"
+        outs.extend(client.step())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return str(cached_checkpoint("llama"))
+
+
+@pytest.fixture(scope="module")
+def single(model_path):
+    return LLM(model_path, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def dp(model_path):
+    llm = LLM(model_path, data_parallel_size=2, **ENGINE)
+    pids = llm.llm_engine.replica_pids
+    assert len(set(pids)) == 2 and all(not gone(p) for p in pids)
+    yield llm
+    llm.close()
+    assert wait_gone(pids, timeout=5), "close() left a replica running"
+
+
+def test_greedy_batch_equals_the_single_engine(dp, single):
+    prompts = ["The capital of France is", "Hello world! How are", "Once upon a time",
+               ids(1, 20), ids(2, 5), "0123456789"]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    ref = single.generate(prompts, params, use_tqdm=False)
+    got = dp.generate(prompts, params, use_tqdm=False)
+    for r, g in zip(ref, got):
+        assert g.outputs[0].token_ids == r.outputs[0].token_ids
+        assert g.outputs[0].text == r.outputs[0].text
+        assert g.outputs[0].finish_reason == r.outputs[0].finish_reason
+        assert g.prompt_token_ids == r.prompt_token_ids
+    # Added together, they alternate (scores 0,0 / 4,0 / 4,4 ...); each ran where routed.
+    rids = [g.request_id for g in got]
+    assert ran_on(dp, set(rids)) == {rid: i % 2 for i, rid in enumerate(rids)}
+
+
+def test_seeded_sampling_n2_and_streaming_equal_the_single_engine(dp, single):
+    params = SamplingParams(n=2, temperature=0.9, seed=7, max_tokens=10)
+    ref = single.generate([ids(3, 9)], params, use_tqdm=False)[0]
+    got = dp.generate([ids(3, 9)], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in got.outputs] == [c.token_ids for c in ref.outputs]
+    # Streaming: deltas from the client add up to the single engine's completion.
+    prompt = "The quick brown fox"
+    want = single.generate(prompt, SamplingParams(temperature=0, max_tokens=9),
+                           use_tqdm=False)[0].outputs[0]
+    client = dp.llm_engine
+    client.add_request("stream-0", prompt, SamplingParams(temperature=0, max_tokens=9), delta=True)
+    outs = step_until(client, lambda outs: not client.has_unfinished_requests())
+    assert len(outs) >= 2 and outs[-1].finished
+    assert "".join(o.outputs[0].text for o in outs) == want.text
+    assert sum((o.outputs[0].token_ids for o in outs), []) == want.token_ids
+
+
+def test_requests_spread_by_four_times_waiting_plus_running(dp):
+    client = dp.llm_engine
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    client.add_request("a", ids(10, 8), long)       # (0,0): replica 0
+    client.add_request("b", ids(11, 8), long)       # (4,0): replica 1
+    seen = set()
+    step_until(client, lambda outs: seen.update(o.request_id for o in outs) or {"a", "b"} <= seen)
+    client.add_request("c", ids(12, 8), long)       # (1,1) tie, no shared prefix: replica 0
+    seen.clear()
+    step_until(client, lambda outs: seen.update(o.request_id for o in outs) or "c" in seen)
+    client.abort_request("b")                       # replica 0 runs 2 (score 2), replica 1 none
+    client.add_request("d", ids(13, 8), long)       # 0 < 2: replica 1, now 1 waiting = 4
+    client.add_request("e", ids(14, 8), long)       # 2 running (2) < 1 waiting (4): replica 0
+    assert [client.router.replica_of(r) for r in "acde"] == [0, 0, 1, 0]
+    finished = {o.request_id for o in step_until(
+        client, lambda outs: not client.has_unfinished_requests()) if o.finished}
+    assert finished == set("acde")
+    assert ran_on(dp, set("abcde")) == {"a": 0, "c": 0, "d": 1, "e": 0}
+
+
+def test_shared_prefix_batch_stays_on_one_replica(dp):
+    system = ids(20, 32)                            # two full KV blocks
+    params = SamplingParams(temperature=0, max_tokens=4)
+    warm = dp.generate([ids(21, 6), system + [5]], params, use_tqdm=False)
+    assert ran_on(dp, {warm[1].request_id}) == {warm[1].request_id: 1}    # 0 was busier
+    hits_before = dp.llm_engine.get_stats().replicas[1].prefix_cache_hit_rate
+    # Each shared-prefix prompt meets a tie (0,0 then 4,4 ...) and follows the prefix to
+    # replica 1; the others fill replica 0.
+    batch = [system + [6, 7], ids(22, 6), system + [8], ids(23, 6), system + [9, 10, 11]]
+    outs = dp.generate(batch, params, use_tqdm=False)
+    where = ran_on(dp, {o.request_id for o in outs})
+    assert [where[o.request_id] for o in outs] == [1, 0, 1, 0, 1]
+    # The prefix really was cached there: replica 1's hit rate rose.
+    assert dp.llm_engine.get_stats().replicas[1].prefix_cache_hit_rate > hits_before
+
+
+def test_bad_requests_and_arguments_raise_value_error(dp, model_path):
+    with pytest.raises(ValueError, match="max_model_len"):
+        dp.generate([ids(30, 8), ids(31, MAX_MODEL_LEN)], SamplingParams(max_tokens=4),
+                    use_tqdm=False)
+    assert not dp.llm_engine.has_unfinished_requests()          # the good one was aborted
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        LLM(model_path, data_parallel_size=0, **ENGINE)
+    with pytest.raises(ValueError, match="device"):
+        LLM(model_path, data_parallel_size=2, **{**ENGINE, "device": "cuda:1"})
+    # The engine still serves after the refusal.
+    assert dp.generate(ids(32, 4), SamplingParams(max_tokens=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].finish_reason == "length"
+
+
+def test_a_killed_replica_fails_its_requests_and_leaves_no_process(model_path):
+    llm = LLM(model_path, data_parallel_size=2, **ENGINE)
+    client = llm.llm_engine
+    pids = client.replica_pids
+    long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    client.add_request("on0", ids(40, 8), long)
+    client.add_request("on1", ids(41, 8), long)
+    seen = set()
+    step_until(client, lambda outs: seen.update(o.request_id for o in outs) or len(seen) == 2)
+    os.kill(pids[1], signal.SIGKILL)
+    with pytest.raises(ReplicaDiedError, match="replica 1 .* died"):
+        step_until(client, lambda outs: False)
+    assert client.get_unfinished_request_ids() == {"on0"}
+    with pytest.raises(RequestAbortedError, match="replica 1"):
+        client.add_request("late", ids(42, 8), long)
+    # The survivor finishes what it holds, then stops by itself.
+    outs = step_until(client, lambda outs: not client.has_unfinished_requests())
+    final = [o for o in outs if o.finished]
+    assert [o.request_id for o in final] == ["on0"]
+    assert len(final[0].outputs[0].token_ids) == 60
+    assert wait_gone(pids, timeout=30), "the surviving replica was not stopped"
+    llm.close()
+    live_children = {c.pid for c in psutil.Process().children(recursive=True)}
+    assert not live_children & set(pids)
