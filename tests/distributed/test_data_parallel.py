@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -187,3 +190,82 @@ def test_a_killed_replica_fails_its_requests_and_leaves_no_process(model_path):
     llm.close()
     live_children = {c.pid for c in psutil.Process().children(recursive=True)}
     assert not live_children & set(pids)
+
+
+# -- the server ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dp_server(model_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+    from server_process import ServerProcess
+    proc = ServerProcess(model_path, "--num-kv-blocks", 64, "--data-parallel-size", 2)
+    yield proc
+    proc.stop()
+
+
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def replica_processes(server) -> list:
+    """The server's replica processes (multiprocessing spawn children)."""
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    return [c for c in children if any("spawn_main" in part for part in c.cmdline())]
+
+
+def test_server_answers_the_openai_client(dp_server, single):
+    client = openai_client(dp_server)
+    prompt = "The capital of France is"
+    want = single.generate(prompt, SamplingParams(temperature=0, max_tokens=12),
+                           use_tqdm=False)[0].outputs[0]
+    resp = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12,
+                                     temperature=0)
+    assert resp.choices[0].text == want.text
+    assert resp.usage.completion_tokens == len(want.token_ids)
+    messages = [{"role": "user", "content": "Hello world!"}]
+    chat_want = single.chat(messages, SamplingParams(temperature=0, max_tokens=10),
+                            use_tqdm=False)[0].outputs[0]
+    stream = client.chat.completions.create(model="tiny-llama", messages=messages,
+                                            max_tokens=10, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == chat_want.text
+    metrics = dp_server.metrics()
+    for replica in ("0", "1"):
+        assert f"fastllm:replica_num_requests_running{{replica={replica}}}" in metrics
+        assert f"fastllm:replica_num_requests_waiting{{replica={replica}}}" in metrics
+    assert metrics["fastllm:kv_cache_blocks_total"] == 2 * 64        # both replicas' pools
+    assert metrics["fastllm:num_requests_running"] == 0
+
+
+def test_server_fails_a_dead_replicas_requests_and_exits_clean(dp_server):
+    openai = pytest.importorskip("openai")
+    client = openai_client(dp_server)
+    replicas = replica_processes(dp_server)
+    assert len(replicas) == 2
+    streams = [client.completions.create(model="tiny-llama", prompt=f"Once upon {i}",
+                                         max_tokens=100, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True}) for i in range(2)]
+    chunks = [iter(s) for s in streams]
+    for it in chunks:                  # both have a token: one runs on each replica
+        next(it)
+    replicas[0].kill()
+    outcomes = []
+    for it in chunks:
+        try:
+            n = 1 + sum(1 for _ in it)
+            outcomes.append(("complete", n))
+        except openai.APIError as e:
+            outcomes.append(("error", str(e)))
+    kinds = sorted(kind for kind, _ in outcomes)
+    assert kinds == ["complete", "error"], outcomes
+    error = next(detail for kind, detail in outcomes if kind == "error")
+    assert "replica" in error and "died" in error
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model="tiny-llama", prompt="Hi", max_tokens=3)
+    assert refused.value.status_code == 503
+    assert "replica" in refused.value.body["message"]
+    assert httpx.get(dp_server.url + "/health", timeout=5).status_code == 503
+    pids = [p.pid for p in replicas]
+    assert dp_server.stop() == 0, dp_server.output()
+    assert wait_gone(pids, timeout=10)
