@@ -269,3 +269,41 @@ def test_server_fails_a_dead_replicas_requests_and_exits_clean(dp_server):
     pids = [p.pid for p in replicas]
     assert dp_server.stop() == 0, dp_server.output()
     assert wait_gone(pids, timeout=10)
+
+
+def test_replica_loop_protocol_and_exit_when_the_front_end_goes(single):
+    """The replica side in a thread, over real pipes, on the single engine: adds are
+    answered in order (a refusal keeps its ValueError), outputs stream back, and closing
+    the front end's end of the command pipe ends the loop (no replica outlives it)."""
+    import multiprocessing
+    import threading
+    from fastllm.engine.dp_replica import ReplicaLoop
+    cmd_recv, cmd_send = multiprocessing.Pipe(duplex=False)
+    ev_recv, ev_send = multiprocessing.Pipe(duplex=False)
+    ended = []
+
+    def run():
+        try:
+            ReplicaLoop(single.llm_engine, cmd_recv, ev_send).run()
+        except EOFError:
+            ended.append("eof")
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    cmd_send.send(("add", "ok", None, ids(50, 6), params, True, time.time()))
+    cmd_send.send(("add", "bad", None, ids(51, MAX_MODEL_LEN), params, True, time.time()))
+    events = []
+    while not (events and events[-1][0] == "outputs" and events[-1][2] is not None
+               and events[-1][1] and events[-1][1][-1].finished):
+        assert ev_recv.poll(30), events
+        events.append(ev_recv.recv())
+    assert events[0][0] == "accepted"
+    (ok, ok_error), (bad, bad_error) = events[0][1]
+    assert (ok, ok_error, bad) == ("ok", None, "bad")
+    assert isinstance(bad_error, ValueError) and "max_model_len" in str(bad_error)
+    tokens = sum((o.outputs[0].token_ids for e in events[1:] for o in e[1]), [])
+    want = single.generate(ids(50, 6), params, use_tqdm=False)[0].outputs[0].token_ids
+    assert tokens == want
+    cmd_send.close()
+    thread.join(10)
+    assert ended == ["eof"] and not single.llm_engine.has_unfinished_requests()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import time
 import weakref
 from multiprocessing.connection import wait
@@ -98,17 +99,20 @@ class DPClient:
         self._closed = False
         devices = [replica_device(replica_kwargs.get("device", "auto"), i, data_parallel_size)
                    for i in range(data_parallel_size)]
+        # What fails here fails in a moment, before any process starts.
+        if not os.path.exists(model):
+            raise FileNotFoundError(f"model path {model!r} does not exist")
+        if tokenizer is None:
+            from fastllm.tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_pretrained(model)
+        self.tokenizer = tokenizer
         self._start(model, replica_kwargs, devices)
         self._finalizer = weakref.finalize(self, _reap, list(self.replicas))
         try:
             self._wait_ready()
-            if tokenizer is None:
-                from fastllm.tokenizer import Tokenizer
-                tokenizer = Tokenizer.from_pretrained(model)
         except BaseException:
             self.close()
             raise
-        self.tokenizer = tokenizer
         first = self.replicas[0].info
         self.config, self.model_config = first.engine_config, first.model_config
         self.router = DPRouter(data_parallel_size, self.config.block_size)
@@ -324,9 +328,9 @@ class DPClient:
         if not rep.alive:
             return
         rep.alive = False
-        rep.process.join(5)
         if rep.stopping:
-            return                                # we asked it to stop
+            return                                # we asked it to stop; close() joins it
+        rep.process.join(5)                       # for its exit code
         message = (f"data-parallel replica {rep.index} (pid {rep.pid}) died "
                    f"(exit code {rep.process.exitcode})")
         logger.error("%s; failing its requests and stopping the others", message)
