@@ -230,6 +230,11 @@ def test_server_answers_the_openai_client(dp_server, single):
                                             max_tokens=10, temperature=0, stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == chat_want.text
+    # A replica's refusal is still a 400 naming the limit (AsyncLLM waits for its answer).
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny-llama", prompt=ids(60, MAX_MODEL_LEN), max_tokens=4)
+    assert refused.value.status_code == 400 and "max_model_len" in refused.value.message
     metrics = dp_server.metrics()
     for replica in ("0", "1"):
         assert f"fastllm:replica_num_requests_running{{replica={replica}}}" in metrics
@@ -287,22 +292,23 @@ def test_replica_loop_protocol_and_exit_when_the_front_end_goes(single):
             ReplicaLoop(single.llm_engine, cmd_recv, ev_send).run()
         except EOFError:
             ended.append("eof")
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    # The reference first: from here on the thread owns the engine.
+    want = single.generate(ids(50, 6), params, use_tqdm=False)[0].outputs[0].token_ids
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    cmd_send.send(("add", "ok", None, ids(50, 6), params, True, time.time()))
-    cmd_send.send(("add", "bad", None, ids(51, MAX_MODEL_LEN), params, True, time.time()))
+    cmd_send.send(("add", 0, "ok", None, ids(50, 6), params, True, time.time()))
+    cmd_send.send(("add", 1, "bad", None, ids(51, MAX_MODEL_LEN), params, True, time.time()))
     events = []
     while not (events and events[-1][0] == "outputs" and events[-1][2] is not None
                and events[-1][1] and events[-1][1][-1].finished):
         assert ev_recv.poll(30), events
         events.append(ev_recv.recv())
     assert events[0][0] == "accepted"
-    (ok, ok_error), (bad, bad_error) = events[0][1]
-    assert (ok, ok_error, bad) == ("ok", None, "bad")
+    (seq0, ok, ok_error), (seq1, bad, bad_error) = events[0][1]
+    assert (seq0, ok, ok_error, seq1, bad) == (0, "ok", None, 1, "bad")
     assert isinstance(bad_error, ValueError) and "max_model_len" in str(bad_error)
     tokens = sum((o.outputs[0].token_ids for e in events[1:] for o in e[1]), [])
-    want = single.generate(ids(50, 6), params, use_tqdm=False)[0].outputs[0].token_ids
     assert tokens == want
     cmd_send.close()
     thread.join(10)

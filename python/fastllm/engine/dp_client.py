@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -91,7 +92,10 @@ class DPClient:
         self.num_replicas = data_parallel_size
         self.replicas: list[_Replica] = []
         self._unfinished: set[str] = set()
-        self._unaccepted: set[str] = set()
+        # Adds sent, not yet answered: request id -> the add's sequence number, so that
+        # the answer to an earlier add under a reused id is not taken for this one.
+        self._unaccepted: dict[str, int] = {}
+        self._add_seq = itertools.count()
         self._errors: collections.deque = collections.deque()   # (error, request ids)
         self._acceptances: list = []
         self._report_acceptances = False
@@ -194,8 +198,8 @@ class DPClient:
         text, ids = self._prompt_ids(prompt, prompt_token_ids)
         replica = self.replicas[self.router.route(rid, ids)]
         self._unfinished.add(rid)
-        self._unaccepted.add(rid)
-        self._send(replica, ("add", rid, text, ids, params, delta,
+        seq = self._unaccepted[rid] = next(self._add_seq)
+        self._send(replica, ("add", seq, rid, text, ids, params, delta,
                              arrival_time if arrival_time is not None else time.time()))
 
     def _prompt_ids(self, prompt, prompt_token_ids) -> tuple[Optional[str], list[int]]:
@@ -218,7 +222,7 @@ class DPClient:
             replica = self.router.finish(rid)
             if replica is not None:
                 self._unfinished.discard(rid)
-                self._unaccepted.discard(rid)
+                self._unaccepted.pop(rid, None)
                 by_replica[replica].append(rid)
         for index, ids in by_replica.items():
             self._send(self.replicas[index], ("abort", ids))
@@ -280,8 +284,10 @@ class DPClient:
         if kind == "outputs":
             _, outs, stats = event
             for out in outs:
-                if out.request_id not in self._unfinished:
-                    continue                      # aborted meanwhile
+                rid = out.request_id
+                if (rid not in self._unfinished or rid in self._unaccepted
+                        or self.router.replica_of(rid) != rep.index):
+                    continue                      # aborted meanwhile (maybe the id reused)
                 self.router.mark_running(out.request_id)
                 if out.finished:
                     self.router.finish(out.request_id)
@@ -291,17 +297,17 @@ class DPClient:
                 rep.latencies.extend(stats.requests)
                 rep.stats = stats
         elif kind == "accepted":
-            for rid, error in event[1]:
-                self._on_accepted(rid, error)
+            for seq, rid, error in event[1]:
+                self._on_accepted(seq, rid, error)
         elif kind == "step_failed":
             _, ids, message = event
             self._fail(ids, EngineStepError(f"data-parallel replica {rep.index}: the engine "
                                             f"step failed: {message}"))
 
-    def _on_accepted(self, rid: str, error: Optional[BaseException]) -> None:
-        if rid not in self._unaccepted:
+    def _on_accepted(self, seq: int, rid: str, error: Optional[BaseException]) -> None:
+        if self._unaccepted.get(rid) != seq:
             return                                # aborted meanwhile
-        self._unaccepted.discard(rid)
+        del self._unaccepted[rid]
         if error is None:
             if self._report_acceptances:
                 self._acceptances.append((rid, None))
@@ -320,7 +326,7 @@ class DPClient:
             self.router.finish(rid)
             if rid in self._unaccepted and self._report_acceptances:
                 self._acceptances.append((rid, error))
-            self._unaccepted.discard(rid)
+            self._unaccepted.pop(rid, None)
         if known:
             self._errors.append((error, known))
 

@@ -3,13 +3,13 @@ does (its own scheduler, KV cache and runner; tensor parallel too once LLM is) a
 serves the front end (engine/dp_client.py) over two one-way pipes, in plain data.
 
 Front end -> replica, on `commands`:
-    ("add", request_id, prompt_text, prompt_token_ids, SamplingParams, delta, arrival_time)
+    ("add", seq, request_id, prompt_text, prompt_token_ids, SamplingParams, delta, arrival_time)
     ("abort", [request_id, ...])
     ("stop",)
 Replica -> front end, on `events`:
     ("ready", ReplicaInfo)                         once, after the engine is built
     ("startup_error", exception)                   instead of ready; the process exits
-    ("accepted", [(request_id, None | exception)])  each add's outcome, in order
+    ("accepted", [(seq, request_id, None | exception)])  each add's outcome, in order
     ("outputs", [RequestOutput], EngineStats | None)  a step's outputs (stats now and then)
     ("step_failed", [request_id, ...], message)    a step raised; those requests are gone
 
@@ -125,15 +125,15 @@ class ReplicaLoop:
                 self.live.difference_update(ids)
                 self.stats_dirty = True
                 continue
-            _, rid, text, ids, params, delta, arrival = cmd
+            _, seq, rid, text, ids, params, delta, arrival = cmd
             try:
                 self.engine.add_request(rid, text, params, prompt_token_ids=ids,
                                         arrival_time=arrival, delta=delta)
             except Exception as e:             # ValueError: the front end answers 400
-                accepted.append((rid, picklable_error(e)))
+                accepted.append((seq, rid, picklable_error(e)))
             else:
                 self.live.add(rid)
-                accepted.append((rid, None))
+                accepted.append((seq, rid, None))
         if accepted:
             self.events.send(("accepted", accepted))
         return True
