@@ -166,8 +166,9 @@ def test_bad_requests_and_arguments_raise_value_error(dp, model_path):
                        use_tqdm=False)[0].outputs[0].finish_reason == "length"
 
 
-def test_a_killed_replica_fails_its_requests_and_leaves_no_process(model_path):
-    llm = LLM(model_path, data_parallel_size=2, **ENGINE)
+def test_a_killed_replica_fails_its_requests_and_leaves_no_process(dp):
+    """The last test on `dp` (it kills a replica; starting another pair costs seconds)."""
+    llm = dp
     client = llm.llm_engine
     pids = client.replica_pids
     long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)

@@ -43,7 +43,7 @@ from fastllm.utils import check_positive_int
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.02            # longest step() waits for replica events before returning
-_STOP_TIMEOUT_S = 30.0    # a replica asked to stop gets this long before SIGTERM
+_STOP_TIMEOUT_S = 30.0    # a replica asked to stop gets this long before SIGKILL
 _LATENCY_RECORDS = 10_000
 
 
@@ -173,7 +173,8 @@ class DPClient:
         return self.dead_error is None and not self._closed
 
     def close(self) -> None:
-        """Stop every replica (idempotent): a stop command, then SIGTERM, then SIGKILL."""
+        """Stop every replica (idempotent): a stop command, SIGKILL if it is not gone in
+        _STOP_TIMEOUT_S."""
         if self._closed:
             return
         self._closed = True
@@ -382,11 +383,9 @@ def _reap(replicas: list[_Replica]) -> None:
     deadline = time.monotonic() + _STOP_TIMEOUT_S
     for rep in replicas:
         rep.process.join(max(0.0, deadline - time.monotonic()))
-        if rep.process.is_alive():
-            logger.warning("replica %d did not stop; terminating it", rep.index)
-            rep.process.terminate()
-            rep.process.join(5)
-        if rep.process.is_alive():
+        if rep.process.is_alive():             # it ignores SIGTERM (see dp_replica)
+            logger.warning("replica %d did not stop in %.0f s; killing it", rep.index,
+                           _STOP_TIMEOUT_S)
             rep.process.kill()
             rep.process.join()
         rep.alive = False

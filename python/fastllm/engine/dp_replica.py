@@ -14,8 +14,9 @@ Replica -> front end, on `events`:
     ("step_failed", [request_id, ...], message)    a step raised; those requests are gone
 
 The replica stops on ("stop",) and also when the front end goes away (its end of
-`commands` closes: EOF), so it never outlives it. Ctrl-C reaches the whole process
-group; replicas ignore SIGINT and leave shutdown to the front end.
+`commands` closes: EOF), so it never outlives it. Ctrl-C reaches the whole process group
+(and a service manager may SIGTERM every process of the service): replicas ignore SIGINT
+and SIGTERM, so that the front end drains them and stops them itself.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def replica_main(index: int, llm_kwargs: dict, num_threads: Optional[int],
                  commands, events) -> None:
     """Process entry point (torch.multiprocessing spawn)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
     if num_threads:
         torch.set_num_threads(num_threads)
