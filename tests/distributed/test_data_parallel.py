@@ -18,7 +18,7 @@ import pytest
 from checkpoints import cached_checkpoint
 from fastllm import LLM, SamplingParams
 from fastllm.engine.async_llm import RequestAbortedError
-from fastllm.engine.dp_client import ReplicaDiedError
+from fastllm.engine.dp_client import Placement, ReplicaDiedError, replica_placements
 
 MAX_MODEL_LEN = 128
 ENGINE = dict(device="cpu", max_model_len=MAX_MODEL_LEN, num_kv_blocks=64, block_size=16)
@@ -191,6 +191,21 @@ def test_a_killed_replica_fails_its_requests_and_leaves_no_process(dp):
     llm.close()
     live_children = {c.pid for c in psutil.Process().children(recursive=True)}
     assert not live_children & set(pids)
+
+
+def test_replica_placements_give_each_replica_its_own_gpus(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    assert replica_placements("auto", 2) == [Placement("cuda:0", "3"), Placement("cuda:0", "5")]
+    # Two GPUs per (tensor-parallel) replica: each sees its pair as cuda:0 and cuda:1.
+    assert replica_placements("cuda", 2, world_size=2) == [Placement("cuda", "3,5"),
+                                                           Placement("cuda", "6,7")]
+    with pytest.raises(ValueError, match="needs 6 GPUs but 4 are visible"):
+        replica_placements("cuda", 3, world_size=2)
+    with pytest.raises(ValueError, match="device='cuda:1'"):
+        replica_placements("cuda:1", 2)
+    assert replica_placements("cpu", 2) == [Placement("cpu"), Placement("cpu")]
 
 
 # -- the server ------------------------------------------------------------------------

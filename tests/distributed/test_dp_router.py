@@ -110,3 +110,4 @@ def test_bad_arguments_are_named():
     router.route("a", [1])
     with pytest.raises(ValueError, match="already in flight"):
         router.route("a", [1])
+

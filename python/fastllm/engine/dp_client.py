@@ -23,6 +23,7 @@ stopped, and close() reaps every process.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -67,22 +68,41 @@ class _Replica:
         return self.process.pid
 
 
-def replica_device(device: str, index: int, num_replicas: int) -> str:
-    """Replica i's device: cuda:i on GPUs (one GPU each), the CPU as given."""
+@dataclasses.dataclass
+class Placement:
+    """Where one replica runs: the device its LLM is given and, on GPUs, the GPUs its
+    process sees (CUDA_VISIBLE_DEVICES), so a tensor-parallel replica's ranks find theirs
+    at cuda:0..world_size-1 without knowing about data parallelism."""
+    device: str
+    visible_gpus: Optional[str] = None
+
+
+def visible_gpu_ids() -> list[str]:
+    import torch
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def replica_placements(device: str, num_replicas: int, world_size: int = 1) -> list[Placement]:
+    """Replica i on GPUs [i * world_size, (i + 1) * world_size) of the visible ones, or
+    every replica on the CPU."""
     import torch
     kind = str(device)
-    if kind == "cpu":
-        return kind
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return [Placement("cpu") for _ in range(num_replicas)]
     if kind not in ("auto", "cuda"):
         raise ValueError(f"device={device!r}: with data_parallel_size={num_replicas} give "
-                         f"'auto', 'cuda' (replica i runs on cuda:i) or 'cpu'")
-    if kind == "auto" and not torch.cuda.is_available():
-        return "cpu"
-    available = torch.cuda.device_count()
-    if available < num_replicas:
-        raise ValueError(f"data_parallel_size={num_replicas} needs {num_replicas} GPUs "
-                         f"(one per replica) but {available} are visible")
-    return f"cuda:{index}"
+                         f"'auto', 'cuda' (replica i runs on its own GPUs) or 'cpu'")
+    gpus = visible_gpu_ids()
+    need = num_replicas * world_size
+    if len(gpus) < need:
+        raise ValueError(f"data_parallel_size={num_replicas} x {world_size} GPU(s) per replica "
+                         f"needs {need} GPUs but {len(gpus)} are visible")
+    return [Placement("cuda:0" if world_size == 1 else "cuda",
+                      ",".join(gpus[i * world_size:(i + 1) * world_size]))
+            for i in range(num_replicas)]
 
 
 class DPClient:
@@ -101,8 +121,10 @@ class DPClient:
         self._report_acceptances = False
         self.dead_error: Optional[str] = None
         self._closed = False
-        devices = [replica_device(replica_kwargs.get("device", "auto"), i, data_parallel_size)
-                   for i in range(data_parallel_size)]
+        from fastllm.config import ParallelConfig
+        world_size = ParallelConfig(replica_kwargs.get("tensor_parallel_size", 1)).world_size
+        placements = replica_placements(replica_kwargs.get("device", "auto"),
+                                        data_parallel_size, world_size)
         # What fails here fails in a moment, before any process starts.
         if not os.path.exists(model):
             raise FileNotFoundError(f"model path {model!r} does not exist")
@@ -110,7 +132,7 @@ class DPClient:
             from fastllm.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_pretrained(model)
         self.tokenizer = tokenizer
-        self._start(model, replica_kwargs, devices)
+        self._start(model, replica_kwargs, placements)
         self._finalizer = weakref.finalize(self, _reap, list(self.replicas))
         try:
             self._wait_ready()
@@ -122,22 +144,23 @@ class DPClient:
         self.router = DPRouter(data_parallel_size, self.config.block_size)
 
     # -- processes -----------------------------------------------------------------------
-    def _start(self, model: str, replica_kwargs: dict, devices: list[str]) -> None:
+    def _start(self, model: str, replica_kwargs: dict, placements: list[Placement]) -> None:
         import torch
         import torch.multiprocessing as mp
         ctx = mp.get_context("spawn")
         # CPU replicas share the cores; GPU replicas keep torch's default.
         threads = None
-        if devices[0] == "cpu":
+        if placements[0].device == "cpu":
             threads = max(1, torch.get_num_threads() // self.num_replicas)
-        for i, device in enumerate(devices):
+        for i, place in enumerate(placements):
             cmd_recv, cmd_send = ctx.Pipe(duplex=False)
             ev_recv, ev_send = ctx.Pipe(duplex=False)
-            kwargs = dict(replica_kwargs, model=model, device=device)
+            kwargs = dict(replica_kwargs, model=model, device=place.device)
             # Not a daemon: a replica may spawn its own tensor-parallel workers.
             proc = ctx.Process(target=replica_main, name=f"fastllm-dp{i}", daemon=False,
-                               args=(i, kwargs, threads, cmd_recv, ev_send))
-            proc.start()
+                               args=(i, kwargs, threads, place.visible_gpus, cmd_recv, ev_send))
+            with _environ("CUDA_VISIBLE_DEVICES", place.visible_gpus):
+                proc.start()              # the child's CUDA sees only its GPUs from the start
             cmd_recv.close()              # the child's ends: closing ours makes EOF mean death
             ev_send.close()
             self.replicas.append(_Replica(i, proc, cmd_send, ev_recv))
@@ -369,6 +392,23 @@ class DPClient:
 
     def reset_prefix_cache(self) -> None:
         raise NotImplementedError("reset_prefix_cache is not supported with data_parallel_size > 1")
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: Optional[str]):
+    """os.environ[name] = value for the block (a spawned child inherits it); None: as is."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _reap(replicas: list[_Replica]) -> None:

@@ -39,7 +39,8 @@ class ReplicaInfo:
     """What the front end needs from a built engine (all plain, picklable data)."""
     index: int
     pid: int
-    device: str
+    device: str                    # as the replica sees it (cuda:0 is its first own GPU)
+    visible_gpus: Optional[str]
     engine_config: object          # fastllm.config.EngineConfig, max_model_len resolved
     model_config: object           # fastllm.config.ModelConfig
     stats: object                  # EngineStats at start
@@ -56,10 +57,13 @@ def picklable_error(error: BaseException) -> BaseException:
 
 
 def replica_main(index: int, llm_kwargs: dict, num_threads: Optional[int],
-                 commands, events) -> None:
-    """Process entry point (torch.multiprocessing spawn)."""
+                 visible_gpus: Optional[str], commands, events) -> None:
+    """Process entry point (torch.multiprocessing spawn). visible_gpus: this replica's
+    GPUs (CUDA_VISIBLE_DEVICES, set before CUDA starts here); None on the CPU."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if visible_gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpus
     import torch
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -71,7 +75,8 @@ def replica_main(index: int, llm_kwargs: dict, num_threads: Optional[int],
         return
     engine = llm.llm_engine
     try:
-        events.send(("ready", ReplicaInfo(index, os.getpid(), str(engine.device), engine.config,
+        events.send(("ready", ReplicaInfo(index, os.getpid(), str(engine.device), visible_gpus,
+                                          engine.config,
                                           engine.model_config, _stats(engine, 0))))
         ReplicaLoop(engine, commands, events).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
