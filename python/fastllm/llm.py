@@ -12,11 +12,10 @@ import itertools
 import os
 from typing import Optional, Sequence, Union
 
-from fastllm.config import EngineConfig
+from fastllm.config import EngineConfig, ParallelConfig
 from fastllm.engine.llm_engine import LLMEngine
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
-from fastllm.utils import check_positive_int
 
 PromptType = Union[str, list[int]]
 
@@ -36,11 +35,14 @@ class LLM:
                  enable_chunked_prefill: bool = True, swap_space: float = 0,
                  enforce_eager: bool = False, seed: int = 0, max_logprobs: int = 20,
                  tokenizer=None, quantization: Optional[str] = "auto",
-                 data_parallel_size: int = 1):
-        check_positive_int("data_parallel_size", data_parallel_size)
-        if tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: the offline LLM runs on "
-                             f"one device (tensor parallelism is not implemented yet)")
+                 pipeline_parallel_size: int = 1, data_parallel_size: int = 1):
+        """tensor_parallel_size * pipeline_parallel_size > 1: this process drives that many
+        ranks (it spawns the others; under torchrun they are torchrun's, and on a rank
+        other than 0 this constructor runs the worker loop, then exits the process).
+        data_parallel_size > 1: that many replicas of all this, each in its own process."""
+        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                  pipeline_parallel_size=pipeline_parallel_size,
+                                  data_parallel_size=data_parallel_size)
         if model is None:
             from fastllm.model.default_model import default_model_path
             model = default_model_path()
@@ -56,22 +58,26 @@ class LLM:
         self.model_path = model
         # quantization: "auto" (= "gguf" for a .gguf file: its linear weights stay in their
         # blocks; None for an HF directory), "gguf", or None (dequantize at load).
-        if data_parallel_size > 1:
+        if parallel.data_parallel_size > 1:
             # N replicas, each an LLM of its own in its own process (engine/dp_client.py).
             from fastllm.engine.dp_client import DPClient
             replica = dict(dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
+                           pipeline_parallel_size=pipeline_parallel_size,
                            quantization=quantization, tokenizer=tokenizer,
                            **{f: getattr(config, f) for f in _LLM_CONFIG_FIELDS})
-            self.llm_engine = DPClient(model, data_parallel_size, replica, tokenizer=tokenizer)
+            self.llm_engine = DPClient(model, parallel.data_parallel_size, replica,
+                                       tokenizer=tokenizer)
         else:
             self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
                                                         tokenizer=tokenizer,
-                                                        quantization=quantization)
+                                                        quantization=quantization,
+                                                        parallel_config=parallel)
         self._request_counter = itertools.count()
 
     def close(self) -> None:
-        """Release the engine's page-locked swap space now (see LLMEngine.close); with
-        data_parallel_size > 1, stop the replica processes."""
+        """Release the engine's page-locked swap space and shut its parallel workers (or
+        data-parallel replicas) down now (see LLMEngine.close); garbage collection and
+        exit do it too."""
         self.llm_engine.close()
 
     def get_tokenizer(self):

@@ -141,6 +141,7 @@ class AsyncLLM:
         # An engine in other processes (DPClient) learns whether an add was accepted a
         # step later; add_request waits for that answer (engine thread side).
         self._accepts_later = hasattr(self.engine, "take_acceptances")
+        self._drains_on_failure = getattr(self.engine, "drains_on_failure", False)
         if self._accepts_later:
             self.engine.enable_acceptance_reports()
         self._awaiting_accept: dict[str, asyncio.Future] = {}
@@ -162,7 +163,7 @@ class AsyncLLM:
     @property
     def is_running(self) -> bool:
         return (self._thread is not None and self._thread.is_alive()
-                and getattr(self.engine, "is_healthy", True))
+                and self.engine.is_healthy)
 
     async def shutdown(self) -> None:
         """Abort what is left, stop the thread and release the engine."""
@@ -226,7 +227,7 @@ class AsyncLLM:
             del self._streams[stream.request_id]
 
     def _check_alive(self) -> None:
-        if not getattr(self.engine, "is_healthy", True):      # DPClient: a replica died
+        if self._drains_on_failure and not self.engine.is_healthy:   # DPClient: a replica died
             raise RequestAbortedError(f"the engine is not running: {self.engine.dead_error}")
         if self.dead_error is not None or self._stopping:
             raise RequestAbortedError("the engine is not running"
@@ -268,6 +269,10 @@ class AsyncLLM:
                     self._resolve_acceptances(live)
                 if outputs or errors:
                     self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
+                # A parallel worker died: no step can run. (Data-parallel replicas that
+                # survive a dead one finish their requests first: DPClient stops them.)
+                if not self.engine.is_healthy and not self._drains_on_failure:
+                    raise RuntimeError(f"the engine's workers failed: {self.engine.executor.failure}")
                 now = time.monotonic()
                 if now - last_stats >= _STATS_INTERVAL_S or not live:
                     self.latest_stats = self.engine.get_stats()

@@ -106,6 +106,9 @@ def replica_placements(device: str, num_replicas: int, world_size: int = 1) -> l
 
 
 class DPClient:
+    # After a replica dies the others finish what they hold (AsyncLLM keeps stepping).
+    drains_on_failure = True
+
     def __init__(self, model: str, data_parallel_size: int, replica_kwargs: dict,
                  tokenizer=None):
         check_positive_int("data_parallel_size", data_parallel_size)
@@ -122,7 +125,12 @@ class DPClient:
         self.dead_error: Optional[str] = None
         self._closed = False
         from fastllm.config import ParallelConfig
-        world_size = ParallelConfig(replica_kwargs.get("tensor_parallel_size", 1)).world_size
+        from fastllm.distributed.launch import torchrun_world_size
+        if torchrun_world_size() is not None:
+            raise ValueError(f"data_parallel_size={data_parallel_size} under torchrun: start one "
+                             f"server per replica there (torchrun's ranks form one replica)")
+        world_size = ParallelConfig(replica_kwargs.get("tensor_parallel_size", 1),
+                                    replica_kwargs.get("pipeline_parallel_size", 1)).world_size
         placements = replica_placements(replica_kwargs.get("device", "auto"),
                                         data_parallel_size, world_size)
         # What fails here fails in a moment, before any process starts.
@@ -193,6 +201,7 @@ class DPClient:
 
     @property
     def is_healthy(self) -> bool:
+        """False once a replica died (no new requests; /health 503) or after close()."""
         return self.dead_error is None and not self._closed
 
     def close(self) -> None:
