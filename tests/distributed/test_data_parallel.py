@@ -45,6 +45,19 @@ def wait_gone(pids, timeout: float = 30.0) -> bool:
     return False
 
 
+def spawned_children(root: int = None) -> set[int]:
+    """Live multiprocessing-spawned descendants (replicas, workers) of root (default: us)."""
+    found = set()
+    for child in psutil.Process(root).children(recursive=True):
+        try:
+            if (child.status() != psutil.STATUS_ZOMBIE
+                    and any("spawn_main" in part for part in child.cmdline())):
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def ran_on(llm, request_ids) -> dict:
     """request id -> the replica whose engine reported finishing it."""
     where = {}
@@ -166,6 +179,14 @@ def test_bad_requests_and_arguments_raise_value_error(dp, model_path):
                        use_tqdm=False)[0].outputs[0].finish_reason == "length"
 
 
+def test_a_replica_startup_error_is_raised_and_nothing_is_left(model_path):
+    before = spawned_children()
+    # The model allows 256 positions: each replica's engine refuses while it builds.
+    with pytest.raises(ValueError, match="max_model_len=4096 exceeds"):
+        LLM(model_path, data_parallel_size=2, **{**ENGINE, "max_model_len": 4096})
+    assert spawned_children() <= before
+
+
 def test_a_killed_replica_fails_its_requests_and_leaves_no_process(dp):
     """The last test on `dp` (it kills a replica; starting another pair costs seconds)."""
     llm = dp
@@ -189,8 +210,7 @@ def test_a_killed_replica_fails_its_requests_and_leaves_no_process(dp):
     assert len(final[0].outputs[0].token_ids) == 60
     assert wait_gone(pids, timeout=30), "the surviving replica was not stopped"
     llm.close()
-    live_children = {c.pid for c in psutil.Process().children(recursive=True)}
-    assert not live_children & set(pids)
+    assert not spawned_children() & set(pids)
 
 
 def test_replica_placements_give_each_replica_its_own_gpus(monkeypatch):
@@ -225,9 +245,8 @@ def openai_client(server):
 
 
 def replica_processes(server) -> list:
-    """The server's replica processes (multiprocessing spawn children)."""
-    children = psutil.Process(server.proc.pid).children(recursive=True)
-    return [c for c in children if any("spawn_main" in part for part in c.cmdline())]
+    """The server's replica processes."""
+    return [psutil.Process(pid) for pid in spawned_children(server.proc.pid)]
 
 
 def test_server_answers_the_openai_client(dp_server, single):

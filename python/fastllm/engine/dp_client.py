@@ -124,26 +124,18 @@ class DPClient:
         self._report_acceptances = False
         self.dead_error: Optional[str] = None
         self._closed = False
-        from fastllm.config import ParallelConfig
-        from fastllm.distributed.launch import torchrun_world_size
-        if torchrun_world_size() is not None:
-            raise ValueError(f"data_parallel_size={data_parallel_size} under torchrun: start one "
-                             f"server per replica there (torchrun's ranks form one replica)")
-        world_size = ParallelConfig(replica_kwargs.get("tensor_parallel_size", 1),
-                                    replica_kwargs.get("pipeline_parallel_size", 1)).world_size
-        placements = replica_placements(replica_kwargs.get("device", "auto"),
-                                        data_parallel_size, world_size)
         # What fails here fails in a moment, before any process starts.
-        if not os.path.exists(model):
-            raise FileNotFoundError(f"model path {model!r} does not exist")
+        placements = _check_launch(model, data_parallel_size, replica_kwargs)
         if tokenizer is None:
             from fastllm.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_pretrained(model)
         self.tokenizer = tokenizer
-        self._start(model, replica_kwargs, placements)
-        self._finalizer = weakref.finalize(self, _reap, list(self.replicas))
+        # Reaps whatever started, on close(), garbage collection or exit.
+        self._finalizer = weakref.finalize(self, _reap, self.replicas)
         try:
-            self._wait_ready()
+            self._start(model, replica_kwargs, placements)
+            for rep in self.replicas:
+                _await_ready(rep)
         except BaseException:
             self.close()
             raise
@@ -172,28 +164,6 @@ class DPClient:
             cmd_recv.close()              # the child's ends: closing ours makes EOF mean death
             ev_send.close()
             self.replicas.append(_Replica(i, proc, cmd_send, ev_recv))
-
-    def _wait_ready(self) -> None:
-        for rep in self.replicas:
-            while True:
-                ready = wait([rep.events, rep.process.sentinel])
-                if rep.events in ready:
-                    try:
-                        kind, payload = rep.events.recv()
-                    except EOFError:
-                        kind, payload = "died", None
-                else:
-                    kind, payload = "died", None
-                if kind == "ready":
-                    rep.info, rep.stats = payload, payload.stats
-                    break
-                if kind == "startup_error":
-                    raise payload
-                rep.process.join(5)
-                raise RuntimeError(f"data-parallel replica {rep.index} exited while starting "
-                                   f"(exit code {rep.process.exitcode}; its error is on stderr). "
-                                   f"Replicas are spawned processes: a script that starts them "
-                                   f"needs `if __name__ == '__main__':` around its code")
 
     @property
     def replica_pids(self) -> list[int]:
@@ -401,6 +371,43 @@ class DPClient:
 
     def reset_prefix_cache(self) -> None:
         raise NotImplementedError("reset_prefix_cache is not supported with data_parallel_size > 1")
+
+
+def _check_launch(model: str, num_replicas: int, replica_kwargs: dict) -> list[Placement]:
+    """Each replica's placement, after the checks that need no process."""
+    from fastllm.config import ParallelConfig
+    from fastllm.distributed.launch import torchrun_world_size
+    if torchrun_world_size() is not None:
+        raise ValueError(f"data_parallel_size={num_replicas} under torchrun: start one server "
+                         f"per replica there (torchrun's ranks form one replica)")
+    world_size = ParallelConfig(replica_kwargs.get("tensor_parallel_size", 1),
+                                replica_kwargs.get("pipeline_parallel_size", 1)).world_size
+    placements = replica_placements(replica_kwargs.get("device", "auto"), num_replicas,
+                                    world_size)
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"model path {model!r} does not exist")
+    return placements
+
+
+def _await_ready(rep: _Replica) -> None:
+    """Wait for the replica's engine; raise its startup error (a bad model path stays a
+    ValueError / FileNotFoundError) or say that it died."""
+    kind, payload = "died", None
+    if rep.events in wait([rep.events, rep.process.sentinel]):
+        try:
+            kind, payload = rep.events.recv()
+        except EOFError:
+            pass
+    if kind == "ready":
+        rep.info, rep.stats = payload, payload.stats
+        return
+    if kind == "startup_error":
+        raise payload
+    rep.process.join(5)
+    raise RuntimeError(f"data-parallel replica {rep.index} exited while starting (exit code "
+                       f"{rep.process.exitcode}; its error is on stderr). Replicas are spawned "
+                       f"processes: a script that starts them needs "
+                       f"`if __name__ == '__main__':` around its code")
 
 
 @contextlib.contextmanager
