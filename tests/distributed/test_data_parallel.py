@@ -228,6 +228,29 @@ def test_replica_placements_give_each_replica_its_own_gpus(monkeypatch):
     assert replica_placements("cpu", 2) == [Placement("cpu"), Placement("cpu")]
 
 
+
+def test_replica_stats_merge_into_totals():
+    from fastllm.engine.dp_stats import merge_replica_stats
+    from fastllm.engine.stats import EngineStats, RequestLatency
+
+    def stats(running, waiting, total, used, slot_util, hit, prompt_tokens, rid):
+        return EngineStats(num_running=running, num_waiting=waiting, num_swapped=0,
+                           kv_blocks_total=total, kv_blocks_used=used,
+                           kv_block_usage=used / total, kv_slot_utilization=slot_util,
+                           prefix_cache_hit_rate=hit, num_preemptions=1, num_swaps_out=0,
+                           num_prompt_tokens_computed=prompt_tokens, num_generation_tokens=5,
+                           num_steps=7, requests=[RequestLatency(rid, 0.1, 0.01, 3)])
+    a = stats(2, 1, 100, 30, 0.5, 0.25, 300, "a")
+    b = stats(1, 3, 100, 10, 0.9, 0.75, 100, "b")
+    m = merge_replica_stats([a, b])
+    assert (m.num_running, m.num_waiting, m.kv_blocks_total, m.kv_blocks_used) == (3, 4, 200, 40)
+    assert m.kv_block_usage == 40 / 200
+    assert m.kv_slot_utilization == pytest.approx((0.5 * 30 + 0.9 * 10) / 40)      # by blocks used
+    assert m.prefix_cache_hit_rate == pytest.approx((0.25 * 300 + 0.75 * 100) / 400)
+    assert (m.num_preemptions, m.num_steps) == (2, 14)
+    assert [r.request_id for r in m.requests] == ["a", "b"] and m.replicas == [a, b]
+    assert "replica 1: running 1, waiting 3" in m.format()
+
 # -- the server ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
