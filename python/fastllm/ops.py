@@ -306,3 +306,76 @@ def quant_cpu_force_generic(generic: bool) -> None:
     """Run the portable CPU kernels even on an AVX2 CPU (tests cover both builds)."""
     if _C is not None:
         _C.quant_cpu_force_generic(bool(generic))
+
+
+# -- NCCL (fastllm/nccl.h): libnccl opened at run time, ops on the tensor's current stream -----
+
+def nccl_library_candidates() -> list:
+    """Where libnccl is looked for, in order: $FASTLLM_NCCL_SO alone when set (a wrong path is
+    an error, never silently replaced); else the libnccl.so.2 of torch's CUDA wheels
+    (site-packages/nvidia/nccl/lib), then libnccl.so.2 on the loader's search path."""
+    if envs.FASTLLM_NCCL_SO:
+        return [envs.FASTLLM_NCCL_SO]
+    import importlib.util
+    from pathlib import Path
+    dirs = [Path(torch.__file__).resolve().parent.parent / "nvidia" / "nccl"]
+    try:
+        spec = importlib.util.find_spec("nvidia.nccl")
+        dirs += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    except (ImportError, ValueError):      # no `nvidia` namespace package: CPU torch
+        pass
+    wheel_paths = list(dict.fromkeys(str(d / "lib" / "libnccl.so.2") for d in dirs))
+    return wheel_paths + ["libnccl.so.2"]
+
+
+@functools.cache
+def _nccl_library(candidates: tuple):
+    return _C.NcclLibrary.open(list(candidates))   # failures raise, and are not cached
+
+
+def nccl_library():
+    """The loaded libnccl (path, version); RuntimeError naming every path tried."""
+    if _C is None:
+        raise RuntimeError("NCCL needs fastllm._C, which is not built in this installation")
+    return _nccl_library(tuple(nccl_library_candidates()))
+
+
+def nccl_unique_id() -> bytes:
+    """A new ncclUniqueId (128 bytes): made by one rank, given to every rank of the group."""
+    return nccl_library().unique_id()
+
+
+def nccl_comm_init(unique_id: bytes, world_size: int, rank: int, device: torch.device):
+    """This rank's NCCL communicator on `device` (collective: blocks until every rank joins)."""
+    device = torch.device(device)
+    with torch.cuda.device(device):         # ncclCommInitRank binds to the current device
+        return _C.NcclCommunicator(nccl_library(), unique_id, world_size, rank, device.index)
+
+
+def nccl_all_reduce(comm, x: torch.Tensor) -> None:
+    comm.all_reduce(to_dlpack(x.detach()), _stream(x))
+
+
+def nccl_all_gather(comm, out: torch.Tensor, x: torch.Tensor) -> None:
+    """out (world_size * x.numel() elements) <- every rank's x, rank order."""
+    comm.all_gather(to_dlpack(out.detach()), to_dlpack(x.detach()), _stream(x))
+
+
+def nccl_broadcast(comm, x: torch.Tensor, src: int) -> None:
+    comm.broadcast(to_dlpack(x.detach()), int(src), _stream(x))
+
+
+def nccl_send(comm, x: torch.Tensor, dst: int) -> None:
+    comm.send(to_dlpack(x.detach()), int(dst), _stream(x))
+
+
+def nccl_recv(comm, x: torch.Tensor, src: int) -> None:
+    comm.recv(to_dlpack(x.detach()), int(src), _stream(x))
+
+
+def nccl_close(comm, abort: bool = False) -> None:
+    """ncclCommDestroy, or ncclCommAbort when a peer died (abort never waits on peers)."""
+    if abort:
+        comm.abort()
+    else:
+        comm.destroy()
