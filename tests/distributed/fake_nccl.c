@@ -26,9 +26,10 @@ static void copy(const void *send, void *recv, size_t count, int dtype) {
 
 const char *fake_last_call(void) { return last_call; }
 int ncclGetVersion(int *v) { *v = 21903; return fails("version") ? 5 : 0; }
-int ncclGetUniqueId(ncclUniqueId *id) {
+int ncclGetUniqueId(ncclUniqueId *id) { /* different in every process and every call */
+  static int calls;
   memset(id, 0, sizeof *id);
-  snprintf(id->internal, sizeof id->internal, "fake-nccl-id pid %d", (int)getpid());
+  snprintf(id->internal, sizeof id->internal, "fake-nccl-id pid %d call %d", (int)getpid(), ++calls);
   return fails("unique_id") ? 5 : 0;
 }
 int ncclCommInitRank(void **comm, int n, ncclUniqueId id, int rank) {

@@ -71,6 +71,11 @@ class NcclCommunicator(Communicator):
             uid = exchange_unique_id(store or _default_store(), _store_key(self.ranks, group),
                                      self.rank == 0, ops.nccl_unique_id)
         self._comm = ops.nccl_comm_init(uid, self.world_size, self.rank, self.device)
+        # One tiny all_reduce now: NCCL sets up its collective connections on first use,
+        # which must not happen inside a CUDA graph capture. (Point-to-point connections
+        # are made on the first send/recv with each peer: run one before capturing those.)
+        self.all_reduce(torch.zeros(1, device=self.device))
+        torch.cuda.synchronize(self.device)
 
     @property
     def nccl_version(self) -> int:
