@@ -313,19 +313,23 @@ def quant_cpu_force_generic(generic: bool) -> None:
 def nccl_library_candidates() -> list:
     """Where libnccl is looked for, in order: $FASTLLM_NCCL_SO alone when set (a wrong path is
     an error, never silently replaced); else the libnccl.so.2 of torch's CUDA wheels
-    (site-packages/nvidia/nccl/lib), then libnccl.so.2 on the loader's search path."""
+    (site-packages/nvidia/nccl/lib: torch's own site-packages first, listed even when absent
+    so an error names it, then any other sys.path or site directory that has one), then
+    libnccl.so.2 on the loader's search path."""
     if envs.FASTLLM_NCCL_SO:
         return [envs.FASTLLM_NCCL_SO]
-    import importlib.util
-    from pathlib import Path
-    dirs = [Path(torch.__file__).resolve().parent.parent / "nvidia" / "nccl"]
+    import os
+    import site
+    import sys
+    wheel_lib = os.path.join("nvidia", "nccl", "lib", "libnccl.so.2")
+    torch_site = os.path.dirname(os.path.dirname(os.path.realpath(torch.__file__)))
+    roots = list(sys.path)
     try:
-        spec = importlib.util.find_spec("nvidia.nccl")
-        dirs += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    except (ImportError, ValueError):      # no `nvidia` namespace package: CPU torch
+        roots += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:                    # some virtualenv layouts lack these
         pass
-    wheel_paths = list(dict.fromkeys(str(d / "lib" / "libnccl.so.2") for d in dirs))
-    return wheel_paths + ["libnccl.so.2"]
+    found = [os.path.join(r, wheel_lib) for r in roots if r and os.path.isfile(os.path.join(r, wheel_lib))]
+    return list(dict.fromkeys([os.path.join(torch_site, wheel_lib), *found, "libnccl.so.2"]))
 
 
 @functools.cache
