@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import site
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -318,9 +321,6 @@ def nccl_library_candidates() -> list:
     libnccl.so.2 on the loader's search path."""
     if envs.FASTLLM_NCCL_SO:
         return [envs.FASTLLM_NCCL_SO]
-    import os
-    import site
-    import sys
     wheel_lib = os.path.join("nvidia", "nccl", "lib", "libnccl.so.2")
     torch_site = os.path.dirname(os.path.dirname(os.path.realpath(torch.__file__)))
     roots = list(sys.path)
