@@ -224,3 +224,36 @@ def test_unique_id_is_rank_zeros_on_every_rank(fake_nccl):
         # Rank 0's ids (its pid in the stand-in's id), the second under a fresh key, not the first's.
         assert first.startswith(f"fake-nccl-id pid {root_pid} call 1\0".encode()) and len(first) == 128
         assert again.startswith(f"fake-nccl-id pid {root_pid} call 2\0".encode())
+
+
+# -- NcclCommunicator's own tensor handling, with NCCL's calls emulated for 3 ranks ---------------
+
+def test_all_gather_layout_and_strided_inputs(monkeypatch):
+    """NCCL gathers flat buffers rank after rank; NcclCommunicator must turn that into
+    torch.cat along `dim`, and run strided tensors through contiguous copies."""
+    from fastllm.distributed.nccl import NcclCommunicator
+    world = 3
+    piece = [lambda x, r=r: x * 10 + r for r in range(world)]          # what rank r would hold
+
+    def nccl_all_gather(comm, out, x):     # ncclAllGather: out = [rank 0's x | rank 1's | rank 2's]
+        assert x.is_contiguous() and out.is_contiguous() and out.numel() == world * x.numel()
+        out.view(world, -1).copy_(torch.stack([piece[r](x).flatten() for r in range(world)]))
+
+    def nccl_all_reduce(comm, x):          # ncclAllReduce in place: sum of the 3 ranks' pieces
+        assert x.is_contiguous()
+        x.copy_(sum(piece[r](x) for r in range(world)))
+
+    monkeypatch.setattr(ops, "nccl_all_gather", nccl_all_gather)
+    monkeypatch.setattr(ops, "nccl_all_reduce", nccl_all_reduce)
+    comm = NcclCommunicator.__new__(NcclCommunicator)    # no NCCL here: only the Python layer
+    comm._comm, comm.world_size, comm.rank = None, world, 0
+    x = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5)
+    for dim in (0, 1, 2, -1, -2):
+        assert torch.equal(comm.all_gather(x, dim), torch.cat([piece[r](x) for r in range(world)], dim))
+    strided = x.transpose(0, 2)                          # [5, 3, 2], not contiguous
+    assert torch.equal(comm.all_gather(strided, 1), torch.cat([piece[r](strided) for r in range(world)], 1))
+    with pytest.raises(ValueError, match="dim: 3 is out of range for a 3-d tensor"):
+        comm.all_gather(x, 3)
+    y = x.clone().transpose(0, 2)
+    expected = 30 * y + 3
+    assert comm.all_reduce(y) is y and torch.equal(y, expected)   # written back into the strided view

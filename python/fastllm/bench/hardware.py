@@ -200,8 +200,9 @@ def _all_reduce_worker(rank, world_size, backend, sizes, apis, warmup, iters, in
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    comm = new_communicator(list(range(world_size)), device)   # collective: every rank makes it
-    all_reduce = {"torch": dist.all_reduce, "fastllm": comm.all_reduce}
+    # Collective: every rank makes it, before any timing.
+    comm = new_communicator(list(range(world_size)), device) if "fastllm" in apis else None
+    all_reduce = {"torch": dist.all_reduce, "fastllm": comm.all_reduce if comm is not None else None}
     rows = []
     try:
         for nbytes in sizes:
@@ -210,7 +211,8 @@ def _all_reduce_worker(rank, world_size, backend, sizes, apis, warmup, iters, in
                 time_s, observed = _time_all_reduce(all_reduce[api], numel, rank, device, warmup, iters)
                 rows.append({"api": api, "bytes": numel * 4, "time_s": time_s, "observed": observed})
     finally:
-        comm.close()
+        if comm is not None:
+            comm.close()
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f)
