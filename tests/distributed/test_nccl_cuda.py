@@ -22,7 +22,7 @@ def test_library_is_found_and_reports_a_version():
     assert lib.path in ops.nccl_library_candidates() and lib.version >= 20000
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
 def test_single_gpu_ops(dtype):
     from fastllm.distributed.nccl import NcclCommunicator
     comm = NcclCommunicator([0], "cuda:0")
@@ -41,7 +41,7 @@ def test_single_gpu_ops(dtype):
         comm.close()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
 def test_single_gpu_ops_in_a_cuda_graph(dtype):
     from fastllm.distributed.nccl import NcclCommunicator
     comm = NcclCommunicator([0], "cuda:0")

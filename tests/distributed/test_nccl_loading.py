@@ -138,7 +138,7 @@ def test_every_nccl_error_raises_its_text(use_fake, monkeypatch, fail, call, op)
 
 # -- what each op hands NCCL ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", list(NCCL_DTYPES))
+@pytest.mark.parametrize("dtype", list(NCCL_DTYPES), ids=str)
 def test_all_reduce_passes_pointer_count_dtype_sum_and_stream(use_fake, dtype):
     comm = fake_comm()
     x = torch.arange(3 * 7).reshape(3, 7).to(dtype)      # odd numel: 21
