@@ -168,3 +168,12 @@ def test_a_compiling_grammar_does_not_stall_other_requests(llm, monkeypatch):
     # Compiled once per key: a second submit shares the future.
     a, b = manager.submit(_json(fresh)), manager.submit(_json(fresh))
     assert a.future is b.future and a.is_ready
+
+
+def test_min_tokens_past_a_complete_grammar_stops_there(llm):
+    # The grammar is complete after "yes" and allows only eos, which min_tokens bans: the
+    # sampler has nothing left, and the request stops with its complete output.
+    params = SamplingParams(temperature=0, max_tokens=10, min_tokens=8,
+                            structured_outputs=StructuredOutputsParams(choice=["yes"]))
+    out = llm.generate(["Hi"], params, use_tqdm=False)[0].outputs[0]
+    assert out.text == "yes" and out.finish_reason == "stop"
