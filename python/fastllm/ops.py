@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -323,13 +324,21 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     if rows.numel() == 0:
         return
     kernel = _xgrammar_bitmask_kernel()
-    if kernel is not None and bitmask.shape[1] * 32 >= logits.shape[1]:
+    device = logits.device.type
+    if kernel is not None and bitmask.shape[1] * 32 >= logits.shape[1] and device not in _XGRAMMAR_FAILED:
         try:
             _xgrammar_apply(kernel, logits, bitmask, rows)
             return
-        except (RuntimeError, ValueError):   # an input its kernel does not take (dtype, device)
-            pass
+        except Exception as e:  # noqa: BLE001 -- e.g. its CUDA kernel cannot be built here
+            # A failure is its argument checks or its kernel build, before any write.
+            _XGRAMMAR_FAILED.add(device)
+            logging.getLogger(__name__).warning(
+                "xgrammar's token-bitmask kernel failed on %s (%s); using the torch one", device, e)
     reference.apply_token_bitmask(logits, bitmask, rows)
+
+
+# Device types where xgrammar's kernel failed once: the torch twin runs there from then on.
+_XGRAMMAR_FAILED: set = set()
 
 
 @functools.lru_cache(maxsize=1)
