@@ -82,3 +82,15 @@ def test_gguf_vocabulary_drives_the_grammar(tmp_path):
               for s in range(3)]
     for out in llm.generate(["Hello"] * 3, params, use_tqdm=False):
         assert out.outputs[0].finish_reason == "stop" and re.fullmatch(regex, out.outputs[0].text)
+
+
+def test_batched_fill_equals_row_by_row(tokenizer):
+    manager = StructuredOutputManager(tokenizer, 384)
+    grammars = [_grammar(manager, StructuredOutputsParams(regex=r"ab(c|d)e")),
+                _grammar(manager, StructuredOutputsParams(choice=["cat", "dog"])),
+                _grammar(manager, StructuredOutputsParams(json_object=True))]
+    grammars[0].accept_tokens(tokenizer.encode("ab", add_special_tokens=False))
+    batched = manager.fill_bitmask(grammars)
+    rows = np.concatenate([manager.fill_bitmask([g]) for g in grammars])
+    np.testing.assert_array_equal(batched, rows)
+    assert len({r.tobytes() for r in batched}) == 3
