@@ -178,3 +178,19 @@ def test_min_tokens_past_a_complete_grammar_stops_there(llm):
                             structured_outputs=StructuredOutputsParams(choice=["yes"]))
     out = llm.generate(["Hi"], params, use_tqdm=False)[0].outputs[0]
     assert out.text == "yes" and out.finish_reason == "stop"
+
+
+def test_a_grammar_that_fails_to_compile_aborts_only_its_request(llm, monkeypatch):
+    manager = llm.llm_engine.structured
+
+    def out_of_memory(grammar):
+        raise MemoryError("no room for the token masks")
+    monkeypatch.setattr(manager, "_compile", out_of_memory)
+    doomed = {"type": "object", "properties": {"never": {"type": "null"}}, "required": ["never"]}
+    outs = llm.generate(["Hi", "Hello"], [SamplingParams(max_tokens=5, structured_outputs=_json(doomed)),
+                                          SamplingParams(temperature=0, max_tokens=5)], use_tqdm=False)
+    assert outs[0].finished and outs[0].outputs[0].finish_reason == "abort"
+    assert outs[0].outputs[0].token_ids == []
+    assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 5
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.block_manager.num_used_blocks == 0
