@@ -119,5 +119,9 @@ class StructuredOutputManager:
 def _backend():
     # Imported on first use: xgrammar (and what it imports) costs seconds, which an engine
     # that never sees a constrained request should not pay.
-    from fastllm.structured import xgrammar_backend
+    try:
+        from fastllm.structured import xgrammar_backend
+    except ImportError as e:      # a --no-deps install (the GPU machines have no registry)
+        raise RuntimeError(f"structured outputs need the xgrammar package ({e}); "
+                           f"pip install 'xgrammar>=0.2.8'") from e
     return xgrammar_backend
