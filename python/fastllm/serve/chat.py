@@ -68,7 +68,7 @@ async def create_chat_completion(state, req: ChatCompletionRequest, request: Req
     admit(state, 1)
     rid = new_request_id("chatcmpl")
     record = request.state.record = RequestRecord(rid, len(ids))
-    streams = await add_requests(state, rid, [(None, ids)], params, "messages")
+    streams = await add_requests(state, rid, [(None, ids)], params, "messages", req)
     choices = {i: Choice(i) for i in range(params.n)}
     model = req.model or state.config.served_model_names[0]
     logprobs = num_top if req.logprobs else None
