@@ -17,7 +17,7 @@ from checkpoints import cached_checkpoint
 from server_process import MODEL_NAME, ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from templates import SEARCH_TOOL, WEATHER_TOOL  # noqa: E402
+from templates import BOUNDED_TOOLS, HERMES_TOOLS, SEARCH_TOOL, WEATHER_TOOL  # noqa: E402
 
 TOOLS = [WEATHER_TOOL, SEARCH_TOOL]
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
@@ -98,3 +98,124 @@ def test_auto_on_free_text_is_content(tool_client):
     plain = tool_client.chat.completions.create(model=MODEL_NAME, messages=ASK, max_tokens=8,
                                            temperature=0)
     assert resp.usage.prompt_tokens > plain.usage.prompt_tokens       # the tools were in it
+
+
+# -- required / named: enforced by a JSON-schema grammar (structured outputs) ------------
+
+BOUNDED = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED_TOOLS}
+NAMED_SEARCH = {"type": "function", "function": {"name": "search"}}
+
+
+def assert_valid_calls(calls, names=None):
+    assert calls, "no tool calls"
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in (names or BOUNDED)
+        jsonschema.validate(json.loads(call.function.arguments), BOUNDED[call.function.name])
+    assert len({c.id for c in calls}) == len(calls)
+
+
+def create(client, **kw):
+    return client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=BOUNDED_TOOLS,
+                                          max_tokens=400, temperature=1.0, **kw)
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED_SEARCH], ids=["required", "named"])
+def test_forced_choices_give_valid_arguments(tool_client, choice):
+    seen = set()
+    for seed in range(3):
+        resp = create(tool_client, tool_choice=choice, n=3, seed=seed)
+        for c in resp.choices:
+            assert c.finish_reason == "tool_calls" and c.message.content is None
+            assert_valid_calls(c.message.tool_calls,
+                               ["search"] if choice is NAMED_SEARCH else None)
+            if choice is NAMED_SEARCH:
+                assert len(c.message.tool_calls) == 1
+            seen.update(json.dumps(json.loads(t.function.arguments), sort_keys=True)
+                        for t in c.message.tool_calls)
+    assert len(seen) > 3                     # sampled, not one fixed answer
+
+
+def test_required_without_parallel_calls_is_one_call(tool_client):
+    for seed in range(3):
+        resp = create(tool_client, tool_choice="required", parallel_tool_calls=False, seed=seed)
+        assert len(resp.choices[0].message.tool_calls) == 1
+        assert_valid_calls(resp.choices[0].message.tool_calls)
+
+
+def streamed_calls(client, **kw):
+    """(content, [(id, name, arguments)], finish_reason) from a stream's deltas; checks
+    OpenAI's order: a call's index, id, type and name on its first delta only."""
+    content, calls, finish = "", {}, None
+    for chunk in create(client, stream=True, **kw):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for t in c.delta.tool_calls or []:
+                if t.index not in calls:
+                    assert t.id and t.type == "function" and t.function.name
+                    assert t.index == len(calls)
+                    calls[t.index] = [t.id, t.function.name, t.function.arguments or ""]
+                else:
+                    assert t.id is None and t.function.name is None
+                    calls[t.index][2] += t.function.arguments or ""
+            finish = c.finish_reason or finish
+    return content, [tuple(v) for v in calls.values()], finish
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED_SEARCH], ids=["required", "named"])
+def test_streamed_forced_calls_equal_non_streamed(tool_client, choice):
+    for seed in (11, 12):
+        whole = create(tool_client, tool_choice=choice, seed=seed).choices[0].message.tool_calls
+        content, calls, finish = streamed_calls(tool_client, tool_choice=choice, seed=seed)
+        assert content == "" and finish == "tool_calls"
+        assert [(n, a) for _, n, a in calls] == [(t.function.name, t.function.arguments)
+                                                for t in whole]
+
+
+# -- auto: the model's own output parsed; forced here to a known Hermes call -------------
+
+def hermes_call(name, arguments):
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+FORCED = "Let me check.\n" + hermes_call("get_weather", {"city": "Paris", "unit": "c"}) + "\n" \
+    + hermes_call("search", {"query": "rain", "tags": ["news"], "exact": False})
+
+
+def test_auto_parses_a_forced_hermes_output(tool_client):
+    body = {"structured_outputs": {"choice": [FORCED]}}
+    resp = create(tool_client, tool_choice="auto", extra_body=body)
+    message = resp.choices[0].message
+    assert resp.choices[0].finish_reason == "tool_calls"
+    assert message.content == "Let me check."
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls] == \
+        [("get_weather", {"city": "Paris", "unit": "c"}),
+         ("search", {"query": "rain", "tags": ["news"], "exact": False})]
+    assert_valid_calls(message.tool_calls)
+    content, calls, finish = streamed_calls(tool_client, extra_body=body)
+    assert content == "Let me check.\n" and finish == "tool_calls"
+    assert [(n, a) for _, n, a in calls] == [(t.function.name, t.function.arguments)
+                                            for t in message.tool_calls]
+    one = create(tool_client, parallel_tool_calls=False, extra_body=body).choices[0].message
+    assert [t.function.name for t in one.tool_calls] == ["get_weather"]
+    none = create(tool_client, tool_choice="none", extra_body=body).choices[0]
+    assert none.message.content == FORCED and none.message.tool_calls is None
+    assert none.finish_reason == "stop"
+
+
+def test_forced_choice_with_response_format_is_400(tool_server):
+    r = httpx.post(tool_server.url + "/v1/chat/completions", timeout=30, json={
+        **OK, "tools": BOUNDED_TOOLS, "tool_choice": "required",
+        "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+
+
+def test_offline_chat_renders_tools_as_transformers_does(hf_tokenizer):
+    from fastllm import LLM, SamplingParams
+    llm = LLM(str(cached_checkpoint("llama", max_position_embeddings=TOOL_MODEL_LEN)),
+              device="cpu", max_model_len=TOOL_MODEL_LEN, num_kv_blocks=128)
+    out = llm.chat(ASK, SamplingParams(max_tokens=1), use_tqdm=False, tools=TOOLS,
+                   chat_template=HERMES_TOOLS)[0]
+    expected = hf_tokenizer.apply_chat_template(ASK, tools=TOOLS, chat_template=HERMES_TOOLS,
+                                                add_generation_prompt=True, tokenize=False)
+    assert out.prompt_token_ids == hf_tokenizer.encode(expected, add_special_tokens=False)

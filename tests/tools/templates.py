@@ -68,3 +68,23 @@ CONVERSATION = [
     {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"},
     {"role": "user", "content": "And in Lyon?"},
 ]
+
+# Bounded versions for a random-weight model under a grammar: every string, array and
+# number has a limit, so an output always closes within a few hundred tokens.
+BOUNDED_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object",
+                       "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 8},
+                                      "days": {"type": "integer", "minimum": 0, "maximum": 7},
+                                      "unit": {"type": "string", "enum": ["c", "f"]}},
+                       "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "search", "description": "Search the web.",
+        "parameters": {"type": "object",
+                       "properties": {"query": {"type": "string", "maxLength": 10},
+                                      "tags": {"type": "array", "maxItems": 2,
+                                               "items": {"type": "string", "enum": ["news", "maps"]}},
+                                      "exact": {"type": "boolean"}},
+                       "required": ["query", "tags", "exact"], "additionalProperties": False}}},
+]
