@@ -122,7 +122,9 @@ def tool_constraint(params, schema: dict):
     if getattr(params, "structured_outputs", None) is not None:
         raise APIError("tool_choice 'required' or a named function cannot be combined with "
                        "response_format / structured_outputs", param="tool_choice")
-    return dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
+    # Compact JSON: a weak model cannot wander in whitespace until max_tokens.
+    constraint = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    return dataclasses.replace(params, structured_outputs=constraint)
 
 
 def tool_calls_out(parsed: ParsedOutput) -> list[ToolCall]:
