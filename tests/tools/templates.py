@@ -70,19 +70,21 @@ CONVERSATION = [
 ]
 
 # Bounded versions for a random-weight model under a grammar: every string, array and
-# number has a limit, so an output always closes within a few hundred tokens.
+# number has a limit, so an output always closes within a few hundred tokens. Free
+# strings are ASCII patterns: under maxLength alone a random model's byte tokens can make
+# invalid UTF-8 (decoded as U+FFFD, which then counts past the length).
 BOUNDED_TOOLS = [
     {"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city.",
         "parameters": {"type": "object",
-                       "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 8},
+                       "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,8}$"},
                                       "days": {"type": "integer", "minimum": 0, "maximum": 7},
                                       "unit": {"type": "string", "enum": ["c", "f"]}},
                        "required": ["city", "unit"], "additionalProperties": False}}},
     {"type": "function", "function": {
         "name": "search", "description": "Search the web.",
         "parameters": {"type": "object",
-                       "properties": {"query": {"type": "string", "maxLength": 10},
+                       "properties": {"query": {"type": "string", "pattern": "^[a-z0-9 ]{0,10}$"},
                                       "tags": {"type": "array", "maxItems": 2,
                                                "items": {"type": "string", "enum": ["news", "maps"]}},
                                       "exact": {"type": "boolean"}},

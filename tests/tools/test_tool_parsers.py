@@ -146,3 +146,15 @@ def test_detected_from_the_template():
     assert detect_tool_parser("{{ messages }}").name == "hermes"
     with pytest.raises(ValueError, match="tool_call_parser"):
         get_tool_parser("nope")
+
+
+def test_raw_control_characters_in_strings_come_out_escaped():
+    """Grammar-constrained output can hold raw control characters inside strings, which
+    strict JSON readers refuse: the arguments escape them, streamed fragments too."""
+    raw = '<tool_call>\n{"name": "f", "arguments": {"a": "x\x0fy\x01", "b": ["\x1f"]}}\n</tool_call>'
+    parsed = get_tool_parser("hermes").parse(raw)
+    assert [json.loads(c.arguments) for c in parsed.calls] == [{"a": "x\x0fy\x01", "b": ["\x1f"]}]
+    _, calls, _ = streamed(get_tool_parser("hermes"), raw, random.Random(3))
+    assert [a for _, a, _ in calls] == [parsed.calls[0].arguments]
+    named = NamedFunctionParser("f").parse('{"a": "\x02"}')
+    assert json.loads(named.calls[0].arguments) == {"a": "\x02"}

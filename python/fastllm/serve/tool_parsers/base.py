@@ -63,6 +63,31 @@ class MalformedCall(ValueError):
     pass
 
 
+def escape_control_chars(raw: str) -> str:
+    """raw JSON text with control characters inside strings escaped (\\u00XX), which
+    strict JSON readers (json.loads, OpenAI clients) require and grammar-constrained
+    output does not always give. Character by character, so a prefix maps to a prefix
+    and streamed fragments still add up to the final arguments."""
+    out, in_string, escaped = [], False, False
+    for ch in raw:
+        if in_string and not escaped and ord(ch) < 0x20:
+            out.append(f"\\u{ord(ch):04x}")
+            continue
+        out.append(ch)
+        if escaped:
+            escaped = False
+        elif in_string and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_string = not in_string
+    return "".join(out)
+
+
+def loads(text: str):
+    """json.loads, accepting raw control characters in strings (escaped on the way out)."""
+    return json.loads(text, strict=False)
+
+
 def _arguments_text(value) -> str:
     """Arguments given other than as an object: a JSON string holding an object, or
     none at all ({})."""
@@ -70,7 +95,7 @@ def _arguments_text(value) -> str:
         return "{}"
     if isinstance(value, str):
         try:
-            decoded = json.loads(value)
+            decoded = loads(value)
         except json.JSONDecodeError:
             raise MalformedCall("arguments is a string that is not JSON") from None
         if not isinstance(decoded, dict):
@@ -92,10 +117,10 @@ def parse_call_object(text: str, pos: int) -> tuple[CallDraft, Optional[int]]:
         if not streamable:
             return CallDraft(), None
         args_end = json_value_end(text, header.end())
-        return CallDraft(json.loads(f'"{header.group(1)}"'),
-                         text[header.end():args_end or len(text)]), None
+        return CallDraft(loads(f'"{header.group(1)}"'),
+                         escape_control_chars(text[header.end():args_end or len(text)])), None
     try:
-        obj = json.loads(text[pos:end])
+        obj = loads(text[pos:end])
     except json.JSONDecodeError as e:
         raise MalformedCall(f"the call is not valid JSON: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -103,8 +128,8 @@ def parse_call_object(text: str, pos: int) -> tuple[CallDraft, Optional[int]]:
     key = next((k for k in _ARGUMENT_KEYS if k in obj), None)
     value = obj.get(key) if key else None
     if isinstance(value, dict):
-        args = text[header.end():json_value_end(text, header.end())] if streamable \
-            else json.dumps(value, ensure_ascii=False)
+        args = escape_control_chars(text[header.end():json_value_end(text, header.end())]) \
+            if streamable else json.dumps(value, ensure_ascii=False)
     else:
         args = _arguments_text(value)
     return CallDraft(obj["name"], args, True), end

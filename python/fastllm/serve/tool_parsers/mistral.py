@@ -3,10 +3,9 @@
 (v11+). Text before the first marker is content."""
 from __future__ import annotations
 
-import json
-
-from fastllm.serve.tool_parsers.base import (CallDraft, MalformedCall, ToolParser, held_back,
-                                             json_value_end, skip_space)
+from fastllm.serve.tool_parsers.base import (CallDraft, MalformedCall, ToolParser,
+                                             escape_control_chars, held_back, json_value_end,
+                                             loads, skip_space)
 from fastllm.serve.tool_parsers.json_array import parse_call_array
 
 TOOL_CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -46,11 +45,12 @@ def _named_calls(text: str, pos: int) -> list:
         if text[pos] != "{":
             raise MalformedCall("the arguments are not a JSON object")
         end = json_value_end(text, pos)
-        calls.append(CallDraft(name, text[pos:end or len(text)], end is not None))
+        calls.append(CallDraft(name, escape_control_chars(text[pos:end or len(text)]),
+                             end is not None))
         if end is None:
             return calls
         try:
-            json.loads(text[pos:end])
+            loads(text[pos:end])
         except json.JSONDecodeError as e:
             raise MalformedCall(f"the arguments are not valid JSON: {e}") from None
         pos = skip_space(text, end)

@@ -2,9 +2,8 @@
 object, so the output is one call of the named function."""
 from __future__ import annotations
 
-import json
-
-from fastllm.serve.tool_parsers.base import (CallDraft, MalformedCall, ToolParser, json_value_end,
+from fastllm.serve.tool_parsers.base import (CallDraft, MalformedCall, ToolParser,
+                                             escape_control_chars, json_value_end, loads,
                                              skip_space)
 
 
@@ -22,11 +21,11 @@ class NamedFunctionParser(ToolParser):
             raise MalformedCall("the output is not a JSON object")
         end = json_value_end(text, pos)
         if end is None:
-            return "", [CallDraft(self.function_name, text[pos:])]
+            return "", [CallDraft(self.function_name, escape_control_chars(text[pos:]))]
         if skip_space(text, end) < len(text):
             raise MalformedCall("text after the arguments object")
         try:
-            json.loads(text[pos:end])
+            loads(text[pos:end])
         except json.JSONDecodeError as e:
             raise MalformedCall(f"the arguments are not valid JSON: {e}") from None
-        return "", [CallDraft(self.function_name, text[pos:end], True)]
+        return "", [CallDraft(self.function_name, escape_control_chars(text[pos:end]), True)]
