@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model, model_config, engine_config, *,
-                 device: torch.device, dtype: torch.dtype, valid_vocab_size: Optional[int] = None):
+                 device: torch.device, dtype: torch.dtype, valid_vocab_size: Optional[int] = None,
+                 parallel=None):
         self.model = model
+        self.parallel = parallel        # this rank's ParallelContext (None: a single device)
         self.model_config = model_config
         self.config = engine_config
         self.device = torch.device(device)
