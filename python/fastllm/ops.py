@@ -312,8 +312,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     """Structured outputs, in place: logits[rows[i], t] = -inf unless token t is allowed by
     bitmask row i (bit t % 32 of word t // 32). logits [S, V] float32/16/bf16; bitmask
     [R, ceil(V/32)] int32; rows [R] int64 (distinct). Only the R rows are touched.
-    CPU and CUDA run xgrammar's kernels (its CPU loop over the gathered rows; on CUDA its
-    kernel over a full-batch mask); fastllm.reference.apply_token_bitmask is the twin
+    CPU and CUDA run xgrammar's kernels (over a batch-sized mask: on CPU only the R rows are
+    visited, on CUDA the other rows allow everything); fastllm.reference.apply_token_bitmask is the twin
     they are tested against, and runs where xgrammar is missing or refuses the input."""
     if logits.dim() != 2 or bitmask.dim() != 2 or rows.dim() != 1 or bitmask.shape[0] != rows.shape[0]:
         raise ValueError(f"apply_token_bitmask: logits [S, V], bitmask [R, W] and rows [R] expected, "
@@ -344,14 +344,14 @@ def _xgrammar_bitmask_kernel():
 def _xgrammar_apply(kernel, logits, bitmask, rows) -> None:
     vocab_size = logits.shape[1]
     if logits.device.type == "cpu":
-        # Its CPU loop takes the mask row of each logits row at the same index: gather the
-        # R rows (contiguous), mask them, put them back.
+        # Its CPU loop reads mask row r for logits row r, over the indices given: scatter the
+        # R mask rows into a batch-sized mask (a few KB per row, not the logits' MBs).
         if rows.numel() == logits.shape[0] and torch.equal(rows, torch.arange(rows.numel())):
             kernel(logits, bitmask, vocab_size=vocab_size, backend="cpu")
             return
-        sub = logits.index_select(0, rows)
-        kernel(sub, bitmask, vocab_size=vocab_size, backend="cpu")
-        logits.index_copy_(0, rows, sub)
+        full = torch.empty((logits.shape[0], bitmask.shape[1]), dtype=torch.int32)
+        full.index_copy_(0, rows, bitmask)
+        kernel(logits, full, vocab_size=vocab_size, indices=rows.tolist(), backend="cpu")
         return
     # CUDA: a full-batch mask whose other rows allow everything (-1), so no host list of
     # indices (a device -> host read) is needed.

@@ -116,7 +116,12 @@ async def create_chat_completion(state, req: ChatCompletionRequest, request: Req
     admit(state, 1)
     rid = new_request_id("chatcmpl")
     record = request.state.record = RequestRecord(rid, len(ids))
-    streams = await add_requests(state, rid, [(None, ids)], params, "messages")
+    try:
+        streams = await add_requests(state, rid, [(None, ids)], params, "messages", req)
+    except APIError as e:
+        if plan is not None and plan.schema is not None and e.param is None:
+            e.param = "tools"              # the grammar built from the tools' parameters
+        raise
     choices = {i: Choice(i) for i in range(params.n)}
     model = req.model or state.config.served_model_names[0]
     logprobs = num_top if req.logprobs else None

@@ -26,6 +26,31 @@ class StreamOptions(_Request):
     include_usage: Optional[bool] = False
 
 
+class JsonSchemaFormat(_Request):
+    """response_format's json_schema: {"name", "schema", "strict", "description"}."""
+    name: str
+    json_schema: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", ...}."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` body field (extra_body in the openai client): exactly
+    one of json, regex, choice, grammar, json_object."""
+    json_: Union[dict[str, Any], str, None] = Field(default=None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: Optional[bool] = None
+
+
 class _SamplingFields(_Request):
     """The sampling fields both endpoints take. None (left out or null, as OpenAI
     clients send) means the checkpoint's generation_config default, else SamplingParams'."""
@@ -49,6 +74,14 @@ class _SamplingFields(_Request):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None
+    # Structured outputs (fastllm.serve.structured): OpenAI's response_format, vLLM's
+    # structured_outputs and its older guided_* spellings; at most one of them.
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsField] = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
 
 class UsageInfo(_Response):

@@ -52,6 +52,9 @@ def build_parser(prog: str = "python -m fastllm.serve") -> argparse.ArgumentPars
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--no-access-log", action="store_true", help="no line per request")
+    s.add_argument("--disable-any-whitespace", action="store_true",
+                   help="structured JSON outputs without free whitespace between tokens (a "
+                        "request's structured_outputs.disable_any_whitespace overrides it)")
     return p
 
 
@@ -132,7 +135,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m fastllm.serve"
                           api_key=args.api_key or envs.FASTLLM_API_KEY,
                           max_queue_len=args.max_queue_len, max_body_bytes=args.max_request_bytes,
                           shutdown_grace_s=args.shutdown_grace, model_path=llm.llm.model_path,
-                          tool_call_parser=args.tool_call_parser)
+                          tool_call_parser=args.tool_call_parser,
+                          disable_any_whitespace=args.disable_any_whitespace)
     app = create_app(llm, config)
     server = _make_server(app, args, app.state.fastllm.begin_shutdown)
     server.run()
