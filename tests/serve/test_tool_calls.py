@@ -55,6 +55,9 @@ BAD = [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      "tools.0.function.parameters"),
     ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {          # the grammar
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}],
+      "tool_choice": "required"}, "tools"),
     ({"messages": ASK + [{"role": "tool", "content": "21C"}]}, "messages.1.tool_call_id"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
                                                          "function": {"name": "f"}}]}]},
