@@ -17,7 +17,8 @@ from checkpoints import cached_checkpoint
 from server_process import MODEL_NAME, ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from templates import BOUNDED_TOOLS, HERMES_TOOLS, SEARCH_TOOL, WEATHER_TOOL  # noqa: E402
+from templates import (BOUNDED_TOOLS, CONVERSATION, HERMES_TOOLS, SEARCH_TOOL,  # noqa: E402
+                       WEATHER_TOOL)
 
 TOOLS = [WEATHER_TOOL, SEARCH_TOOL]
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
@@ -226,8 +227,10 @@ def test_offline_chat_renders_tools_as_transformers_does(hf_tokenizer):
     from fastllm import LLM, SamplingParams
     llm = LLM(str(cached_checkpoint("llama", max_position_embeddings=TOOL_MODEL_LEN)),
               device="cpu", max_model_len=TOOL_MODEL_LEN, num_kv_blocks=128)
-    out = llm.chat(ASK, SamplingParams(max_tokens=1), use_tqdm=False, tools=TOOLS,
+    out = llm.chat(CONVERSATION, SamplingParams(max_tokens=1), use_tqdm=False, tools=TOOLS,
                    chat_template=HERMES_TOOLS)[0]
-    expected = hf_tokenizer.apply_chat_template(ASK, tools=TOOLS, chat_template=HERMES_TOOLS,
+    expected = hf_tokenizer.apply_chat_template(CONVERSATION, tools=TOOLS,
+                                                chat_template=HERMES_TOOLS,
                                                 add_generation_prompt=True, tokenize=False)
+    assert "<tool_response>" in expected and "get_weather" in expected
     assert out.prompt_token_ids == hf_tokenizer.encode(expected, add_special_tokens=False)
