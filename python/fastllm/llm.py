@@ -110,8 +110,10 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, chat_template: Optional[str] = None,
-             **template_kwargs) -> list[RequestOutput]:
-        """messages: one conversation (list of {"role", "content"}) or a list of them."""
+             tools: Optional[list] = None, **template_kwargs) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of them.
+        tools: OpenAI function specs for the template's `tools` (or, for a template
+        that takes none, a system prompt listing them)."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
                              "or a list of such conversations")
@@ -121,7 +123,7 @@ class LLM:
         tok = self.get_tokenizer()
         prompts = [tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
                                            tokenize=True, chat_template=chat_template,
-                                           **template_kwargs)
+                                           tools=tools, **template_kwargs)
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
