@@ -15,6 +15,19 @@ def _str_or_none(name: str) -> Callable[[], Optional[str]]:
     return lambda: os.environ.get(name) or None
 
 
+def _positive_float(name: str, default: float) -> Callable[[], float]:
+    def read() -> float:
+        raw = os.environ.get(name) or str(default)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"{name}={raw!r}: expected a positive number of seconds")
+        return value
+    return read
+
+
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> Callable[[], str]:
     def read() -> str:
         value = os.environ.get(name, default) or default
@@ -31,6 +44,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "FASTLLM_PREFILL_BACKEND": _choice("FASTLLM_PREFILL_BACKEND", "fastllm", ("fastllm", "torch")),
     # libnccl to open at run time instead of the one torch's CUDA wheels ship.
     "FASTLLM_NCCL_SO": _str_or_none("FASTLLM_NCCL_SO"),
+    # Seconds a parallel step may wait on another rank (a collective of the model, a
+    # worker's reply) before the driver declares that rank hung and shuts the group down.
+    "FASTLLM_STEP_TIMEOUT": _positive_float("FASTLLM_STEP_TIMEOUT", 300.0),
     # The server's API key when --api-key is not given.
     "FASTLLM_API_KEY": _str_or_none("FASTLLM_API_KEY"),
 }

@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model, model_config, engine_config, *,
-                 device: torch.device, dtype: torch.dtype, valid_vocab_size: Optional[int] = None):
+                 device: torch.device, dtype: torch.dtype, valid_vocab_size: Optional[int] = None,
+                 parallel=None):
         self.model = model
+        self.parallel = parallel        # this rank's ParallelContext (None: a single device)
         self.model_config = model_config
         self.config = engine_config
         self.device = torch.device(device)
@@ -121,7 +123,8 @@ class ModelRunner:
                     self.device, non_blocking=True)
             # Before the forward pass: it depends only on the schedule, and building it
             # (pinned, non-blocking uploads) never waits for the device.
-            sampling = self.inputs.prepare_sampling(out.scheduled, requests)
+            sampling = self.inputs.prepare_sampling(out.scheduled, requests,
+                                                    out.grammar_bitmask, out.grammar_seq_ids)
         with nvtx_range("forward"):
             if graphs is not None and graphs.can_run(input_ids, meta):
                 logits = graphs.run(input_ids, positions, meta)               # [S, V]

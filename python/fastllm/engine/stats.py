@@ -77,6 +77,8 @@ class EngineStats:
         if not self.spec_num_verifications:
             return None
         return 1 + self.spec_num_accepted_tokens / self.spec_num_verifications
+    # data_parallel_size > 1: each replica's own stats (index = replica); None for one engine
+    replicas: Optional[list["EngineStats"]] = None
 
     @property
     def mean_ttft(self) -> Optional[float]:
@@ -103,7 +105,10 @@ class EngineStats:
             f"latency: mean TTFT {ms(self.mean_ttft)}, mean inter-token {ms(self.mean_itl)}",
         ] + ([f"speculative decoding: {self.spec_num_accepted_tokens}/{self.spec_num_draft_tokens} "
               f"drafts accepted ({self.spec_acceptance_rate:.1%}), mean accepted length "
-              f"{self.spec_mean_accepted_length:.2f}"] if self.spec_num_draft_tokens else []))
+              f"{self.spec_mean_accepted_length:.2f}"] if self.spec_num_draft_tokens else [])
+          + [f"replica {i}: running {r.num_running}, waiting {r.num_waiting}, finished "
+             f"{len(r.requests)}, KV {r.kv_block_usage:.1%} used, steps {r.num_steps}"
+             for i, r in enumerate(self.replicas or [])])
 
 
 def request_latency(group) -> RequestLatency:

@@ -37,10 +37,12 @@ class LoadedForEngine(NamedTuple):
 
 def load_for_engine(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = "auto",
                     device: Union[str, torch.device, None] = "auto",
-                    quantization: Optional[str] = "auto") -> LoadedForEngine:
+                    quantization: Optional[str] = "auto",
+                    parallel=None) -> LoadedForEngine:
     """What an engine (LLMEngine.from_pretrained, the benchmarks) runs: the model on the
     resolved device in the resolved dtype (see resolve_device / resolve_dtype), its
-    weights quantized as `quantization` says (see resolve_quantization)."""
+    weights quantized as `quantization` says (see resolve_quantization). parallel: this
+    rank's ParallelContext (every rank holds the whole model until the TP/PP sharding lands)."""
     device = resolve_device(device)
     model, config = load_model(path, dtype=dtype, device=device, quantization=quantization)
     return LoadedForEngine(model, config, device, next(model.parameters()).dtype)
