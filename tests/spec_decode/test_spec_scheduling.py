@@ -27,7 +27,7 @@ def test_hand_made_speculation():
     cfg = EngineConfig(max_model_len=64, block_size=BS, num_kv_blocks=32, speculative_config={
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2})
     bm = BlockManager(32, BS, enable_prefix_caching=True)
-    sched = Scheduler(cfg, bm, SpecPlanner(cfg.speculative_config))
+    sched = Scheduler(cfg, bm, spec_planner=SpecPlanner(cfg.speculative_config))
     group = SequenceGroup("r", None, [1, 2, 3, 4, 5, 1, 2], SamplingParams(temperature=0, max_tokens=20))
     sched.add(group)
     seq = group.seqs[0]
@@ -63,7 +63,7 @@ def test_lookahead_capped_by_max_tokens_and_stops():
     cfg = EngineConfig(max_model_len=64, block_size=BS, num_kv_blocks=32, speculative_config={
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1})
     bm = BlockManager(32, BS)
-    sched = Scheduler(cfg, bm, SpecPlanner(cfg.speculative_config))
+    sched = Scheduler(cfg, bm, spec_planner=SpecPlanner(cfg.speculative_config))
     params = SamplingParams(temperature=0, max_tokens=4, stop_token_ids=[7])
     params.update_from_tokenizer([])
     group = SequenceGroup("r", None, [5, 6, 7, 5, 6, 7, 5], params)
