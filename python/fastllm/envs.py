@@ -31,6 +31,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "FASTLLM_PREFILL_BACKEND": _choice("FASTLLM_PREFILL_BACKEND", "fastllm", ("fastllm", "torch")),
     # libnccl to open at run time instead of the one torch's CUDA wheels ship.
     "FASTLLM_NCCL_SO": _str_or_none("FASTLLM_NCCL_SO"),
+    # Pipeline stages' layer counts, e.g. "3,2" (else as even as possible), like vLLM's
+    # VLLM_PP_LAYER_PARTITION.
+    "FASTLLM_PP_LAYER_PARTITION": _str_or_none("FASTLLM_PP_LAYER_PARTITION"),
     # The server's API key when --api-key is not given.
     "FASTLLM_API_KEY": _str_or_none("FASTLLM_API_KEY"),
 }

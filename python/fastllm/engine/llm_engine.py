@@ -39,7 +39,9 @@ _MAX_LATENCY_RECORDS = 10_000
 
 class LLMEngine:
     def __init__(self, model, model_config, engine_config: EngineConfig, tokenizer=None, *,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, parallel=None):
+        """parallel: the driver's ParallelContext when the model is sharded over ranks
+        (each other rank runs a ModelRunner on the same SchedulerOutputs)."""
         self.model_config = model_config
         self.config = engine_config
         self.tokenizer = tokenizer
@@ -55,7 +57,7 @@ class LLMEngine:
         if isinstance(tokenizer_size, int):
             self.vocab_size = min(self.vocab_size, tokenizer_size)
         self.runner = ModelRunner(model, model_config, engine_config, device=self.device,
-                                  dtype=dtype, valid_vocab_size=self.vocab_size)
+                                  dtype=dtype, valid_vocab_size=self.vocab_size, parallel=parallel)
         # Unseeded random sampling draws from here. Seeded after the runner: its KV
         # profile and graph capture draw random numbers, as many as the config asks for.
         torch.manual_seed(engine_config.seed)
@@ -78,17 +80,18 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, model: str, engine_config: Optional[EngineConfig] = None,
                         dtype="auto", device="auto", tokenizer=None,
-                        quantization="auto") -> "LLMEngine":
+                        quantization="auto", parallel=None) -> "LLMEngine":
         """Load `model` (HF directory or .gguf file) and its tokenizer. quantization:
         'auto' keeps a GGUF's linear weights in their blocks, None dequantizes them."""
         from fastllm.model.loader import load_for_engine
         engine_config = engine_config or EngineConfig()
-        loaded = load_for_engine(model, dtype=dtype, device=device, quantization=quantization)
+        loaded = load_for_engine(model, dtype=dtype, device=device, quantization=quantization,
+                                 parallel=parallel)
         if tokenizer is None:
             from fastllm.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_pretrained(model)
         return cls(loaded.model, loaded.config, engine_config, tokenizer,
-                   device=loaded.device, dtype=loaded.dtype)
+                   device=loaded.device, dtype=loaded.dtype, parallel=parallel)
 
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int], None],
