@@ -63,7 +63,7 @@ def test_bad_inputs_raise_and_leave_engine_clean(llm):
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.llm_engine.block_manager.num_used_blocks == 0
     with pytest.raises(ValueError, match="tensor_parallel_size"):
-        LLM("unused", tensor_parallel_size=2)
+        LLM("unused", tensor_parallel_size=0)
 
 
 def test_chat_equals_generate_on_template(llm):

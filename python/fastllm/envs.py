@@ -15,6 +15,19 @@ def _str_or_none(name: str) -> Callable[[], Optional[str]]:
     return lambda: os.environ.get(name) or None
 
 
+def _positive_float(name: str, default: float) -> Callable[[], float]:
+    def read() -> float:
+        raw = os.environ.get(name) or str(default)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"{name}={raw!r}: expected a positive number of seconds")
+        return value
+    return read
+
+
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> Callable[[], str]:
     def read() -> str:
         value = os.environ.get(name, default) or default
@@ -34,6 +47,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # Pipeline stages' layer counts, e.g. "3,2" (else as even as possible), like vLLM's
     # VLLM_PP_LAYER_PARTITION.
     "FASTLLM_PP_LAYER_PARTITION": _str_or_none("FASTLLM_PP_LAYER_PARTITION"),
+    # Seconds a parallel step may wait on another rank (a collective of the model, a
+    # worker's reply) before the driver declares that rank hung and shuts the group down.
+    "FASTLLM_STEP_TIMEOUT": _positive_float("FASTLLM_STEP_TIMEOUT", 300.0),
     # The server's API key when --api-key is not given.
     "FASTLLM_API_KEY": _str_or_none("FASTLLM_API_KEY"),
 }

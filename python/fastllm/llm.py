@@ -12,7 +12,7 @@ import itertools
 import os
 from typing import Optional, Sequence, Union
 
-from fastllm.config import EngineConfig
+from fastllm.config import EngineConfig, ParallelConfig
 from fastllm.engine.llm_engine import LLMEngine
 from fastllm.outputs import RequestOutput
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
@@ -28,10 +28,13 @@ class LLM:
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, swap_space: float = 0,
                  enforce_eager: bool = False, seed: int = 0, max_logprobs: int = 20,
-                 tokenizer=None, quantization: Optional[str] = "auto"):
-        if tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: the offline LLM runs on "
-                             f"one device (tensor parallelism is not implemented yet)")
+                 tokenizer=None, quantization: Optional[str] = "auto",
+                 pipeline_parallel_size: int = 1):
+        """tensor_parallel_size * pipeline_parallel_size > 1: this process drives that many
+        ranks (it spawns the others; under torchrun they are torchrun's, and on a rank
+        other than 0 this constructor runs the worker loop, then exits the process)."""
+        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                  pipeline_parallel_size=pipeline_parallel_size)
         if model is None:
             from fastllm.model.default_model import default_model_path
             model = default_model_path()
@@ -48,11 +51,13 @@ class LLM:
         # quantization: "auto" (= "gguf" for a .gguf file: its linear weights stay in their
         # blocks; None for an HF directory), "gguf", or None (dequantize at load).
         self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
-                                                    tokenizer=tokenizer, quantization=quantization)
+                                                    tokenizer=tokenizer, quantization=quantization,
+                                                    parallel_config=parallel)
         self._request_counter = itertools.count()
 
     def close(self) -> None:
-        """Release the engine's page-locked swap space now (see LLMEngine.close)."""
+        """Release the engine's page-locked swap space and shut its parallel workers down
+        now (see LLMEngine.close); garbage collection and exit do it too."""
         self.llm_engine.close()
 
     def get_tokenizer(self):

@@ -27,6 +27,10 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_help: str = None) 
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="the most logprobs (or top_logprobs) a request may ask for")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks each layer is split over (one process per GPU; spawned, or torchrun's)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="pipeline stages the layers are split into")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (no CUDA graphs for decode steps)")
 
@@ -40,4 +44,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill,
                 swap_space=args.swap_space, enforce_eager=args.enforce_eager, seed=args.seed,
-                max_logprobs=args.max_logprobs)
+                max_logprobs=args.max_logprobs, tensor_parallel_size=args.tensor_parallel_size,
+                pipeline_parallel_size=args.pipeline_parallel_size)

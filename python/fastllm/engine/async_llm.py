@@ -257,6 +257,8 @@ class AsyncLLM:
                     outputs, errors = self._step(live)
                 if outputs or errors:
                     self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
+                if not self.engine.is_healthy:      # a parallel worker died: no step can run
+                    raise RuntimeError(f"the engine's workers failed: {self.engine.executor.failure}")
                 now = time.monotonic()
                 if now - last_stats >= _STATS_INTERVAL_S or not live:
                     self.latest_stats = self.engine.get_stats()

@@ -20,7 +20,9 @@ from typing import Optional, Union
 
 import torch
 
-from fastllm.config import EngineConfig
+from fastllm.config import EngineConfig, ParallelConfig
+from fastllm.distributed.executor import Executor, UniprocExecutor
+from fastllm.distributed.launch import is_parallel_launch
 from fastllm.engine.block_manager import BlockManager
 from fastllm.engine.model_runner import ModelRunner
 from fastllm.engine.output_processor import OutputProcessor
@@ -31,17 +33,28 @@ from fastllm.engine.step_data import RunnerOutput, SchedulerOutput
 from fastllm.outputs import RequestOutput
 from fastllm.profiling import nvtx_range
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
+from fastllm.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
 _MAX_LATENCY_RECORDS = 10_000
 
 
+def engine_vocab_size(model_config, tokenizer) -> int:
+    """Ids a request may hold or be sampled: an embedding padded past the tokenizer
+    (Qwen2.5) has rows no token names; they are never sampled and refused in prompts."""
+    vocab_size = model_config.vocab_size
+    tokenizer_size = getattr(tokenizer, "vocab_size", None)    # None: it knows every id
+    if isinstance(tokenizer_size, int):
+        vocab_size = min(vocab_size, tokenizer_size)
+    return vocab_size
+
+
 class LLMEngine:
     def __init__(self, model, model_config, engine_config: EngineConfig, tokenizer=None, *,
-                 device: torch.device, dtype: torch.dtype, parallel=None):
-        """parallel: the driver's ParallelContext when the model is sharded over ranks
-        (each other rank runs a ModelRunner on the same SchedulerOutputs)."""
+                 device: torch.device, dtype: torch.dtype, executor: Optional[Executor] = None):
+        """executor: the runner(s) to drive (a MultiprocExecutor for tensor / pipeline
+        parallelism, see from_pretrained); None = a ModelRunner on `model` in this process."""
         self.model_config = model_config
         self.config = engine_config
         self.tokenizer = tokenizer
@@ -50,48 +63,88 @@ class LLMEngine:
         engine_config.resolve_max_model_len(model_config)
         # The tokenizer is the only source of the ids that end generation.
         self.eos_token_ids = list(tokenizer.eos_token_ids) if tokenizer is not None else []
-        # Ids a request may hold or be sampled: an embedding padded past the tokenizer
-        # (Qwen2.5) has rows no token names; they are never sampled and refused in prompts.
-        self.vocab_size = model_config.vocab_size
-        tokenizer_size = getattr(tokenizer, "vocab_size", None)    # None: it knows every id
-        if isinstance(tokenizer_size, int):
-            self.vocab_size = min(self.vocab_size, tokenizer_size)
-        self.runner = ModelRunner(model, model_config, engine_config, device=self.device,
-                                  dtype=dtype, valid_vocab_size=self.vocab_size, parallel=parallel)
+        self.vocab_size = engine_vocab_size(model_config, tokenizer)
+        if executor is None:
+            executor = UniprocExecutor(ModelRunner(model, model_config, engine_config,
+                                                   device=self.device, dtype=dtype,
+                                                   valid_vocab_size=self.vocab_size))
+        self.executor = executor
+        self.runner = executor.runner           # the driver's runner (stats, tests)
         # Unseeded random sampling draws from here. Seeded after the runner: its KV
         # profile and graph capture draw random numbers, as many as the config asks for.
         torch.manual_seed(engine_config.seed)
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, engine_config.block_size,
+        self.block_manager = BlockManager(executor.num_kv_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching,
-                                          num_swap_blocks=self.runner.num_swap_blocks)
-        self.scheduler = Scheduler(engine_config, self.block_manager)
+                                          num_swap_blocks=executor.num_swap_blocks)
+        # Grammars of constrained requests (compiled in its thread pool; xgrammar is
+        # loaded only when the first one arrives).
+        self.structured = (StructuredOutputManager(tokenizer, model_config.vocab_size)
+                           if tokenizer is not None else None)
+        self.scheduler = Scheduler(engine_config, self.block_manager,
+                                   structured_output_manager=self.structured)
         self.output_processor = OutputProcessor(tokenizer)
         self.num_steps = 0
         self.finished_latencies: collections.deque = collections.deque(maxlen=_MAX_LATENCY_RECORDS)
 
     def close(self) -> None:
         """Release the runner's page-locked swap space now rather than at garbage
-        collection. Swapped-out requests go back to the waiting queue to be recomputed,
-        and the engine cannot swap afterwards (preemption falls back to recompute);
-        idempotent."""
+        collection, and shut down the parallel workers. Swapped-out requests go back to
+        the waiting queue to be recomputed, and the engine cannot swap afterwards
+        (preemption falls back to recompute); idempotent."""
         self.scheduler.stop_swapping()
-        self.runner.close()
+        self.executor.close()
+        if self.structured is not None:
+            self.structured.close()
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once a parallel worker died or hung: every later step fails."""
+        return self.executor.is_alive
 
     @classmethod
     def from_pretrained(cls, model: str, engine_config: Optional[EngineConfig] = None,
                         dtype="auto", device="auto", tokenizer=None,
-                        quantization="auto", parallel=None) -> "LLMEngine":
+                        quantization="auto",
+                        parallel_config: Optional[ParallelConfig] = None) -> "LLMEngine":
         """Load `model` (HF directory or .gguf file) and its tokenizer. quantization:
-        'auto' keeps a GGUF's linear weights in their blocks, None dequantizes them."""
+        'auto' keeps a GGUF's linear weights in their blocks, None dequantizes them.
+        parallel_config: tensor / pipeline parallel sizes; world_size > 1 (or a torchrun
+        launch) runs the model on that many ranks (fastllm.distributed.executor)."""
         from fastllm.model.loader import load_for_engine
         engine_config = engine_config or EngineConfig()
-        loaded = load_for_engine(model, dtype=dtype, device=device, quantization=quantization,
-                                 parallel=parallel)
+        parallel_config = parallel_config or ParallelConfig()
+        if is_parallel_launch(parallel_config):
+            return cls._from_pretrained_parallel(model, engine_config, dtype, device, tokenizer,
+                                                 quantization, parallel_config)
+        loaded = load_for_engine(model, dtype=dtype, device=device, quantization=quantization)
         if tokenizer is None:
             from fastllm.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_pretrained(model)
         return cls(loaded.model, loaded.config, engine_config, tokenizer,
-                   device=loaded.device, dtype=loaded.dtype, parallel=parallel)
+                   device=loaded.device, dtype=loaded.dtype)
+
+    @classmethod
+    def _from_pretrained_parallel(cls, model, engine_config, dtype, device, tokenizer,
+                                  quantization, parallel_config) -> "LLMEngine":
+        """The driver's engine over a MultiprocExecutor; on a torchrun rank other than 0
+        this runs the worker loop and exits (SystemExit(0)) when the driver shuts down."""
+        from fastllm.distributed.executor import MultiprocExecutor
+        from fastllm.distributed.model_config import read_model_config, validate_parallel
+        from fastllm.distributed.worker import WorkerSpec
+        model_config = read_model_config(model)
+        validate_parallel(model_config, parallel_config)      # before any worker starts
+        if tokenizer is None:
+            from fastllm.tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_pretrained(model)
+        spec = WorkerSpec(model, dtype, str(device), quantization, engine_config, parallel_config,
+                          engine_vocab_size(model_config, tokenizer))
+        executor = MultiprocExecutor.start(spec)
+        try:
+            return cls(executor.runner.model, executor.rank.model_config, engine_config, tokenizer,
+                       device=executor.rank.device, dtype=executor.rank.dtype, executor=executor)
+        except BaseException:
+            executor.close()
+            raise
 
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int], None],
@@ -130,11 +183,19 @@ class LLMEngine:
         if bad_stops:
             raise ValueError(f"request {request_id!r}: SamplingParams.stop_token_ids {bad_stops[:5]} "
                              f"are not in [0, {vocab}) (the ids the model and its tokenizer know)")
+        structured = None
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError(f"request {request_id!r}: structured_outputs need the model's "
+                                 f"tokenizer, and this engine has none")
+            structured = self.structured.submit(params.structured_outputs)   # ValueError if invalid
         params = params.clone()
         params.update_from_tokenizer(self.eos_token_ids)
         if delta:
             params.output_kind = RequestOutputKind.DELTA
-        self.scheduler.add(SequenceGroup(str(request_id), text, prompt_token_ids, params, arrival_time))
+        group = SequenceGroup(str(request_id), text, prompt_token_ids, params, arrival_time)
+        group.structured_request = structured
+        self.scheduler.add(group)
 
     def abort_request(self, request_id: Union[str, list[str]]) -> None:
         """One id or an iterable of them; an id is anything add_request took (str() of it)."""
@@ -161,13 +222,17 @@ class LLMEngine:
         with nvtx_range("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.structured is not None and self.structured.has_pending:
+                self.structured.wait_for_pending(timeout=0.05)   # only grammars still compiling
             return []
         # A failed step drops its requests (their KV or token state is unknown) so the
         # engine stays usable for the others, then lets the caller see the error.
         try:
-            result = self.runner.execute(sched)
+            result = self.executor.execute(sched)
         except BaseException:
             self._abort_failed_step(sched, cache_ops_failed=True)
+            if not self.executor.is_alive:      # no later step can run: fail them all
+                self.abort_request(list(self.scheduler.groups))
             raise
         if not sched.scheduled:          # only block moves this step
             return []

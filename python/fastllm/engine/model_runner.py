@@ -166,7 +166,8 @@ class ModelRunner:
             # samples; the last stage knows from the schedule whether anything is.
             sampling = None
             if self.parallel.is_driver:
-                sampling = self.inputs.prepare_sampling(out.scheduled, requests)
+                sampling = self.inputs.prepare_sampling(out.scheduled, requests,
+                                                        out.grammar_bitmask, out.grammar_seq_ids)
         with nvtx_range("forward"):
             if graphs is not None and graphs.can_run(input_ids, meta):
                 logits = graphs.run(input_ids, positions, meta)               # [S, V]
