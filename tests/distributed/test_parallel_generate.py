@@ -1,43 +1,34 @@
-"""TP=2, PP=2 and TP=2 x PP=2 greedy generations token-identical to TP=1, on spawned gloo
-ranks: rank 0 runs the engine and broadcasts each step's SchedulerOutput, the other ranks
-run a ModelRunner on it (the test's stand-in for the worker loop).
+"""LLM(tensor_parallel_size=2 / pipeline_parallel_size=2 / both) greedy generations
+token-identical to one process, on spawned CPU ranks over gloo.
 
-Cases: Llama GQA, Llama with 1 KV head (replicated over the TP ranks), an odd vocabulary
-(padded to a multiple of tp), Qwen2 (qkv bias, tied embeddings), an uneven pipeline split
-(3 layers on 2 stages), and a KV cache small enough to preempt (recompute, swap).
+Each case combines what it exercises, to keep the number of spawned groups small:
+Llama GQA (2 KV heads over 2 ranks) with an odd vocabulary (padded to a multiple of tp)
+under a KV cache small enough to preempt; Qwen2 (qkv bias, tied embeddings) with one KV
+head (replicated over the TP ranks); an uneven pipeline split (3 layers on 2 stages)
+preempting into swap space; a tied LM head on a last stage that has no embedding.
 """
 from __future__ import annotations
 
 import random
 
 import pytest
-import torch
-import torch.distributed as dist
 
 from checkpoints import cached_checkpoint
-from fastllm.config import EngineConfig, ParallelConfig
-from fastllm.engine.llm_engine import LLMEngine
-from fastllm.sampling_params import SamplingParams
-from parallel_ranks import run_ranks
+from fastllm import LLM, SamplingParams
 
 MAX_NEW = 6
 TINY_CACHE = dict(num_kv_blocks=8, block_size=8)             # preempts these prompts
 TINY_CACHE_SWAP = dict(TINY_CACHE, swap_space=0.001)         # ... into swap space
 
-CASES = {
-    "llama_gqa": ("llama", {}, {}),
-    "llama_kv1": ("llama", {"num_key_value_heads": 1}, {}),
-    "llama_odd_vocab": ("llama", {"vocab_size": 383}, {}),
-    "qwen2_bias_tied": ("qwen2", {}, {}),
-    "llama_preempt": ("llama", {}, TINY_CACHE),
-    "llama_3_layers": ("llama", {"num_hidden_layers": 3}, {}),
-    "qwen2_kv1_odd_preempt": ("qwen2", {"num_key_value_heads": 1, "vocab_size": 383}, TINY_CACHE_SWAP),
-}
-LAYOUTS = {  # (tp, pp) -> the cases run on one group of spawned ranks
-    (2, 1): ["llama_gqa", "llama_kv1", "llama_odd_vocab", "qwen2_bias_tied", "llama_preempt"],
-    (1, 2): ["llama_3_layers", "qwen2_bias_tied", "llama_preempt"],
-    (2, 2): ["qwen2_kv1_odd_preempt", "llama_3_layers"],
-}
+CASES = [  # (tp, pp, arch, checkpoint overrides, LLM settings)
+    (2, 1, "llama", {"vocab_size": 383}, TINY_CACHE),
+    (2, 1, "qwen2", {"num_key_value_heads": 1}, {}),
+    (1, 2, "llama", {"num_hidden_layers": 3}, TINY_CACHE_SWAP),
+    (1, 2, "qwen2", {}, {}),
+    (2, 2, "qwen2", {"num_key_value_heads": 1, "vocab_size": 383}, TINY_CACHE),
+]
+IDS = [f"tp{tp}_pp{pp}_{arch}_" + "_".join(f"{k}{v}" for k, v in o.items()) + ("_preempt" if s else "")
+       for tp, pp, arch, o, s in CASES]
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -45,82 +36,34 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in (5, 17, 30, 9, 41)]
 
 
-def _engine_config(extra: dict) -> EngineConfig:
-    return EngineConfig(max_model_len=128, **extra)
-
-
-def _generate(engine, prompts) -> tuple[list, int]:
+def _greedy(llm, prompts) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    outs = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outs[out.request_id] = out.outputs[0].token_ids
-    return [outs[str(i)] for i in range(len(prompts))], engine.get_stats().num_preemptions
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def _driver(ctx, path, extra, prompts):
-    engine = LLMEngine.from_pretrained(path, _engine_config(extra), dtype="float32", device="cpu",
-                                       parallel=ctx)
-    execute = engine.runner.execute
-
-    def broadcast_then_execute(out):
-        dist.broadcast_object_list([out], src=0)
-        return execute(out)
-
-    engine.runner.execute = broadcast_then_execute
-    try:
-        return _generate(engine, prompts)
-    finally:
-        dist.broadcast_object_list([None], src=0)         # the workers' loop ends
-
-
-def _worker(ctx, path, extra):
-    from fastllm.engine.model_runner import ModelRunner
-    from fastllm.model.loader import load_for_engine
-    loaded = load_for_engine(path, dtype="float32", device="cpu", parallel=ctx)
-    config = _engine_config(extra)
-    config.resolve_max_model_len(loaded.config)
-    runner = ModelRunner(loaded.model, loaded.config, config, device=loaded.device,
-                         dtype=loaded.dtype, parallel=ctx)
-    while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is None:
-            return
-        assert runner.execute(box[0]).seq_ids == []      # only the driver returns tokens
-
-
-def _rank(rank, world_size, tp, pp, cases):
-    from fastllm.distributed.parallel_state import init_parallel_context
-    ctx = init_parallel_context(ParallelConfig(tp, pp), "cpu")
-    results = {}
-    for name, path, extra, prompts in cases:
-        if rank == 0:
-            results[name] = _driver(ctx, path, extra, prompts)
-        else:
-            _worker(ctx, path, extra)
-    return results
-
-
-def _case(name):
-    arch, overrides, extra = CASES[name]
+@pytest.mark.parametrize("tp, pp, arch, overrides, settings", CASES, ids=IDS)
+def test_parallel_greedy_matches_single_process(tp, pp, arch, overrides, settings):
     path = str(cached_checkpoint(arch, **overrides))
     prompts = _prompts(overrides.get("vocab_size", 384))
-    return name, path, extra, prompts
-
-
-@pytest.mark.parametrize("tp, pp", list(LAYOUTS), ids=[f"tp{t}_pp{p}" for t, p in LAYOUTS])
-def test_parallel_greedy_matches_single_rank(tp, pp):
-    cases = [_case(name) for name in LAYOUTS[(tp, pp)]]
-    results = run_ranks(_rank, tp * pp, tp, pp, cases)[0]
-    for name, path, extra, prompts in cases:
-        single = LLMEngine.from_pretrained(path, _engine_config(extra), dtype="float32", device="cpu")
-        want, preemptions = _generate(single, prompts)
-        got, parallel_preemptions = results[name]
-        assert got == want, name
-        assert all(len(t) == MAX_NEW for t in got), name
-        if extra:
-            assert preemptions > 0 and parallel_preemptions > 0, name
+    kw = dict(device="cpu", dtype="float32", max_model_len=128, seed=0, **settings)
+    single = LLM(path, **kw)
+    try:
+        expected = _greedy(single, prompts)
+        single_preemptions = single.llm_engine.scheduler.num_preemptions
+    finally:
+        single.close()
+    llm = LLM(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **kw)
+    try:
+        got = _greedy(llm, prompts)
+        preemptions = llm.llm_engine.scheduler.num_preemptions
+        driver_model = llm.llm_engine.runner.model        # rank 0: its heads, its stage's layers
+        layers = overrides.get("num_hidden_layers", 2)
+        assert driver_model.layers[0].self_attn.num_heads == 4 // tp
+        assert len(driver_model.layers) == (layers + pp - 1) // pp
+        assert (driver_model.lm_head is None) == (pp > 1)
+    finally:
+        llm.close()
+    assert got == expected
+    assert all(len(tokens) == MAX_NEW for tokens in got)
+    if settings:                   # the tiny cache preempted, identically on every rank
+        assert single_preemptions > 0 and preemptions > 0
