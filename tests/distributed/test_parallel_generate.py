@@ -61,6 +61,10 @@ def test_parallel_greedy_matches_single_process(tp, pp, arch, overrides, setting
         assert driver_model.layers[0].self_attn.num_heads == 4 // tp
         assert len(driver_model.layers) == (layers + pp - 1) // pp
         assert (driver_model.lm_head is None) == (pp > 1)
+        kv_caches = llm.llm_engine.runner.kv.kv_caches     # this rank's KV heads and layers only
+        kv_heads = overrides.get("num_key_value_heads", 2)
+        assert len(kv_caches) == len(driver_model.layers)
+        assert kv_caches[0][0].shape[2] == max(1, kv_heads // tp)
     finally:
         llm.close()
     assert got == expected
