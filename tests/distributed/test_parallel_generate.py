@@ -3,6 +3,7 @@ token-identical to one process, on spawned CPU ranks over gloo.
 
 Each case combines what it exercises, to keep the number of spawned groups small:
 Llama GQA (2 KV heads over 2 ranks) with an odd vocabulary (padded to a multiple of tp)
+and biases on every projection (the row-parallel ones added once, after the reduce)
 under a KV cache small enough to preempt; Qwen2 (qkv bias, tied embeddings) with one KV
 head (replicated over the TP ranks); an uneven pipeline split (3 layers on 2 stages)
 preempting into swap space; a tied LM head on a last stage that has no embedding.
@@ -21,7 +22,7 @@ TINY_CACHE = dict(num_kv_blocks=8, block_size=8)             # preempts these pr
 TINY_CACHE_SWAP = dict(TINY_CACHE, swap_space=0.001)         # ... into swap space
 
 CASES = [  # (tp, pp, arch, checkpoint overrides, LLM settings)
-    (2, 1, "llama", {"vocab_size": 383}, TINY_CACHE),
+    (2, 1, "llama", {"vocab_size": 383, "attention_bias": True, "mlp_bias": True}, TINY_CACHE),
     (2, 1, "qwen2", {"num_key_value_heads": 1}, {}),
     (1, 2, "llama", {"num_hidden_layers": 3}, TINY_CACHE_SWAP),
     (1, 2, "qwen2", {}, {}),

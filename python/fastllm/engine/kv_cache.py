@@ -117,7 +117,7 @@ def profile_gpu_blocks(runner, per_block: int) -> int:
     torch.cuda.synchronize(device)
     peak = max(torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
     graph_reserve = 0
-    if cuda_graphs.graphs_enabled(cfg, device, model_config):
+    if cuda_graphs.graphs_enabled(cfg, device, model_config) and runner.graph_runner_allowed:
         graph_reserve = profile_decode_graphs(runner.model, caches, model_config, cfg, device)
     del caches
     gc.collect()  # what a reference cycle still holds goes back before measuring

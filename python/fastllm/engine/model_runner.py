@@ -62,8 +62,13 @@ class ModelRunner:
         # Decode CUDA graphs, captured once the KV caches exist (they read and write them);
         # None = every step runs eagerly. Not with pipeline stages: a step's sends and
         # receives sit between the stages' forward passes.
-        self.graph_runner = None if self.parallel.pp.world_size > 1 else cuda_graphs.build_decode_graphs(
+        self.graph_runner = None if not self.graph_runner_allowed else cuda_graphs.build_decode_graphs(
             model, self.kv.kv_caches, self.kv_config, engine_config, self.device)
+
+    @property
+    def graph_runner_allowed(self) -> bool:
+        """Decode CUDA graphs only without pipeline stages (see __init__)."""
+        return self.parallel.pp.world_size == 1
 
     @property
     def num_kv_blocks(self) -> int:
