@@ -136,7 +136,7 @@ class ModelRunner:
         with nvtx_range("cache_ops"):
             self.kv.apply_cache_ops(out)
         if out.scheduled:
-            self.pipeline.push(self._forward(out, self.kv.kv_caches, self.requests, self.graph_runner))
+            self._forward(out, self.kv.kv_caches, self.requests, self.graph_runner)
 
     @torch.inference_mode()
     def finish(self, out: SchedulerOutput) -> RunnerOutput:
@@ -157,11 +157,12 @@ class ModelRunner:
         execute() (the GPU memory profile); its request state is not kept."""
         requests = RequestStates(self.device)
         requests.update(out)
-        self.pipeline.push(self._forward(out, kv_caches, requests, graphs=None))
+        self._forward(out, kv_caches, requests, graphs=None)
         return self.finish(out)
 
     def _forward(self, out: SchedulerOutput, kv_caches: list, requests: RequestStates,
-                 graphs: Optional[cuda_graphs.DecodeGraphRunner]) -> PendingStep:
+                 graphs: Optional[cuda_graphs.DecodeGraphRunner]) -> None:
+        """The step's forward pass on this rank, left in self.pipeline for finish()."""
         with nvtx_range("prepare"):
             # The step's attention is planned once, in AttentionMetadata, for these caches.
             spec = AttentionSpec.of(self.kv_config, kv_caches[0][0])
@@ -175,11 +176,15 @@ class ModelRunner:
                                                         out.grammar_bitmask, out.grammar_seq_ids)
         with nvtx_range("forward"):
             if graphs is not None and graphs.can_run(input_ids, meta):
-                logits = graphs.run(input_ids, positions, meta)               # [S, V]
+                output = graphs.run(input_ids, positions, meta)               # [S, V]
             else:
-                logits = self.model(input_ids, positions, kv_caches, meta)    # [S, V] or None
-        return PendingStep(sampling, logits, len(out.scheduled),
-                           any(s.num_samples for s in out.scheduled))
+                # Later pipeline stages start from the previous stage's activations.
+                activations = self.pipeline.recv_activations(
+                    input_ids.shape[0], self.model_config.hidden_size, self.dtype, self.device)
+                # [S, V] logits on the last stage, else [2, T, hidden] activations
+                output = self.model(input_ids, positions, kv_caches, meta, activations)
+        step = PendingStep(sampling, None, len(out.scheduled), any(s.num_samples for s in out.scheduled))
+        self.pipeline.push(step, output)
     def _sample(self, num_seqs: int, sampling: Optional[SamplingStep],
                 logits: torch.Tensor) -> list[list[SampledToken]]:
         results: list[list[SampledToken]] = [[] for _ in range(num_seqs)]

@@ -62,29 +62,29 @@ class LlamaForCausalLM(nn.Module):
     # which autograd can neither see nor allow.
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
-                meta: AttentionMetadata) -> Optional[torch.Tensor]:
+                meta: AttentionMetadata, activations: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, positions: [T] int64 (the flattened step); kv_caches: one
-        (k_cache, v_cache) per layer of this stage. Returns [S, vocab] float32 logits of
-        each sequence's last query token (rows query_start_loc[1:] - 1) on the last
-        stage; earlier stages send (hidden, residual) on and return None."""
+        (k_cache, v_cache) per layer of this stage; activations: [2, T, hidden] (hidden,
+        residual) from the previous pipeline stage (None on the first, which embeds).
+        Returns [S, vocab] float32 logits of each sequence's last query token (rows
+        query_start_loc[1:] - 1) on the last stage, else this stage's [2, T, hidden]
+        activations for the next (the runner moves them: fastllm.engine.pipeline)."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} entries, the model has "
                              f"{len(self.layers)} layers")
         if meta.plan is None and kv_caches:   # the step's attention plan, once for every layer
             meta = meta.planned_for(self.attention_spec(kv_caches))
-        pp = self.parallel.pp
         if self.embed_tokens is not None:
             hidden, residual = self.embed_tokens(input_ids), None        # [T, hidden]
+        elif activations is None:
+            raise ValueError("a later pipeline stage needs the previous stage's activations")
         else:
-            dtype = self.layers[0].input_layernorm.weight.dtype
-            both = input_ids.new_empty((2, input_ids.shape[0], self.config.hidden_size), dtype=dtype)
-            hidden, residual = pp.recv(both, pp.rank - 1)                # [2, T, hidden]
+            hidden, residual = activations                               # 2 x [T, hidden]
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
         if self.norm is None:
-            pp.send(torch.stack((hidden, residual)), pp.rank + 1)
-            return None
+            return torch.stack((hidden, residual))                       # [2, T, hidden]
         # Only the rows that get sampled go through the last residual add, the final
         # norm and the LM head (the gathers are copies, so the add stays out of place).
         last = meta.query_start_loc[1:].long() - 1                   # [S]
