@@ -168,3 +168,6 @@ def test_gguf_is_dequantized_then_sliced(tmp_path, caplog):
     assert torch.equal(attn.qkv_proj.weight[:32], attn_whole.qkv_proj.weight[32:64])
     assert torch.equal(attn.qkv_proj.weight[32:48], attn_whole.qkv_proj.weight[q + 16:q + 32])
     assert torch.equal(attn.o_proj.weight, attn_whole.o_proj.weight[:, 32:])
+    stage1, _ = load_model(str(gguf), quantization="auto", parallel=context(pp_rank=1, pp=2))
+    assert len(stage1.layers) == 1 and stage1.embed_tokens is None
+    assert torch.equal(stage1.layers[0].mlp.down_proj.weight, whole.layers[1].mlp.down_proj.weight)

@@ -76,7 +76,7 @@ def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = t
     dtype: a torch dtype, a name ("bfloat16", ...) or "auto" (see resolve_dtype).
     quantization: see resolve_quantization (None here: dequantized, as before).
     parallel: this rank's TP/PP groups; each rank reads only its part of the weights
-    (a GGUF is dequantized whole, then sliced: tensor-parallel ranks keep no blocks)."""
+    (a GGUF's tensors are dequantized whole, then sliced: parallel ranks keep no blocks)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
@@ -86,9 +86,10 @@ def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = t
             raise ValueError(f"model file {path!r} is not a GGUF file (expected a .gguf file "
                              f"or a directory with config.json and *.safetensors)")
         quantization = resolve_quantization(quantization, True)
-        if quantization == "gguf" and parallel is not None and parallel.tp.world_size > 1:
-            logger.info("tensor parallel: loading %s dequantized (the GGUF blocks are not "
-                        "split across ranks)", path)
+        if quantization == "gguf" and parallel is not None and parallel.world_size > 1:
+            # Kept blocks are not split over TP ranks nor PP stages yet.
+            logger.info("tensor/pipeline parallel: loading %s dequantized, then this rank's "
+                        "slice of it (its GGUF blocks are not kept)", path)
             quantization = None
         if quantization == "gguf":
             from fastllm.model.gguf_quant import load_gguf_quantized
