@@ -182,7 +182,8 @@ class ModelRunner:
                 activations = self.pipeline.recv_activations(
                     input_ids.shape[0], self.model_config.hidden_size, self.dtype, self.device)
                 # [S, V] logits on the last stage, else [2, T, hidden] activations
-                output = self.model(input_ids, positions, kv_caches, meta, activations)
+                args = (input_ids, positions, kv_caches, meta)
+                output = self.model(*args) if activations is None else self.model(*args, activations)
         step = PendingStep(sampling, None, len(out.scheduled), any(s.num_samples for s in out.scheduled))
         self.pipeline.push(step, output)
     def _sample(self, num_seqs: int, sampling: Optional[SamplingStep],
