@@ -9,6 +9,11 @@
 #include "fastllm/cpu/parallel.h"
 
 namespace fastllm::cpu {
+
+// cpu_fused_ops_avx2.cc
+bool fused_ops_avx2_supported();
+void silu_and_mul_row_avx2(float* out, const float* gate, const float* up, int64_t I);
+
 namespace {
 
 // Rows per pool chunk: ~64 KiB of activations, so a decode step's one row runs inline.
@@ -58,6 +63,12 @@ void fused_add_rms_norm_f32(float* x, float* residual, const float* weight, int6
 }
 
 void silu_and_mul_f32(float* out, const float* x, int64_t T, int64_t I) {
+  if (fused_ops_avx2_supported()) {
+    parallel_for(T, row_grain(2 * I), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) silu_and_mul_row_avx2(out + t * I, x + t * 2 * I, x + t * 2 * I + I, I);
+    });
+    return;
+  }
   parallel_for(T, row_grain(2 * I), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* gate = x + t * 2 * I;

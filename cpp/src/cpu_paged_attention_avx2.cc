@@ -28,30 +28,10 @@ bool attention_avx2_supported() {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
+#include "fastllm/cpu/avx2_exp.h"
 
 namespace {
 constexpr int64_t kTile = 32;
-
-// exp(x) for x <= 0 (scores minus their running max), ~1 ulp: x = n ln2 + r, |r| <= ln2/2,
-// e^r by Cephes' degree-6 polynomial, 2^n into the exponent. Below -87 it flushes to 0.
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 min_x = _mm256_set1_ps(-87.0f);
-  const __m256 underflow = _mm256_cmp_ps(x, min_x, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, min_x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
-}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
