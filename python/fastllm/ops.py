@@ -282,9 +282,12 @@ def quant_linear(x, weight, ggml_type: int, bias=None, out=None):
     [N, row_bytes], a GGUF tensor's blocks as stored (row_bytes = K / block * block_bytes)."""
     if out is None:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-    if _native_for("quant_linear", x):
-        if x.is_cpu:
+    if _C is not None and x.is_cpu:  # the decode step's hot path: no stream, no op table
+        if torch.get_num_threads() != _pool_threads:
             _sync_cpu_threads()
+        _C.quant_linear(to_dlpack(out), _dl1(x), to_dlpack(weight), None if bias is None else _dl1(bias),
+                        ggml_type, 0)
+    elif _native_for("quant_linear", x):
         _C.quant_linear(to_dlpack(out), _dl1(x), to_dlpack(weight),
                         None if bias is None else _dl1(bias), int(ggml_type), _stream(x))
     else:
