@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "fastllm/cpu/parallel.h"
+#include "fastllm/cpu/quant.h"
 
 namespace fastllm::cpu {
 
@@ -63,7 +64,7 @@ void fused_add_rms_norm_f32(float* x, float* residual, const float* weight, int6
 }
 
 void silu_and_mul_f32(float* out, const float* x, int64_t T, int64_t I) {
-  if (fused_ops_avx2_supported()) {
+  if (fused_ops_avx2_supported() && !cpu_generic_forced()) {
     parallel_for(T, row_grain(2 * I), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) silu_and_mul_row_avx2(out + t * I, x + t * 2 * I, x + t * 2 * I + I, I);
     });

@@ -12,6 +12,7 @@
 #include "fastllm/cpu/float16.h"
 #include "fastllm/cpu/kernels.h"
 #include "fastllm/cpu/parallel.h"
+#include "fastllm/cpu/quant.h"
 
 namespace fastllm::cpu {
 
@@ -44,7 +45,7 @@ void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,
   const int64_t flops_per_item = std::max<int64_t>(1, 4 * D * group * total_keys / std::max<int64_t>(1, s.num_tokens));
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / flops_per_item);
   bool use_avx2 = false;
-  if constexpr (std::is_same_v<T, float>) use_avx2 = attention_avx2_supported();
+  if constexpr (std::is_same_v<T, float>) use_avx2 = attention_avx2_supported() && !cpu_generic_forced();
 
   parallel_for(s.num_tokens * s.num_kv_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(group * D), acc(group * D), k(kTile * D), v(kTile * D), scores(kTile), m(group), l(group);

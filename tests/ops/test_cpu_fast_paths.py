@@ -1,5 +1,6 @@
 """Edge cases of the CPU fast paths (AVX2 + FMA where the CPU has them): the vectorized
-exp in silu_and_mul and in paged attention's online softmax, against float64."""
+exp in silu_and_mul and in paged attention's online softmax, against float64. Each test
+runs on both builds (ops.quant_cpu_force_generic switches every CPU kernel)."""
 import pytest
 import torch
 
@@ -8,7 +9,16 @@ from fastllm import ops, reference
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="fastllm._C is not built")
 
 
-def test_silu_and_mul_extreme_gates_match_float64():
+@pytest.fixture(params=["avx2", "generic"])
+def isa(request):
+    ops.quant_cpu_force_generic(request.param == "generic")
+    if request.param == "avx2" and ops.quant_cpu_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2+FMA")
+    yield request.param
+    ops.quant_cpu_force_generic(False)
+
+
+def test_silu_and_mul_extreme_gates_match_float64(isa):
     # exp's range reduction and its flush below -87, both signs, and a ragged tail (I = 21).
     gate = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 3.0, -3.0, 20.0, -20.0, 86.0, -86.0, 87.5, -87.5,
                          88.5, -88.5, 100.0, -100.0, 1e4, -1e4, 7.25])
@@ -23,7 +33,7 @@ def test_silu_and_mul_extreme_gates_match_float64():
 
 @pytest.mark.parametrize("score_scale", [1.0, 40.0])
 @pytest.mark.parametrize("head_dim", [64, 80, 40])
-def test_paged_attention_peaked_scores_match_float64(score_scale, head_dim):
+def test_paged_attention_peaked_scores_match_float64(score_scale, head_dim, isa):
     # Large scores make most exp(s - max) underflow (the flush path); head_dim 80 and 40
     # leave 16- and 8-wide tails after the 32-wide vector loop. GQA group 3, 75 keys
     # (three tiles, the last partial), a prefill of 75 and a decode of 1 in one step.
