@@ -208,9 +208,11 @@ def measure_rounds(names: list, path: str, args) -> dict:
     metric is kept (least ms/token, most tok/s)."""
     engines = {name: e for name in names if (e := _load(name, path, args)) is not None}
     results = {}
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         for name, engine in engines.items():
             r = measure(engine, args)
+            print(f"round {round_index + 1} {name}: " + json.dumps(
+                {k: round(v, 2) for k, v in r.items() if k != "tokens"}), flush=True)
             best = results.setdefault(name, r)
             best["decode_ms_per_token"] = min(best["decode_ms_per_token"], r["decode_ms_per_token"])
             for key in ("prefill_tok_s", "throughput_out_tok_s"):
