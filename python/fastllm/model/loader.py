@@ -45,6 +45,9 @@ def load_for_engine(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str
     rank's ParallelContext (every rank holds the whole model until the TP/PP sharding lands)."""
     device = resolve_device(device)
     model, config = load_model(path, dtype=dtype, device=device, quantization=quantization)
+    if device.type == "cpu":  # decode-step linears on fastllm's GEMV (model/cpu_linear.py)
+        from fastllm.model.cpu_linear import install_cpu_dense_linears
+        install_cpu_dense_linears(model)
     return LoadedForEngine(model, config, device, next(model.parameters()).dtype)
 
 
