@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "overhead": ("fastllm.bench.overhead", "engine host time per decode step (CPU, tiny model)"),
     "serve": ("fastllm.bench.serve", "load-test an OpenAI-compatible server (--compare: vs transformers)"),
     "cpu": ("fastllm.bench.cpu", "CPU: fastllm vs transformers vs llama.cpp on one GGUF"),
+    "structured": ("fastllm.bench.structured", "JSON-schema constrained vs free output tok/s, same requests"),
 }
 
 

@@ -52,6 +52,7 @@ class Scheduler:
         self._runner_requests: set[str] = set()   # sent to the runner in a NewRequest
         self._finished_ids: list[str] = []        # of those, finished since the last output
         self._in_flight: dict[int, Sequence] = {}  # seq id -> the last schedule()'s sequences
+        self._grammar_failures: list[SequenceGroup] = []   # aborted: their grammar did not compile
 
     # -- queue management --------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
@@ -216,7 +217,8 @@ class Scheduler:
         while idx < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[idx]
             if not self._grammar_ready(seq):
-                idx += 1
+                if seq.status is SequenceStatus.WAITING:    # still compiling (else aborted: gone)
+                    idx += 1
                 continue
             num_cached = bm.acquire_cached_prefix(seq)
             n = seq.num_uncomputed_tokens
@@ -253,8 +255,20 @@ class Scheduler:
         request = seq.group.structured_request
         if request is None or seq.grammar is not None:
             return True
-        seq.grammar = self.structured.grammar_for(request)
+        try:
+            seq.grammar = self.structured.grammar_for(request)
+        except RuntimeError as e:          # parsed but not compiled (out of memory, say)
+            logger.error("request %r: %s; aborting it", seq.request_id, e)
+            seq.group.forked = True        # it never runs: finished as it stands
+            self._grammar_failures.append(self.abort(seq.request_id))
+            return False
         return seq.grammar is not None
+
+    def take_grammar_failures(self) -> list[SequenceGroup]:
+        """The requests aborted since the last call because their grammar failed to compile
+        (the engine reports them as finished, finish_reason "abort")."""
+        failures, self._grammar_failures = self._grammar_failures, []
+        return failures
 
     def _rollback_admission(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

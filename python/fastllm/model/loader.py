@@ -51,6 +51,9 @@ def load_for_engine(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str
     device = resolve_device(device)
     model, config = load_model(path, dtype=dtype, device=device, quantization=quantization,
                                parallel=parallel)
+    if device.type == "cpu":  # decode-step linears on fastllm's GEMV (model/cpu_linear.py)
+        from fastllm.model.cpu_linear import install_cpu_dense_linears
+        install_cpu_dense_linears(model)
     return LoadedForEngine(model, config, device, next(model.parameters()).dtype)
 
 
