@@ -67,8 +67,14 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
+def _dl1(t: torch.Tensor):
+    """One DLPack capsule; detach() (about a microsecond) only for a tensor that needs it
+    (to_dlpack refuses tensors that require grad): the hot path's inference tensors don't."""
+    return to_dlpack(t.detach() if t.requires_grad else t)
+
+
 def _dl(*tensors):
-    return [to_dlpack(t.detach()) for t in tensors]
+    return [_dl1(t) for t in tensors]
 
 
 def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -206,24 +212,27 @@ def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = N
     if _native_for("fused_softmax", scores):
         _C.fused_softmax(*_dl(out, scores), float(scale), causal_offset is not None,
                          int(causal_offset or 0),
-                         None if row_scale is None else to_dlpack(row_scale.detach()),
+                         None if row_scale is None else _dl1(row_scale),
                          _stream(scores))
     else:
         reference.fused_softmax(out, scores, scale, causal_offset, row_scale)
 
 
-# -- fused decoder-layer ops: CUDA kernels; on CPU the torch reference, after the same -----
-# -- argument checks the CUDA op runs (so a bad argument is named on every device) ------
+# -- fused decoder-layer ops: CUDA kernels and fp32 CPU kernels; other CPU dtypes run the --
+# -- torch reference after the same argument checks (so a bad argument is named everywhere) --
 
 def _run_fused(op: str, tensors: tuple, scalars: tuple = ()) -> None:
-    """The CUDA kernel `op` on CUDA tensors; elsewhere the same argument checks (when _C is
-    built), then the torch reference -- the math the layers ran before these kernels
-    existed (HF's rounding points), so CPU output is bit-for-bit what it was."""
+    """The kernel `op` on CUDA tensors and on float32 CPU tensors (one crossing into _C,
+    which checks the arguments and runs); other CPU dtypes: the same checks (when _C is
+    built), then the torch reference (HF's rounding points in fp16/bf16)."""
     first = tensors[0]
-    if _C is not None and first.is_cuda and op in _CUDA_OPS:
-        getattr(_C, op)(*_dl(*tensors), *scalars, _stream(first))
-        return
     if _C is not None:
+        if first.is_cuda and op in _CUDA_OPS:
+            getattr(_C, op)(*_dl(*tensors), *scalars, _stream(first))
+            return
+        if first.is_cpu and first.dtype == torch.float32:
+            getattr(_C, op)(*_dl(*tensors), *scalars, 0)
+            return
         getattr(_C, "check_" + op)(*_dl(*tensors))
     getattr(reference, op)(*tensors, *scalars)
 
@@ -277,11 +286,14 @@ def quant_linear(x, weight, ggml_type: int, bias=None, out=None):
     [N, row_bytes], a GGUF tensor's blocks as stored (row_bytes = K / block * block_bytes)."""
     if out is None:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-    if _native_for("quant_linear", x):
-        if x.is_cpu:
+    if _C is not None and x.is_cpu:  # the decode step's hot path: no stream, no op table
+        if torch.get_num_threads() != _pool_threads:
             _sync_cpu_threads()
-        _C.quant_linear(to_dlpack(out), to_dlpack(x.detach()), to_dlpack(weight),
-                        None if bias is None else to_dlpack(bias.detach()), int(ggml_type), _stream(x))
+        _C.quant_linear(to_dlpack(out), _dl1(x), to_dlpack(weight), None if bias is None else _dl1(bias),
+                        ggml_type, 0)
+    elif _native_for("quant_linear", x):
+        _C.quant_linear(to_dlpack(out), _dl1(x), to_dlpack(weight),
+                        None if bias is None else _dl1(bias), int(ggml_type), _stream(x))
     else:
         quant_block_shape(ggml_type)
         reference.quant_linear(out, x, weight, ggml_type, bias)
