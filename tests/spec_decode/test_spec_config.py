@@ -90,7 +90,15 @@ def test_requests_that_cannot_speculate_run_plain():
     fast = _outputs(spec_engine, requests)
     for rid in requests:
         a, b = plain[rid].outputs[0], fast[rid].outputs[0]
-        assert (b.token_ids, b.logprobs) == (a.token_ids, a.logprobs), rid
+        assert b.token_ids == a.token_ids, rid
+        # Logprobs: the same ids and ranks; values to float rounding (a speculating
+        # neighbour changes the batch's shape, and the CPU GEMM's blocking with it).
+        if a.logprobs is not None:
+            assert [{t: lp.rank for t, lp in pos.items()} for pos in b.logprobs] == \
+                [{t: lp.rank for t, lp in pos.items()} for pos in a.logprobs], rid
+            for pa, pb in zip(a.logprobs, b.logprobs):
+                for t in pa:
+                    assert pb[t].logprob == pytest.approx(pa[t].logprob, abs=1e-4), rid
         drafted = fast[rid].metrics.num_spec_draft_tokens
         assert (drafted > 0) == (rid == "greedy"), rid
     # /metrics carries the engine's speculative counters and rates.
