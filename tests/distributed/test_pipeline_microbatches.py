@@ -27,14 +27,14 @@ def _runner(path, parallel=None):
 
 
 def _prefill(rid: str, seq_id: int, prompt: list[int], blocks: list[int]) -> SchedulerOutput:
-    return SchedulerOutput(scheduled=[ScheduledSeq(rid, seq_id, prompt, 0, blocks, 1, 0, None)],
+    return SchedulerOutput(scheduled=[ScheduledSeq(rid, seq_id, prompt, 0, blocks, 1, 0, None, 0, 0)],
                            new_requests=[NewRequest(rid, prompt, GREEDY)])
 
 
 def _decode(prompts, blocks, tokens) -> SchedulerOutput:
     """Both sequences' next token in one step."""
     return SchedulerOutput(scheduled=[
-        ScheduledSeq(rid, i, [tokens[i]], len(prompts[i]), blocks[i], 1, 1, None)
+        ScheduledSeq(rid, i, [tokens[i]], len(prompts[i]), blocks[i], 1, 1, None, 0, 0)
         for i, rid in enumerate(("a", "b"))])
 
 
