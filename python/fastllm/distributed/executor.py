@@ -135,7 +135,9 @@ class MultiprocExecutor(Executor):
         self.workers.step_started()
         try:
             self.rank.channel.send((EXECUTE, sched))
-            return self.runner.execute(sched)
+            result = self.runner.execute(sched)
+            self._check_alive()       # a step the monitor timed out meanwhile is void
+            return result
         except BaseException as e:
             # Lockstep is lost whatever failed: the group cannot go on. Leaving the
             # process group closes the driver's connections, so ranks this process did
