@@ -5,6 +5,7 @@ _LAZY = {
     "LLM": "fastllm.llm",
     "SamplingParams": "fastllm.sampling_params",
     "RequestOutputKind": "fastllm.sampling_params",
+    "StructuredOutputsParams": "fastllm.sampling_params",
     "RequestOutput": "fastllm.outputs",
     "CompletionOutput": "fastllm.outputs",
 }

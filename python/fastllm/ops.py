@@ -306,3 +306,55 @@ def quant_cpu_force_generic(generic: bool) -> None:
     """Run the portable CPU kernels even on an AVX2 CPU (tests cover both builds)."""
     if _C is not None:
         _C.quant_cpu_force_generic(bool(generic))
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Structured outputs, in place: logits[rows[i], t] = -inf unless token t is allowed by
+    bitmask row i (bit t % 32 of word t // 32). logits [S, V] float32/16/bf16; bitmask
+    [R, ceil(V/32)] int32; rows [R] int64 (distinct). Only the R rows are touched.
+    CPU and CUDA run xgrammar's kernels (its CPU loop over the gathered rows; on CUDA its
+    kernel over a full-batch mask); fastllm.reference.apply_token_bitmask is the twin
+    they are tested against, and runs where xgrammar is missing or refuses the input."""
+    if logits.dim() != 2 or bitmask.dim() != 2 or rows.dim() != 1 or bitmask.shape[0] != rows.shape[0]:
+        raise ValueError(f"apply_token_bitmask: logits [S, V], bitmask [R, W] and rows [R] expected, "
+                         f"got {tuple(logits.shape)}, {tuple(bitmask.shape)}, {tuple(rows.shape)}")
+    if bitmask.dtype != torch.int32:
+        raise ValueError(f"apply_token_bitmask: bitmask must be int32, got {bitmask.dtype}")
+    if rows.numel() == 0:
+        return
+    kernel = _xgrammar_bitmask_kernel()
+    if kernel is not None and bitmask.shape[1] * 32 >= logits.shape[1]:
+        try:
+            _xgrammar_apply(kernel, logits, bitmask, rows)
+            return
+        except (RuntimeError, ValueError):   # an input its kernel does not take (dtype, device)
+            pass
+    reference.apply_token_bitmask(logits, bitmask, rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _xgrammar_bitmask_kernel():
+    try:
+        import xgrammar
+    except ImportError:
+        return None
+    return xgrammar.apply_token_bitmask_inplace
+
+
+def _xgrammar_apply(kernel, logits, bitmask, rows) -> None:
+    vocab_size = logits.shape[1]
+    if logits.device.type == "cpu":
+        # Its CPU loop takes the mask row of each logits row at the same index: gather the
+        # R rows (contiguous), mask them, put them back.
+        if rows.numel() == logits.shape[0] and torch.equal(rows, torch.arange(rows.numel())):
+            kernel(logits, bitmask, vocab_size=vocab_size, backend="cpu")
+            return
+        sub = logits.index_select(0, rows)
+        kernel(sub, bitmask, vocab_size=vocab_size, backend="cpu")
+        logits.index_copy_(0, rows, sub)
+        return
+    # CUDA: a full-batch mask whose other rows allow everything (-1), so no host list of
+    # indices (a device -> host read) is needed.
+    full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32, device=logits.device)
+    full.index_copy_(0, rows.to(logits.device), bitmask.to(logits.device, non_blocking=True))
+    kernel(logits, full, vocab_size=vocab_size)

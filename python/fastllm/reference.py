@@ -309,3 +309,19 @@ def quant_linear(out, x, weight, ggml_type: int, bias=None) -> None:
     if bias is not None:
         y = y + bias.to(torch.float64)
     out.copy_(y)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: logits[rows[i], t] = -inf where bit t % 32 of bitmask[i, t // 32] is 0.
+    logits [S, V] float; bitmask [R, W] int32 (W >= ceil(V / 32); tokens past W * 32 are
+    masked); rows [R] int64, distinct rows of logits."""
+    num_rows, vocab_size = bitmask.shape[0], logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.to(torch.int32).unsqueeze(-1) >> shifts) & 1          # [R, W, 32]
+    allowed = bits.view(num_rows, -1).bool()[:, :vocab_size]              # [R, min(V, W*32)]
+    if allowed.shape[1] < vocab_size:
+        pad = torch.zeros(num_rows, vocab_size - allowed.shape[1], dtype=torch.bool, device=allowed.device)
+        allowed = torch.cat([allowed, pad], dim=1)
+    rows = rows.to(device=logits.device, dtype=torch.int64)
+    masked = logits.index_select(0, rows).masked_fill_(~allowed.to(logits.device), float("-inf"))
+    logits.index_copy_(0, rows, masked)

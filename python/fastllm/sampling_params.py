@@ -23,6 +23,60 @@ _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 _MAX_INT64 = (1 << 63) - 1
 
 
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's names): exactly one of
+        json         a JSON schema (dict, or its JSON text): the output is a JSON value it accepts
+        regex        the output matches this regular expression (whole output)
+        choice       the output is one of these strings
+        grammar      the output follows this EBNF grammar (GBNF, root rule `root`)
+        json_object  True: the output is any JSON object
+    disable_any_whitespace: JSON without free whitespace between tokens (compact, as
+    json.dumps(separators=(",", ":")) writes it), which also keeps a weak model from
+    wandering in whitespace. Validated here for shape; the engine checks the schema,
+    regex or grammar itself at add_request (ValueError naming the problem)."""
+    json: Union[str, dict, None] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object is True:
+            given.append("json_object")
+        elif self.json_object is not False:
+            raise ValueError(f"StructuredOutputsParams.json_object must be a bool, got {self.json_object!r}")
+        if len(given) != 1:
+            raise ValueError("StructuredOutputsParams needs exactly one of json, regex, choice, grammar, "
+                             f"json_object; got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"StructuredOutputsParams.json must be a JSON schema (a dict or its JSON "
+                             f"text), got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"StructuredOutputsParams.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)) or not self.choice \
+                    or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("StructuredOutputsParams.choice must be a non-empty list of non-empty "
+                                 f"strings, got {self.choice!r}")
+            self.choice = list(self.choice)
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("StructuredOutputsParams.disable_any_whitespace must be a bool, got "
+                             f"{self.disable_any_whitespace!r}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: 'json', 'regex', 'choice', 'grammar' or 'json_object'."""
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
+
+
 class RequestOutputKind(enum.Enum):
     """What LLMEngine.step() returns for a request (vLLM's names)."""
     CUMULATIVE = 0    # every step it produced something: everything so far
@@ -78,6 +132,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: Optional[StructuredOutputsParams] = None   # constrain the output
     # Filled from the tokenizer by the engine (not a user knob), as vLLM's
     # _all_stop_token_ids: eos ids (unless ignore_eos) + stop_token_ids.
     all_stop_token_ids: set = field(default_factory=set, init=False, repr=False, compare=False)
@@ -132,6 +187,9 @@ class SamplingParams:
             fail("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be a list of non-negative integers")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            fail("structured_outputs", "must be a StructuredOutputsParams (or None)")
         if not isinstance(self.output_kind, RequestOutputKind):
             fail("output_kind", "must be a RequestOutputKind")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):

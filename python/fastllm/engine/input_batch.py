@@ -21,7 +21,7 @@ n samples).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence as Sequence_
 
 import numpy as np
 import torch
@@ -139,16 +139,22 @@ class InputBatch:
             seq_lens[i] = start + q
             query_start_loc[i + 1] = t
 
-    def prepare_sampling(self, scheduled: list[ScheduledSeq],
-                         requests: RequestStates) -> Optional[SamplingStep]:
+    def prepare_sampling(self, scheduled: list[ScheduledSeq], requests: RequestStates,
+                         grammar_bitmask: Optional[np.ndarray] = None,
+                         grammar_seq_ids: Sequence_[int] = ()) -> Optional[SamplingStep]:
         """The step's sampling batches (None when no row is sampled), all uploaded in one
         pinned copy. A step samples more rows than max_num_seqs only when n > 1 prompts
         complete together; it is then split into chunks of max_num_seqs rows, the most
-        the sampler's memory was profiled for."""
+        the sampler's memory was profiled for. grammar_bitmask / grammar_seq_ids: the
+        SchedulerOutput's structured-output masks (row i for sequence grammar_seq_ids[i])."""
         rows, states, params, gens, prompts, outputs, num_outputs = [], [], [], [], [], [], []
+        mask_of_seq = {seq_id: j for j, seq_id in enumerate(grammar_seq_ids)}
+        mask_rows: list[int] = []         # per sampled row: its bitmask row, -1 = unconstrained
         for i, s in enumerate(scheduled):
             if not s.num_samples:
                 continue
+            mask_row = mask_of_seq.get(s.seq_id, -1) if mask_of_seq else -1
+            mask_rows.extend([mask_row] * s.num_samples)     # a fork's n rows share its mask
             state = requests[s.request_id]
             p = state.params
             # The prompt only for the repetition penalty (most requests have none); it
@@ -171,7 +177,8 @@ class InputBatch:
         for c, a in enumerate(range(0, len(rows), self.max_num_seqs)):
             b = min(a + self.max_num_seqs, len(rows))
             st = SamplingBatch.stage(params[a:b], gens[a:b], prompts[a:b], outputs[a:b], self.device,
-                                     num_output_tokens=num_outputs[a:b], vocab_size=self.vocab_size)
+                                     num_output_tokens=num_outputs[a:b], vocab_size=self.vocab_size,
+                                     token_bitmask=_chunk_bitmask(grammar_bitmask, mask_rows[a:b]))
             staged.append((a, b, st))
             arrays.update((f"{c}/{name}", v) for name, v in st.arrays.items())
         in_order = rows == list(range(len(scheduled)))    # else some rows mid-prefill, or a fork
@@ -188,6 +195,16 @@ class InputBatch:
             chunks.append((a, b, batch))
         return SamplingStep(rows=rows, params=params, chunks=chunks,
                             row_index=None if in_order else dev["rows"])
+
+
+def _chunk_bitmask(grammar_bitmask: Optional[np.ndarray], mask_rows: list[int]) -> Optional[tuple]:
+    """(rows in the chunk, their bitmask rows) for the chunk's constrained rows, or None."""
+    if grammar_bitmask is None:
+        return None
+    local = [r for r, m in enumerate(mask_rows) if m >= 0]
+    if not local:
+        return None
+    return np.asarray(local, dtype=np.int64), grammar_bitmask[[mask_rows[r] for r in local]]
 
 
 def sampled_tokens(sampled: SamplerOutput, params: list[SamplingParams]) -> list[SampledToken]:

@@ -33,6 +33,7 @@ from fastllm.engine.step_data import RunnerOutput, SchedulerOutput
 from fastllm.outputs import RequestOutput
 from fastllm.profiling import nvtx_range
 from fastllm.sampling_params import RequestOutputKind, SamplingParams
+from fastllm.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,12 @@ class LLMEngine:
         self.block_manager = BlockManager(executor.num_kv_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching,
                                           num_swap_blocks=executor.num_swap_blocks)
-        self.scheduler = Scheduler(engine_config, self.block_manager)
+        # Grammars of constrained requests (compiled in its thread pool; xgrammar is
+        # loaded only when the first one arrives).
+        self.structured = (StructuredOutputManager(tokenizer, model_config.vocab_size)
+                           if tokenizer is not None else None)
+        self.scheduler = Scheduler(engine_config, self.block_manager,
+                                   structured_output_manager=self.structured)
         self.output_processor = OutputProcessor(tokenizer)
         self.num_steps = 0
         self.finished_latencies: collections.deque = collections.deque(maxlen=_MAX_LATENCY_RECORDS)
@@ -87,6 +93,8 @@ class LLMEngine:
         (preemption falls back to recompute); idempotent."""
         self.scheduler.stop_swapping()
         self.executor.close()
+        if self.structured is not None:
+            self.structured.close()
 
     @property
     def is_healthy(self) -> bool:
@@ -175,11 +183,19 @@ class LLMEngine:
         if bad_stops:
             raise ValueError(f"request {request_id!r}: SamplingParams.stop_token_ids {bad_stops[:5]} "
                              f"are not in [0, {vocab}) (the ids the model and its tokenizer know)")
+        structured = None
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError(f"request {request_id!r}: structured_outputs need the model's "
+                                 f"tokenizer, and this engine has none")
+            structured = self.structured.submit(params.structured_outputs)   # ValueError if invalid
         params = params.clone()
         params.update_from_tokenizer(self.eos_token_ids)
         if delta:
             params.output_kind = RequestOutputKind.DELTA
-        self.scheduler.add(SequenceGroup(str(request_id), text, prompt_token_ids, params, arrival_time))
+        group = SequenceGroup(str(request_id), text, prompt_token_ids, params, arrival_time)
+        group.structured_request = structured
+        self.scheduler.add(group)
 
     def abort_request(self, request_id: Union[str, list[str]]) -> None:
         """One id or an iterable of them; an id is anything add_request took (str() of it)."""
@@ -206,6 +222,8 @@ class LLMEngine:
         with nvtx_range("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.structured is not None and self.structured.has_pending:
+                self.structured.wait_for_pending(timeout=0.05)   # only grammars still compiling
             return []
         # A failed step drops its requests (their KV or token state is unknown) so the
         # engine stays usable for the others, then lets the caller see the error.

@@ -116,7 +116,8 @@ class ModelRunner:
             input_ids, positions, meta = self.inputs.prepare(out.scheduled, spec)
             # Before the forward pass: it depends only on the schedule, and building it
             # (pinned, non-blocking uploads) never waits for the device.
-            sampling = self.inputs.prepare_sampling(out.scheduled, requests)
+            sampling = self.inputs.prepare_sampling(out.scheduled, requests,
+                                                    out.grammar_bitmask, out.grammar_seq_ids)
         with nvtx_range("forward"):
             if graphs is not None and graphs.can_run(input_ids, meta):
                 logits = graphs.run(input_ids, positions, meta)               # [S, V]

@@ -34,11 +34,13 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, config, block_manager: BlockManager):
+    def __init__(self, config, block_manager: BlockManager, structured_output_manager=None):
         """Swap space is the block manager's (num_swap_blocks); none = always preempt by
-        recompute."""
+        recompute. structured_output_manager (fastllm.structured, the engine's): the
+        grammars of constrained requests; None = no request is constrained."""
         self.config = config
         self.block_manager = block_manager
+        self.structured = structured_output_manager
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []       # sorted by Sequence.sort_key (arrival order)
         self.swapped: collections.deque[Sequence] = collections.deque()
@@ -210,8 +212,12 @@ class Scheduler:
     def _schedule_waiting(self, picked: list, budget: int) -> None:
         """Admit waiting requests FCFS (head-of-line: stop at the first that does not fit)."""
         cfg, bm = self.config, self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-            seq = self.waiting[0]
+        idx = 0              # past the requests whose grammar still compiles (skipped, not waited for)
+        while idx < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[idx]
+            if not self._grammar_ready(seq):
+                idx += 1
+                continue
             num_cached = bm.acquire_cached_prefix(seq)
             n = seq.num_uncomputed_tokens
             if n > budget and not cfg.enable_chunked_prefill:
@@ -221,7 +227,7 @@ class Scheduler:
             if not bm.allocate_slots(seq, n):
                 self._rollback_admission(seq)
                 break
-            self.waiting.popleft()
+            del self.waiting[idx]
             bm.record_admission(seq, num_cached)
             self._insert_running(seq)
             picked.append((seq, n))
@@ -242,6 +248,14 @@ class Scheduler:
         out.blocks_to_swap_in.clear()
         self.block_manager.requeue_copies(out.blocks_to_copy)
 
+    def _grammar_ready(self, seq: Sequence) -> bool:
+        """Unconstrained, or its grammar compiled (its matcher made on first admission)."""
+        request = seq.group.structured_request
+        if request is None or seq.grammar is not None:
+            return True
+        seq.grammar = self.structured.grammar_for(request)
+        return seq.grammar is not None
+
     def _rollback_admission(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -253,9 +267,13 @@ class Scheduler:
         picked.sort(key=lambda p: p[0].sort_key())
         now = time.time()
         self._in_flight = {}
+        constrained = []            # sampled this step under a grammar: their bitmask rows
         for seq, n in picked:
-            out.scheduled.append(self._scheduled_seq(seq, n))
+            scheduled = self._scheduled_seq(seq, n)
+            out.scheduled.append(scheduled)
             self._in_flight[seq.seq_id] = seq
+            if seq.grammar is not None and scheduled.num_samples:
+                constrained.append(seq)
             group = seq.group
             if group.first_scheduled_time is None:
                 group.first_scheduled_time = now
@@ -263,6 +281,9 @@ class Scheduler:
                 self._runner_requests.add(group.request_id)
                 out.new_requests.append(NewRequest(group.request_id, group.prompt_token_ids,
                                                    group.sampling_params))
+        if constrained:
+            out.grammar_bitmask = self.structured.fill_bitmask([seq.grammar for seq in constrained])
+            out.grammar_seq_ids = [seq.seq_id for seq in constrained]
         if not out.is_empty:      # else they wait for a step that reaches the runner
             out.finished_request_ids, self._finished_ids = self._finished_ids, []
         return out
@@ -332,9 +353,15 @@ class Scheduler:
         seq.num_computed_tokens = new_computed
 
     def _append(self, seq: Sequence, sampled: list[SampledToken], now: float) -> None:
-        """Advance seq by the sampled tokens, in order, up to the first that stops it."""
+        """Advance seq by the sampled tokens, in order, up to the first that stops it. A
+        constrained seq's grammar advances with them; its termination (the grammar took
+        its stop token) finishes seq with "stop"."""
         want_logprobs = seq.group.sampling_params.logprobs is not None
+        grammar = seq.grammar
         for tok in sampled:
+            if grammar is not None and not grammar.accept_token(tok.token_id):
+                self._refused_by_grammar(seq, tok.token_id)
+                return
             seq.append_token(tok.token_id, now)
             if want_logprobs:
                 seq.logprobs = seq.logprobs or []
@@ -342,6 +369,21 @@ class Scheduler:
                 seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + (tok.logprob or 0.0)
             if self._check_stop(seq):
                 return
+            if grammar is not None and grammar.is_terminated:
+                self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+                return
+
+    def _refused_by_grammar(self, seq: Sequence, token_id: int) -> None:
+        """The sampler gave a token the bitmask forbids: only when every allowed token was
+        masked too (min_tokens banning the stop token a complete grammar asks for). A
+        complete output stops there; anything else is a bug, and the request is aborted
+        rather than given output that breaks its grammar."""
+        if seq.grammar.is_completed:
+            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            return
+        logger.error("request %r: sampled token %d is not allowed by its grammar; aborting it",
+                     seq.request_id, token_id)
+        self.finish(seq, SequenceStatus.FINISHED_ABORTED)
 
     def _fork(self, parent: Sequence, sampled: list[SampledToken], now: float) -> list[Sequence]:
         """The prompt just completed: sample i goes to sequence i; samples 1.. are new
@@ -351,6 +393,8 @@ class Scheduler:
         for i, tok in enumerate(sampled[1:], start=1):
             child = Sequence(group.prompt_token_ids, group, i)
             child.token_ids = list(parent.token_ids)
+            if parent.grammar is not None:    # before the parent's first token moves it
+                child.grammar = parent.grammar.fork()
             self._append(child, [tok], now)
             children.append(child)
         group.seqs.extend(children)

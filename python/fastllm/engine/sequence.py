@@ -66,6 +66,10 @@ class Sequence:
         self.first_token_time: Optional[float] = None
         self.token_times: list[float] = []      # wall time each output token was sampled
         self.num_preemptions = 0
+        # Structured outputs: this sample's grammar state (fastllm.structured), advanced by
+        # the scheduler with every appended output token; None = unconstrained or not yet
+        # compiled (group.structured_request says which).
+        self.grammar = None
 
     # -- token views ---------------------------------------------------------------
     @property
@@ -140,6 +144,7 @@ class SequenceGroup:
         self.first_scheduled_time: Optional[float] = None
         self.num_returned_tokens = [0] * self.n    # per sample, for delta outputs
         self.num_returned_chars = [0] * self.n
+        self.structured_request = None    # StructuredOutputRequest when constrained
 
     @property
     def prompt_len(self) -> int:

@@ -4,17 +4,25 @@
     RunnerOutput = ModelRunner.execute(SchedulerOutput)   what was sampled
     Scheduler.update(SchedulerOutput, RunnerOutput)       all the bookkeeping after it
 
-Only ints, strings, lists, dicts and SamplingParams: no live Sequence, no tensor. Both
+Only ints, strings, lists, dicts, SamplingParams and (structured outputs) one numpy
+array: no live Sequence, no tensor, no grammar object. Both
 pickle, so a runner in a worker process (tensor / pipeline parallelism) receives and
 returns exactly what the in-process runner does. The runner keys what it caches per
 request (seeded generators, the prompt on the device) by request id, learns a request
 from `new_requests` the first step it is scheduled and forgets it when its id comes
 back in `finished_request_ids`.
+
+Structured outputs: the scheduler fills the next-token bitmask of the constrained
+sequences it samples this step on the host, `grammar_bitmask` [R, ceil(V/32)] int32 (bit
+t % 32 of word t // 32 set = token t allowed), row i for sequence `grammar_seq_ids[i]`
+(all n rows of a forking prompt use its row). A runner needs no grammar state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from fastllm.outputs import Logprob
 from fastllm.sampling_params import SamplingParams
@@ -57,6 +65,8 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (GPU block, CPU block)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)   # (CPU block, GPU block)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)      # (src, dst): fork copies
+    grammar_bitmask: Optional[np.ndarray] = None    # [R, ceil(V/32)] int32; None: no constrained row
+    grammar_seq_ids: list[int] = field(default_factory=list)   # the seq id of each bitmask row
 
     @property
     def has_cache_ops(self) -> bool:

@@ -10,6 +10,7 @@ engine stages the batch before launching the forward pass and uploads the arrays
 pinned copy (InputBatch.prepare_sampling), so building it never waits for the device.
 
 Order of operations (vLLM's v0 order):
+  0. structured outputs: constrained rows' disallowed tokens -> -inf (ops.apply_token_bitmask)
   1. raw logprobs = log_softmax(logits) -- what `logprobs` reports, as vLLM does by default
   2. min_tokens: rows that have produced fewer than min_tokens tokens cannot pick a
      stop token (SamplingParams.all_stop_token_ids: stop_token_ids, and the eos ids
@@ -87,6 +88,8 @@ class StagedBatch:
         for name in ("output_tokens", "banned_tokens"):
             fields[name] = (dev[name + ".rows"], dev[name + ".ids"]) if name + ".rows" in dev else None
         fields["prompt_tokens"], fields["prompt_token_tensors"] = self._prompt_tokens(dev)
+        fields["token_bitmask"] = ((dev["token_bitmask.rows"], dev["token_bitmask"])
+                                   if "token_bitmask" in dev else None)
         return SamplingBatch(**fields)
 
     def _prompt_tokens(self, dev: dict):
@@ -133,6 +136,9 @@ class SamplingBatch:
     # row -> its prompt as a [P] int64 tensor on the device (repetition-penalty rows), for
     # callers to pass back next step instead of the ids (no re-upload).
     prompt_token_tensors: dict = field(default_factory=dict)
+    # Structured outputs: (rows [R] int64, bitmask [R, ceil(V/32)] int32): row rows[i] may
+    # only sample the tokens bitmask[i] allows. None when no row is constrained.
+    token_bitmask: Optional[tuple] = None
 
     @classmethod
     def from_requests(cls, params: Sequence[SamplingParams],
@@ -142,11 +148,13 @@ class SamplingBatch:
                       device="cpu", *,
                       num_output_tokens: Optional[Sequence[int]] = None,
                       vocab_size: Optional[int] = None,
+                      token_bitmask: Optional[tuple] = None,
                       upload: Optional[Callable[[dict], dict]] = None) -> "SamplingBatch":
         """Build the batch once per step: stage() on the host, upload, finish().
         upload: name -> numpy array to name -> tensor on `device` (default plain_upload)."""
         staged = cls.stage(params, generators, prompt_token_ids, output_token_ids, device,
-                           num_output_tokens=num_output_tokens, vocab_size=vocab_size)
+                           num_output_tokens=num_output_tokens, vocab_size=vocab_size,
+                           token_bitmask=token_bitmask)
         dev = upload(staged.arrays) if upload is not None else plain_upload(staged.arrays, device)
         return staged.finish(dev)
 
@@ -157,14 +165,16 @@ class SamplingBatch:
               output_token_ids: Sequence,
               device="cpu", *,
               num_output_tokens: Optional[Sequence[int]] = None,
-              vocab_size: Optional[int] = None) -> StagedBatch:
+              vocab_size: Optional[int] = None,
+              token_bitmask: Optional[tuple] = None) -> StagedBatch:
         """The host half of the batch. All lists are per row (one row per sequence being
         sampled). prompt_token_ids / output_token_ids are read only on rows whose params
         have penalties (others may hold None); an entry is a list of ids or a 1-D int64
         tensor, and a prompt tensor already on `device` is used as is (not uploaded).
         num_output_tokens (for min_tokens) defaults to the lengths of output_token_ids.
         Stop ids banned by min_tokens come from SamplingParams.all_stop_token_ids; those
-        >= vocab_size are dropped (never sampled)."""
+        >= vocab_size are dropped (never sampled). token_bitmask: (rows, bitmask) host
+        arrays of the constrained rows (see SamplingBatch.token_bitmask), or None."""
         device = torch.device(device)
         num_rows = len(params)
         lists = [("generators", generators), ("prompt_token_ids", prompt_token_ids),
@@ -191,6 +201,10 @@ class SamplingBatch:
         prompts, new_prompts = _stage_penalties(params, prompt_token_ids, output_token_ids,
                                                 device, arrays)
         _stage_banned(params, num_output_tokens, vocab_size, arrays)
+        if token_bitmask is not None:
+            rows, bitmask = token_bitmask
+            arrays["token_bitmask.rows"] = np.asarray(rows, dtype=np.int64)
+            arrays["token_bitmask"] = np.asarray(bitmask, dtype=np.int32)
 
         num_logprobs = [p.logprobs for p in params]
         asked = [n for n in num_logprobs if n is not None]
@@ -375,11 +389,16 @@ class Sampler:
         # (the filters below are out of place), so copy the caller's tensor only for them.
         if logits.dtype != torch.float32:
             logits = logits.float()
-        elif batch.banned_tokens is not None or batch.output_tokens is not None:
+        elif (batch.banned_tokens is not None or batch.output_tokens is not None
+              or batch.token_bitmask is not None):
             logits = logits.clone()
 
         if self.valid_vocab_size is not None and self.valid_vocab_size < logits.shape[1]:
             logits[:, self.valid_vocab_size:] = float("-inf")
+        if batch.token_bitmask is not None:
+            # Structured outputs, one pass over the constrained rows only, before
+            # everything else: logprobs are those of the masked distribution.
+            ops.apply_token_bitmask(logits, batch.token_bitmask[1], batch.token_bitmask[0])
 
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
