@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "overhead": ("fastllm.bench.overhead", "engine host time per decode step (CPU, tiny model)"),
     "serve": ("fastllm.bench.serve", "load-test an OpenAI-compatible server (--compare: vs transformers)"),
     "cpu": ("fastllm.bench.cpu", "CPU: fastllm vs transformers vs llama.cpp on one GGUF"),
+    "pipeline": ("fastllm.bench.pipeline", "the pipeline bubble: PP=M (serial, microbatches) vs PP=1"),
 }
 
 

@@ -107,7 +107,8 @@ class MultiprocExecutor(Executor):
         # Several steps in flight only pay with pipeline stages, and need a runner that
         # splits a step into begin (forward, send on) and finish (receive logits, sample).
         pp = rank.parallel.pp.world_size
-        if pp > 1 and hasattr(self.runner, "begin") and hasattr(self.runner, "finish"):
+        if (pp > 1 and envs.FASTLLM_PP_MICROBATCHES == "1"
+                and hasattr(self.runner, "begin") and hasattr(self.runner, "finish")):
             self.max_concurrent_batches = pp
         # GC or interpreter exit without close(): the workers still go.
         self._finalizer = weakref.finalize(self, workers.kill)

@@ -137,11 +137,14 @@ def rank_device(device: str, info: RankInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if kind == "cuda" else torch.device("cpu")
 
 
-def split_cpu_threads(info: RankInfo) -> None:
+def split_cpu_threads(info: RankInfo) -> int:
     """The ranks of one machine share its cores: each gets an equal share of torch's
-    intra-op threads (at least one), so N ranks do not oversubscribe N-fold."""
+    intra-op threads (at least one), so N ranks do not oversubscribe N-fold. Returns the
+    count before, for the driver to restore when its group closes."""
+    before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // max(1, info.local_world_size)))
+    return before
 
 
 def die_with_parent(parent_pid: int) -> None:

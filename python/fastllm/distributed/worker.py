@@ -54,6 +54,7 @@ class Rank:
     dtype: torch.dtype
     num_kv_blocks: int                   # the minimum over the replica's ranks
     num_swap_blocks: int
+    threads_before: Optional[int] = None # torch's CPU threads before the split (restored)
 
 
 def build_rank(spec: WorkerSpec, info: launch.RankInfo, store=None) -> Rank:
@@ -62,8 +63,9 @@ def build_rank(spec: WorkerSpec, info: launch.RankInfo, store=None) -> Rank:
     from fastllm.engine.model_runner import ModelRunner
     from fastllm.model.loader import load_for_engine
     device = launch.rank_device(spec.device, info)
+    threads_before = None
     if device.type == "cpu":
-        launch.split_cpu_threads(info)
+        threads_before = launch.split_cpu_threads(info)
     else:
         torch.cuda.set_device(device)
     launch.init_distributed(info, store)
@@ -81,7 +83,7 @@ def build_rank(spec: WorkerSpec, info: launch.RankInfo, store=None) -> Rank:
     num_kv, num_swap = min_over_ranks([runner.num_kv_blocks, runner.num_swap_blocks],
                                       group=channel.group)
     return Rank(info, parallel, runner, channel, loaded.config, loaded.device, loaded.dtype,
-                num_kv, num_swap)
+                num_kv, num_swap, threads_before)
 
 
 def run_worker_loop(rank: Rank) -> None:
@@ -98,6 +100,8 @@ def run_worker_loop(rank: Rank) -> None:
 def teardown(rank: Optional[Rank]) -> None:
     if rank is not None:
         rank.runner.close()
+        if rank.threads_before is not None:
+            torch.set_num_threads(rank.threads_before)
     if dist.is_initialized():
         dist.destroy_process_group()
 
