@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 
 from fastllm import envs
 from fastllm.distributed import launch
-from fastllm.distributed.worker import (EXECUTE, SHUTDOWN, Rank, WorkerSpec, build_rank,
+from fastllm.distributed.worker import (BEGIN, EXECUTE, SHUTDOWN, Rank, WorkerSpec, build_rank,
                                         run_worker_loop, spawned_worker_main, teardown)
 from fastllm.engine.step_data import RunnerOutput, SchedulerOutput
 
@@ -104,6 +104,7 @@ class MultiprocExecutor(Executor):
         self.num_swap_blocks = rank.num_swap_blocks
         self.workers = workers
         self._closed = False
+        self._num_collected = 0     # microbatches collected (the workers finish as many)
         # Several steps in flight only pay with pipeline stages, and need a runner that
         # splits a step into begin (forward, send on) and finish (receive logits, sample).
         pp = rank.parallel.pp.world_size
@@ -159,11 +160,14 @@ class MultiprocExecutor(Executor):
     def submit(self, sched: SchedulerOutput) -> None:
         """Send the step to every rank and run this rank's stage of it (its forward pass,
         activations on to the next stage), without waiting for the logits."""
-        self._guarded(lambda: (self.rank.channel.send((EXECUTE, sched)), self.runner.begin(sched)))
+        self._guarded(lambda: (self.rank.channel.send((BEGIN, (sched, self._num_collected))),
+                               self.runner.begin(sched)))
 
     def collect(self, sched: SchedulerOutput) -> RunnerOutput:
         """The oldest submitted step's logits from the last stage, sampled."""
-        return self._guarded(lambda: self.runner.finish(sched))
+        result = self._guarded(lambda: self.runner.finish(sched))
+        self._num_collected += 1
+        return result
 
     def _guarded(self, call):
         """Run one blocking part of a parallel step under the monitor's timeout. Whatever
