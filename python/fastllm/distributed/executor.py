@@ -203,6 +203,7 @@ class MultiprocExecutor(Executor):
         if self.workers.failure() is None:
             try:
                 self.rank.channel.send((SHUTDOWN, None))
+                self.rank.channel.flush(_JOIN_TIMEOUT_S)    # before the group goes away
             except Exception as e:  # noqa: BLE001 -- a worker died meanwhile: kill below
                 logger.warning("shutdown message not delivered: %r", e)
         self.workers.join_or_kill()
