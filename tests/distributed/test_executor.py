@@ -63,3 +63,22 @@ def test_unsplittable_model_refused_before_spawning(model_path):
 def test_bad_parallel_sizes_name_the_field(model_path):
     with pytest.raises(ValueError, match="pipeline_parallel_size"):
         LLM(model_path, pipeline_parallel_size=0, device="cpu")
+
+
+@pytest.mark.skipif(not hasattr(__import__("fastllm.engine.model_runner", fromlist=["x"]).ModelRunner, "begin"),
+                    reason="needs the pipeline-parallel runner (ModelRunner.begin / finish)")
+def test_pp2_microbatches_match_single_process():
+    # 3 layers: an uneven split over the stages. A small cache preempts in flight.
+    path = str(cached_checkpoint("llama", num_hidden_layers=3))
+    kw = dict(device="cpu", max_model_len=64, block_size=4, num_kv_blocks=14)
+    single = LLM(path, **kw)
+    expected = greedy(single)
+    single.close()
+    llm = LLM(path, pipeline_parallel_size=2, **kw)
+    try:
+        assert llm.llm_engine.executor.max_concurrent_batches == 2
+        assert greedy(llm) == expected
+        # Two microbatches per token: the sequences were split between the steps in flight.
+        assert llm.llm_engine.num_steps > 10
+    finally:
+        llm.close()
