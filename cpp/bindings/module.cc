@@ -8,6 +8,7 @@
 
 #include "fastllm/block_allocator.h"
 #include "fastllm/errors.h"
+#include "fastllm/nccl.h"
 #include "fastllm/ops.h"
 #include "fastllm/quant_ops.h"
 #include "fastllm/tensor_view.h"
@@ -45,6 +46,63 @@ static void def_quant_ops(py::module_& m) {
   m.def("quant_cpu_force_generic", &fastllm::quant_cpu_force_generic, py::arg("generic"));
   m.def("cpu_num_threads", &fastllm::cpu_num_threads);
   m.def("set_cpu_num_threads", &fastllm::set_cpu_num_threads, py::arg("n"));
+}
+
+// The NCCL communicator (fastllm/nccl.h). Every call that can block on peers or enqueue
+// releases the GIL: ncclCommInitRank waits for every rank to join.
+static void def_nccl(py::module_& m) {
+  py::class_<fastllm::NcclLibrary, std::shared_ptr<fastllm::NcclLibrary>>(m, "NcclLibrary",
+                                                                          "libnccl opened at run time")
+      .def_static("open", &fastllm::NcclLibrary::open, py::arg("candidates"),
+                  "the first candidate path that is an NCCL library; RuntimeError naming every path tried")
+      .def_property_readonly("path", &fastllm::NcclLibrary::path)
+      .def_property_readonly("version", &fastllm::NcclLibrary::version)
+      .def("unique_id", [](const fastllm::NcclLibrary& lib) { return py::bytes(lib.unique_id()); });
+  using Comm = fastllm::NcclCommunicator;
+  py::class_<Comm>(m, "NcclCommunicator", "one rank's ncclComm_t; ops enqueue on `stream` and never sync")
+      .def(py::init([](std::shared_ptr<fastllm::NcclLibrary> lib, py::bytes unique_id, int world_size, int rank,
+                       int device) {
+             std::string id = unique_id;
+             py::gil_scoped_release release;
+             return std::make_unique<Comm>(std::move(lib), id, world_size, rank, device);
+           }),
+           py::arg("library"), py::arg("unique_id"), py::arg("world_size"), py::arg("rank"), py::arg("device"))
+      .def_property_readonly("rank", &Comm::rank)
+      .def_property_readonly("world_size", &Comm::world_size)
+      .def_property_readonly("device", &Comm::device)
+      .def("all_reduce", [](Comm& c, py::capsule x, int64_t stream) {
+        auto v = view(x, "x");
+        py::gil_scoped_release release;
+        c.all_reduce(v, stream);
+      }, py::arg("x"), py::arg("stream"))
+      .def("all_gather", [](Comm& c, py::capsule out, py::capsule x, int64_t stream) {
+        auto o = view(out, "out"), v = view(x, "x");
+        py::gil_scoped_release release;
+        c.all_gather(o, v, stream);
+      }, py::arg("out"), py::arg("x"), py::arg("stream"))
+      .def("broadcast", [](Comm& c, py::capsule x, int root, int64_t stream) {
+        auto v = view(x, "x");
+        py::gil_scoped_release release;
+        c.broadcast(v, root, stream);
+      }, py::arg("x"), py::arg("root"), py::arg("stream"))
+      .def("send", [](Comm& c, py::capsule x, int peer, int64_t stream) {
+        auto v = view(x, "x");
+        py::gil_scoped_release release;
+        c.send(v, peer, stream);
+      }, py::arg("x"), py::arg("peer"), py::arg("stream"))
+      .def("recv", [](Comm& c, py::capsule x, int peer, int64_t stream) {
+        auto v = view(x, "x");
+        py::gil_scoped_release release;
+        c.recv(v, peer, stream);
+      }, py::arg("x"), py::arg("peer"), py::arg("stream"))
+      .def("destroy", [](Comm& c) {
+        py::gil_scoped_release release;
+        c.destroy();
+      })
+      .def("abort", [](Comm& c) {
+        py::gil_scoped_release release;
+        c.abort();
+      });
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -164,6 +222,7 @@ PYBIND11_MODULE(_C, m) {
   });
 
   def_quant_ops(m);
+  def_nccl(m);
 
   py::class_<fastllm::BlockAllocator>(m, "BlockAllocator", "Fixed pool of KV blocks with a prefix cache (LRU)")
       .def(py::init<int64_t>(), py::arg("num_blocks"))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import site
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -358,3 +361,77 @@ def _xgrammar_apply(kernel, logits, bitmask, rows) -> None:
     full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32, device=logits.device)
     full.index_copy_(0, rows.to(logits.device), bitmask.to(logits.device, non_blocking=True))
     kernel(logits, full, vocab_size=vocab_size)
+
+
+# -- NCCL (fastllm/nccl.h): libnccl opened at run time, ops on the tensor's current stream -----
+
+def nccl_library_candidates() -> list:
+    """Where libnccl is looked for, in order: $FASTLLM_NCCL_SO alone when set (a wrong path is
+    an error, never silently replaced); else the libnccl.so.2 of torch's CUDA wheels
+    (site-packages/nvidia/nccl/lib: torch's own site-packages first, listed even when absent
+    so an error names it, then any other sys.path or site directory that has one), then
+    libnccl.so.2 on the loader's search path."""
+    if envs.FASTLLM_NCCL_SO:
+        return [envs.FASTLLM_NCCL_SO]
+    wheel_lib = os.path.join("nvidia", "nccl", "lib", "libnccl.so.2")
+    torch_site = os.path.dirname(os.path.dirname(os.path.realpath(torch.__file__)))
+    roots = list(sys.path)
+    try:
+        roots += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:                    # some virtualenv layouts lack these
+        pass
+    found = [os.path.join(r, wheel_lib) for r in roots if r and os.path.isfile(os.path.join(r, wheel_lib))]
+    return list(dict.fromkeys([os.path.join(torch_site, wheel_lib), *found, "libnccl.so.2"]))
+
+
+@functools.cache
+def _nccl_library(candidates: tuple):
+    return _C.NcclLibrary.open(list(candidates))   # failures raise, and are not cached
+
+
+def nccl_library():
+    """The loaded libnccl (path, version); RuntimeError naming every path tried."""
+    if _C is None:
+        raise RuntimeError("NCCL needs fastllm._C, which is not built in this installation")
+    return _nccl_library(tuple(nccl_library_candidates()))
+
+
+def nccl_unique_id() -> bytes:
+    """A new ncclUniqueId (128 bytes): made by one rank, given to every rank of the group."""
+    return nccl_library().unique_id()
+
+
+def nccl_comm_init(unique_id: bytes, world_size: int, rank: int, device: torch.device):
+    """This rank's NCCL communicator on `device` (collective: blocks until every rank joins)."""
+    device = torch.device(device)
+    with torch.cuda.device(device):         # ncclCommInitRank binds to the current device
+        return _C.NcclCommunicator(nccl_library(), unique_id, world_size, rank, device.index)
+
+
+def nccl_all_reduce(comm, x: torch.Tensor) -> None:
+    comm.all_reduce(to_dlpack(x.detach()), _stream(x))
+
+
+def nccl_all_gather(comm, out: torch.Tensor, x: torch.Tensor) -> None:
+    """out (world_size * x.numel() elements) <- every rank's x, rank order."""
+    comm.all_gather(to_dlpack(out.detach()), to_dlpack(x.detach()), _stream(x))
+
+
+def nccl_broadcast(comm, x: torch.Tensor, src: int) -> None:
+    comm.broadcast(to_dlpack(x.detach()), int(src), _stream(x))
+
+
+def nccl_send(comm, x: torch.Tensor, dst: int) -> None:
+    comm.send(to_dlpack(x.detach()), int(dst), _stream(x))
+
+
+def nccl_recv(comm, x: torch.Tensor, src: int) -> None:
+    comm.recv(to_dlpack(x.detach()), int(src), _stream(x))
+
+
+def nccl_close(comm, abort: bool = False) -> None:
+    """ncclCommDestroy, or ncclCommAbort when a peer died (abort never waits on peers)."""
+    if abort:
+        comm.abort()
+    else:
+        comm.destroy()

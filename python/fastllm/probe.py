@@ -13,12 +13,10 @@ import argparse
 import json
 import os
 import platform
-import site
 import subprocess
 import sys
 from typing import Optional, Sequence
 
-from fastllm import envs
 
 NVIDIA_SMI_COMMANDS = {
     "status": ["nvidia-smi"],
@@ -26,8 +24,6 @@ NVIDIA_SMI_COMMANDS = {
     "query": ["nvidia-smi", "--query-gpu=index,name,clocks.sm,clocks.mem,power.draw,"
               "memory.used,memory.total", "--format=csv"],
 }
-
-NCCL_LIBRARY = os.path.join("nvidia", "nccl", "lib", "libnccl.so.2")
 
 
 def run_command(argv: Sequence[str], timeout: float = 30.0) -> dict:
@@ -123,21 +119,11 @@ def nvidia_smi_bundle(timeout: float = 30.0) -> dict:
 # -- fastllm build -------------------------------------------------------------------------
 
 def find_nccl_library() -> Optional[str]:
-    """The libnccl the communicator would open: $FASTLLM_NCCL_SO, else torch's wheel copy
-    in site-packages/nvidia/nccl/lib/libnccl.so.2. None when neither exists."""
-    env = envs.FASTLLM_NCCL_SO
-    if env:
-        return env if os.path.isfile(env) else None
-    roots = list(sys.path)
-    try:
-        roots += site.getsitepackages() + [site.getusersitepackages()]
-    except AttributeError:                    # some virtualenv layouts lack these
-        pass
-    for root in dict.fromkeys(r for r in roots if r):
-        candidate = os.path.join(root, NCCL_LIBRARY)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+    """The libnccl file the communicator would open first (fastllm.ops.nccl_library_candidates:
+    $FASTLLM_NCCL_SO, else torch's wheel copy in site-packages/nvidia/nccl/lib). None when
+    none exists (the loader's search path may still have one)."""
+    from fastllm import ops
+    return next((c for c in ops.nccl_library_candidates() if os.sep in c and os.path.isfile(c)), None)
 
 
 def fastllm_build_info() -> dict:

@@ -57,20 +57,24 @@ def test_bus_bandwidth_formula():
     assert hardware.bus_bandwidth(10.0, 1) == 0.0
 
 
-def test_all_reduce_two_gloo_processes():
+def test_all_reduce_two_gloo_processes_through_torch_and_fastllm():
     sizes = [64, 64 << 10]
     results = hardware.bench_all_reduce(2, sizes, backend="gloo", warmup=1, iters=2)
-    assert [r["bytes"] for r in results] == sizes
+    # Each size through torch.distributed, then fastllm's Communicator, on the same ranks.
+    assert [(r["bytes"], r["api"]) for r in results] == [(s, api) for s in sizes for api in ("torch", "fastllm")]
     for r in results:
         # Ranks contribute 1 and 2: every element of every rank must read 3.
         assert r["expected"] == 3.0
         assert r["observed"] == [3.0] * 4     # first and last element on each of 2 ranks
         assert r["correct"] is True
         assert r["backend"] == "gloo" and r["world_size"] == 2
+        assert r["label"] == f"all_reduce {hardware._size(r['bytes'])} x2 gloo {r['api']}"
         assert r["time_s"] > 0
         assert r["algbw_GBps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
         assert r["value"] == pytest.approx(r["algbw_GBps"])   # busbw = algbw * 2*(2-1)/2
         assert r["unit"] == "GB/s"
+    with pytest.raises(ValueError, match="apis must be among"):
+        hardware.bench_all_reduce(2, sizes, backend="gloo", apis=["mpi"])
 
 
 def test_all_reduce_rejects_a_single_process():
@@ -113,6 +117,14 @@ def test_hardware_cli_bad_device_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["hardware", "--device", "cuda", "--skip", "gemm,copy,allreduce"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_one_gpu_all_reduce_latency_through_torch_and_fastllm():
+    results = hardware.bench_all_reduce_one_gpu([8 << 10, 1 << 20], warmup=1, iters=3)
+    assert [(r["bytes"], r["api"]) for r in results] == [(8 << 10, "torch"), (8 << 10, "fastllm"),
+                                                        (1 << 20, "torch"), (1 << 20, "fastllm")]
+    assert all(r["check_ok"] and r["value"] > 0 and r["unit"] == "us" for r in results)
 
 
 @pytest.mark.cuda

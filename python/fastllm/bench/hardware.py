@@ -4,9 +4,11 @@
 - copy: GB/s = 2*bytes / median time of dst.copy_(src) (every byte is read once, written once).
 - P2P: GB/s = bytes / median time of a copy GPU i -> GPU j, "direct" when
   can_device_access_peer(i, j) (NVLink or PCIe P2P), else staged through pinned host memory.
-- all_reduce: N processes (torch.distributed; NCCL on GPUs, gloo on CPU so it runs
-  anywhere), algbw = bytes / time, busbw = algbw * 2*(N-1)/N (nccl-tests' bus bandwidth:
-  what each link carries in a ring all_reduce, comparable across N).
+- all_reduce: N processes (NCCL on GPUs, gloo on CPU so it runs anywhere), each size
+  through torch.distributed and through fastllm's own Communicator side by side;
+  algbw = bytes / time, busbw = algbw * 2*(N-1)/N (nccl-tests' bus bandwidth: what each
+  link carries in a ring all_reduce, comparable across N). On one GPU: the time per call
+  of a 1-rank NCCL all_reduce (both APIs), the floor under any multi-GPU figure.
 
 Every result is a dict {bench, label, value, unit, formula, ...}; `--json OUT` writes them.
 Defaults are small on CPU (seconds) and sized for a datacenter GPU otherwise.
@@ -133,11 +135,17 @@ def default_backend(world_size: int) -> str:
     return "gloo"
 
 
+ALLREDUCE_APIS = ("torch", "fastllm")
+
+
 def bench_all_reduce(world_size: int, sizes: Sequence[int], backend: Optional[str] = None,
-                     warmup: int = 2, iters: int = 5, timeout_s: float = 300.0) -> list:
+                     warmup: int = 2, iters: int = 5, timeout_s: float = 300.0,
+                     apis: Sequence[str] = ALLREDUCE_APIS) -> list:
     """all_reduce(SUM) of float32 buffers of each size in bytes across world_size spawned
-    processes. Each rank contributes rank+1, so every element must come back as
-    n*(n+1)/2; `correct` says whether all ranks saw that."""
+    processes, through each of `apis` on the same ranks and buffers: "torch"
+    (torch.distributed) and "fastllm" (fastllm's own Communicator: NCCL through fastllm._C
+    on GPUs, gloo on CPU). Each rank contributes rank+1, so every element must come back
+    as n*(n+1)/2; `correct` says whether all ranks saw that. One row per (size, api)."""
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
     if world_size < 2:
@@ -145,6 +153,9 @@ def bench_all_reduce(world_size: int, sizes: Sequence[int], backend: Optional[st
     sizes = [int(s) for s in sizes]
     if not sizes or any(s < 4 for s in sizes):
         raise ValueError(f"all_reduce sizes must be >= 4 bytes, got {sizes}")
+    apis = list(apis)
+    if not apis or set(apis) - set(ALLREDUCE_APIS):
+        raise ValueError(f"all_reduce apis must be among {ALLREDUCE_APIS}, got {apis}")
     backend = backend or default_backend(world_size)
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"backend nccl needs {world_size} GPUs, found {torch.cuda.device_count()}")
@@ -152,7 +163,7 @@ def bench_all_reduce(world_size: int, sizes: Sequence[int], backend: Optional[st
         init_file = os.path.join(tmp, "rendezvous")
         try:
             mp.spawn(_all_reduce_worker, nprocs=world_size, join=True,
-                     args=(world_size, backend, sizes, warmup, iters, init_file, tmp, timeout_s))
+                     args=(world_size, backend, sizes, apis, warmup, iters, init_file, tmp, timeout_s))
         except ProcessException as e:       # a worker raised, or died (signal, OOM kill)
             raise RuntimeError(f"all_reduce benchmark worker failed:\n{e}") from None
         per_rank = []
@@ -161,15 +172,15 @@ def bench_all_reduce(world_size: int, sizes: Sequence[int], backend: Optional[st
                 per_rank.append(json.load(f))
     expected = world_size * (world_size + 1) / 2
     results = []
-    for i, nbytes in enumerate(sizes):
+    for i in range(len(per_rank[0])):
         rows = [r[i] for r in per_rank]
         t = max(row["time_s"] for row in rows)      # a collective is as slow as its slowest rank
-        row_bytes = rows[0]["bytes"]
+        row_bytes, api = rows[0]["bytes"], rows[0]["api"]
         algbw = row_bytes / t / 1e9
         correct = all(v == expected for row in rows for v in row["observed"])
         results.append({
-            "bench": "all_reduce", "label": f"all_reduce {_size(row_bytes)} x{world_size} {backend}",
-            "backend": backend, "world_size": world_size, "bytes": row_bytes, "time_s": t,
+            "bench": "all_reduce", "label": f"all_reduce {_size(row_bytes)} x{world_size} {backend} {api}",
+            "backend": backend, "api": api, "world_size": world_size, "bytes": row_bytes, "time_s": t,
             "algbw_GBps": algbw, "value": bus_bandwidth(algbw, world_size), "unit": "GB/s",
             "formula": BUSBW_FORMULA, "expected": expected,
             "observed": [v for row in rows for v in row["observed"]],
@@ -178,9 +189,10 @@ def bench_all_reduce(world_size: int, sizes: Sequence[int], backend: Optional[st
     return results
 
 
-def _all_reduce_worker(rank, world_size, backend, sizes, warmup, iters, init_file, out_dir,
+def _all_reduce_worker(rank, world_size, backend, sizes, apis, warmup, iters, init_file, out_dir,
                        timeout_s):
     import torch.distributed as dist
+    from fastllm.distributed.communicator import new_communicator
     torch.set_num_threads(1)     # N processes share the host's cores
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size,
@@ -188,29 +200,76 @@ def _all_reduce_worker(rank, world_size, backend, sizes, warmup, iters, init_fil
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # Collective: every rank makes it, before any timing.
+    comm = new_communicator(list(range(world_size)), device) if "fastllm" in apis else None
+    all_reduce = {"torch": dist.all_reduce, "fastllm": comm.all_reduce if comm is not None else None}
     rows = []
     try:
         for nbytes in sizes:
-            numel = max(1, nbytes // 4)
-            x = torch.full((numel,), float(rank + 1), device=device)
-            dist.all_reduce(x)
-            sync(device)
-            observed = [float(x[0]), float(x[-1])]
-            x.zero_()      # timed reductions of zeros: no overflow, same data movement
-            for _ in range(warmup):
-                dist.all_reduce(x)
-            sync(device)
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                dist.all_reduce(x)
-            sync(device)
-            rows.append({"bytes": numel * 4, "time_s": (time.perf_counter() - t0) / iters,
-                         "observed": observed})
+            for api in apis:
+                numel = max(1, nbytes // 4)
+                time_s, observed = _time_all_reduce(all_reduce[api], numel, rank, device, warmup, iters)
+                rows.append({"api": api, "bytes": numel * 4, "time_s": time_s, "observed": observed})
     finally:
+        if comm is not None:
+            comm.close()
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f)
+
+
+def _time_all_reduce(all_reduce, numel, rank, device, warmup, iters) -> tuple:
+    """(seconds per call, [first, last] element of one checked reduction)."""
+    import torch.distributed as dist
+    x = torch.full((numel,), float(rank + 1), device=device)
+    all_reduce(x)
+    sync(device)
+    observed = [float(x[0]), float(x[-1])]
+    x.zero_()      # timed reductions of zeros: no overflow, same data movement
+    for _ in range(warmup):
+        all_reduce(x)
+    sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        all_reduce(x)
+    sync(device)
+    return (time.perf_counter() - t0) / iters, observed
+
+
+LATENCY_FORMULA = "median GPU time per call (CUDA events), 1 rank"
+
+
+def bench_all_reduce_one_gpu(sizes: Sequence[int], warmup: int = 5, iters: int = 20) -> list:
+    """What a single GPU can say about all_reduce: the time of a 1-rank NCCL all_reduce per
+    call (launch + NCCL's local copy: the floor under every multi-GPU figure), through
+    torch.distributed and through fastllm's NcclCommunicator, side by side."""
+    import torch.distributed as dist
+    from fastllm.distributed.nccl import NcclCommunicator
+    device = torch.device("cuda", torch.cuda.current_device())
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    comm = NcclCommunicator([dist.get_rank()], device)
+    results = []
+    try:
+        for nbytes in [int(s) for s in sizes]:
+            numel = max(1, nbytes // 4)
+            x = torch.rand(numel, device=device)
+            expected = x.clone()
+            for api, fn in (("torch", dist.all_reduce), ("fastllm", comm.all_reduce)):
+                times, _ = time_op(lambda: fn(x), device, warmup, iters)
+                t = median(times)
+                results.append({
+                    "bench": "all_reduce_1gpu", "label": f"all_reduce {_size(numel * 4)} x1 nccl {api} latency",
+                    "backend": "nccl", "api": api, "world_size": 1, "bytes": numel * 4, "time_s": t,
+                    "value": t * 1e6, "unit": "us", "formula": LATENCY_FORMULA,
+                    "check_ok": bool(torch.equal(x, expected))})   # a sum over one rank: x itself
+    finally:
+        comm.close()
+        if owns_group:
+            dist.destroy_process_group()
+    return results
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -268,6 +327,11 @@ def run(args: argparse.Namespace) -> dict:
         res = fn(*fn_args)
         results.append(res)
         print(format_result(res), flush=True)
+    if "allreduce" not in skip and device.type == "cuda" and torch.cuda.device_count() == 1:
+        one_gpu_sizes = ar_sizes or [8 << 10, 1 << 20, 64 << 20]   # 8 KiB: a decode step's all_reduce
+        for res in bench_all_reduce_one_gpu(one_gpu_sizes, warmup, iters):
+            results.append(res)
+            print(format_result(res), flush=True)
     if "allreduce" not in skip:
         world = args.world_size or (torch.cuda.device_count() if torch.cuda.device_count() >= 2 else 2)
         backend = args.backend or default_backend(world)
