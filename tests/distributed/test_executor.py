@@ -82,3 +82,17 @@ def test_pp2_microbatches_match_single_process():
         assert llm.llm_engine.num_steps > 10
     finally:
         llm.close()
+
+
+def test_garbage_collected_llm_stops_its_workers(model_path):
+    import gc
+    before = {p.pid for p in worker_processes()}
+    llm = LLM(model_path, tensor_parallel_size=2, device="cpu", max_model_len=64)
+    spawned = [p for p in worker_processes() if p.pid not in before]
+    del llm
+    gc.collect()
+    psutil.wait_procs(spawned, timeout=10)
+    assert spawned and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in spawned)
+    # The process group went with it: a new parallel LLM starts in this process.
+    again = LLM(model_path, tensor_parallel_size=2, device="cpu", max_model_len=64)
+    again.close()

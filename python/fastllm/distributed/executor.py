@@ -111,8 +111,9 @@ class MultiprocExecutor(Executor):
         if (pp > 1 and envs.FASTLLM_PP_MICROBATCHES == "1"
                 and hasattr(self.runner, "begin") and hasattr(self.runner, "finish")):
             self.max_concurrent_batches = pp
-        # GC or interpreter exit without close(): the workers still go.
-        self._finalizer = weakref.finalize(self, workers.kill)
+        # GC or interpreter exit without close(): the workers still go, and so does the
+        # process group (another parallel LLM in this process needs a fresh one).
+        self._finalizer = weakref.finalize(self, _abandon, workers)
 
     @classmethod
     def start(cls, spec: WorkerSpec) -> "MultiprocExecutor":
@@ -209,6 +210,11 @@ class MultiprocExecutor(Executor):
         self.workers.join_or_kill()
         teardown(self.rank)
         self._finalizer.detach()
+
+
+def _abandon(workers: "_SpawnedWorkers") -> None:
+    workers.kill()
+    teardown(None)
 
 
 def _run_torchrun_worker(spec: WorkerSpec, info: launch.RankInfo) -> None:
