@@ -12,8 +12,15 @@
 #include "fastllm/cpu/float16.h"
 #include "fastllm/cpu/kernels.h"
 #include "fastllm/cpu/parallel.h"
+#include "fastllm/cpu/quant.h"
 
 namespace fastllm::cpu {
+
+// cpu_paged_attention_avx2.cc: the fp32 work item in AVX2 + FMA, where the CPU has them.
+bool attention_avx2_supported();
+void attend_item_f32_avx2(float* out, const float* q, const float* k_cache, const float* v_cache,
+                          const int32_t* table, int64_t num_keys, const PagedAttentionShape& s, int64_t kvh,
+                          float* scratch);
 
 namespace {
 constexpr int64_t kTile = 32;
@@ -33,13 +40,16 @@ void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,
   }
   const int64_t D = s.head_dim, group = s.num_heads / s.num_kv_heads;
   const int64_t kv_row = s.num_kv_heads * D;  // elements per cached token
-  // Threads pay off only past ~100 us of work per chunk (starting one costs tens of us):
-  // decode over a short context runs inline, long contexts and prefills spread out.
+  // Chunks of >= ~256k flops (tens of us; a hand-off to the pool costs a few): decode over
+  // a short context runs inline, long contexts and prefills spread out.
   const int64_t flops_per_item = std::max<int64_t>(1, 4 * D * group * total_keys / std::max<int64_t>(1, s.num_tokens));
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / flops_per_item);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / flops_per_item);
+  bool use_avx2 = false;
+  if constexpr (std::is_same_v<T, float>) use_avx2 = attention_avx2_supported() && !cpu_generic_forced();
 
   parallel_for(s.num_tokens * s.num_kv_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(group * D), acc(group * D), k(kTile * D), v(kTile * D), scores(kTile), m(group), l(group);
+    std::vector<float> scratch;
     const float* k_rows[kTile];
     const float* v_rows[kTile];
     for (int64_t item = begin; item < end; ++item) {
@@ -50,6 +60,14 @@ void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,
       const int32_t* table = block_tables + seq * s.max_blocks_per_seq;
       const T* q_rows = query + (t * s.num_heads + kvh * group) * D;  // the group's heads are adjacent
       for (int64_t i = 0; i < group * D; ++i) { q[i] = to_float(q_rows[i]) * scale; acc[i] = 0.f; }
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_avx2) {  // scratch: acc [group, D] then m, l [group] (contiguous in `acc`, `m`)
+          scratch.resize(group * (D + 2));
+          attend_item_f32_avx2(out + (t * s.num_heads + kvh * group) * D, q.data(), k_cache, v_cache, table, num_keys,
+                               s, kvh, scratch.data());
+          continue;
+        }
+      }
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
 

@@ -46,6 +46,7 @@ bool use_avx2() { return !force_generic.load() && quant_avx2::supported(); }
 
 const char* quant_isa() { return use_avx2() ? "avx2" : "generic"; }
 void quant_force_generic(bool generic) { force_generic.store(generic); }
+bool cpu_generic_forced() { return force_generic.load(); }
 
 void quant_matmul(const float* x, int64_t ldx, const uint8_t* weight, const float* bias, float* y, int64_t ldy,
                   int64_t T, int64_t K, int64_t N, QuantType type) {

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "fastllm/cpu/float16.h"
+#include "fastllm/cpu/fused_ops.h"
 #include "fastllm/cpu/kernels.h"
 #include "fastllm/dispatch.h"
 #include "fastllm/errors.h"
@@ -332,15 +333,23 @@ void fused_softmax(const TensorView& out, const TensorView& scores, float scale,
                                         scale, causal, causal_offset, reinterpret_cast<cudaStream_t>(stream)));
 }
 
-// ---- fused elementwise ops of the decoder layer (CUDA kernels; CPU: torch reference) ----
+// ---- fused elementwise ops of the decoder layer (CUDA kernels; CPU: fp32 kernels) ----
 
-// The CUDA op refuses CPU tensors: fastllm.ops validates them with check_<op> and runs
-// the torch reference, whose rounding is HF's own.
+// True for an fp32 CPU tensor (cpu/fused_ops.h runs the op). Other CPU dtypes are
+// refused: fastllm.ops validates them with check_<op> and runs the torch reference.
+static bool on_cpu_f32(const TensorView& t, const char* op) {
+  if (t.device == Device::kCPU) {
+    if (t.dtype == DType::kF32) return true;
+    throw ArgValueError(std::string(op) + ": " + t.name + " is a " + dtype_name(t.dtype) +
+                        " CPU tensor; the CPU kernel is float32 only (fastllm.ops runs the torch reference "
+                        "for the other dtypes)");
+  }
+  return false;
+}
+
 static void require_cuda(const TensorView& t, const char* op) {
   if (t.device != Device::kCUDA) {
-    throw ArgValueError(std::string(op) + ": " + t.name +
-                        " is a CPU tensor, and this op has only a CUDA kernel (fastllm.ops runs the torch "
-                        "reference on CPU)");
+    throw ArgValueError(std::string(op) + ": " + t.name + " must be a CPU or CUDA tensor");
   }
 #ifndef FASTLLM_WITH_CUDA
   detail::no_cuda_kernel(op);
@@ -386,6 +395,10 @@ void check_rms_norm(const TensorView& out, const TensorView& x, const TensorView
 void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight, [[maybe_unused]] float eps,
               [[maybe_unused]] int64_t stream) {
   check_rms_norm(out, x, weight);
+  if (on_cpu_f32(x, "rms_norm")) {
+    cpu::rms_norm_f32(out.ptr<float>(), x.ptr<const float>(), weight.ptr<const float>(), x.size(0), x.size(1), eps);
+    return;
+  }
   require_cuda(x, "rms_norm");
   FASTLLM_CUDA_CALL("rms_norm", out.device_id,
                     cuda::rms_norm(x.dtype, out.data, x.data, weight.data, x.size(0), x.size(1), eps,
@@ -405,6 +418,11 @@ void check_fused_add_rms_norm(const TensorView& x, const TensorView& residual, c
 void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight,
                         [[maybe_unused]] float eps, [[maybe_unused]] int64_t stream) {
   check_fused_add_rms_norm(x, residual, weight);
+  if (on_cpu_f32(x, "fused_add_rms_norm")) {
+    cpu::fused_add_rms_norm_f32(x.ptr<float>(), residual.ptr<float>(), weight.ptr<const float>(), x.size(0),
+                                x.size(1), eps);
+    return;
+  }
   require_cuda(x, "fused_add_rms_norm");
   FASTLLM_CUDA_CALL("fused_add_rms_norm", x.device_id,
                     cuda::fused_add_rms_norm(x.dtype, x.data, residual.data, weight.data, x.size(0), x.size(1), eps,
@@ -423,6 +441,10 @@ void check_silu_and_mul(const TensorView& out, const TensorView& x) {
 
 void silu_and_mul(const TensorView& out, const TensorView& x, [[maybe_unused]] int64_t stream) {
   check_silu_and_mul(out, x);
+  if (on_cpu_f32(x, "silu_and_mul")) {
+    cpu::silu_and_mul_f32(out.ptr<float>(), x.ptr<const float>(), x.size(0), x.size(1) / 2);
+    return;
+  }
   require_cuda(x, "silu_and_mul");
   FASTLLM_CUDA_CALL("silu_and_mul", out.device_id,
                     cuda::silu_and_mul(x.dtype, out.data, x.data, x.size(0), x.size(1) / 2,
@@ -450,6 +472,12 @@ void check_rotary_embedding(const TensorView& query, const TensorView& key, cons
 void rotary_embedding(const TensorView& query, const TensorView& key, const TensorView& cos, const TensorView& sin,
                       [[maybe_unused]] int64_t stream) {
   check_rotary_embedding(query, key, cos, sin);
+  if (on_cpu_f32(query, "rotary_embedding")) {
+    cpu::rotary_embedding_f32(query.ptr<float>(), key.ptr<float>(), cos.ptr<const float>(), sin.ptr<const float>(),
+                              query.size(0), query.size(1), key.size(1), query.size(2), token_stride(query),
+                              token_stride(key));
+    return;
+  }
   require_cuda(query, "rotary_embedding");
   FASTLLM_CUDA_CALL("rotary_embedding", query.device_id,
                     cuda::rotary_embedding(query.dtype, query.data, key.data, cos.data, sin.data, query.size(0),

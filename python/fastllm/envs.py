@@ -44,6 +44,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "FASTLLM_PREFILL_BACKEND": _choice("FASTLLM_PREFILL_BACKEND", "fastllm", ("fastllm", "torch")),
     # libnccl to open at run time instead of the one torch's CUDA wheels ship.
     "FASTLLM_NCCL_SO": _str_or_none("FASTLLM_NCCL_SO"),
+    # Pipeline stages' layer counts, e.g. "3,2" (else as even as possible), like vLLM's
+    # VLLM_PP_LAYER_PARTITION.
+    "FASTLLM_PP_LAYER_PARTITION": _str_or_none("FASTLLM_PP_LAYER_PARTITION"),
     # Seconds a parallel step may wait on another rank (a collective of the model, a
     # worker's reply) before the driver declares that rank hung and shuts the group down.
     "FASTLLM_STEP_TIMEOUT": _positive_float("FASTLLM_STEP_TIMEOUT", 300.0),

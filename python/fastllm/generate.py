@@ -135,7 +135,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     num_tokens = 0
     # --stats: the KV report is taken at the fullest step (a finished run holds no KV).
-    kv_peak = track_kv_peak(engine) if args.stats else contextlib.nullcontext()
+    # (One engine only: data-parallel replicas keep their KV in their own processes.)
+    track_kv = args.stats and hasattr(engine, "block_manager")
+    kv_peak = track_kv_peak(engine) if track_kv else contextlib.nullcontext()
     try:
         with kv_peak as kv_tracker:
             num_tokens = _run(llm, inputs, prompts, params, args.chat)
@@ -148,7 +150,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / max(elapsed, 1e-9):.1f} tokens/s")
     if args.stats:
         print(engine.get_stats().format())
-        print(format_kv_report(kv_tracker.report()))
+        if track_kv:
+            print(format_kv_report(kv_tracker.report()))
     return 0
 
 

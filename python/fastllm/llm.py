@@ -19,6 +19,12 @@ from fastllm.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = Union[str, list[int]]
 
+# EngineConfig fields LLM(...) takes under the same name (what a replica is built with).
+_LLM_CONFIG_FIELDS = ("block_size", "num_kv_blocks", "gpu_memory_utilization", "max_model_len",
+                      "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+                      "enable_chunked_prefill", "swap_space", "enforce_eager", "seed",
+                      "max_logprobs")
+
 
 class LLM:
     def __init__(self, model: Optional[str] = None, dtype="auto", device="auto",
@@ -29,12 +35,14 @@ class LLM:
                  enable_chunked_prefill: bool = True, swap_space: float = 0,
                  enforce_eager: bool = False, seed: int = 0, max_logprobs: int = 20,
                  tokenizer=None, quantization: Optional[str] = "auto",
-                 pipeline_parallel_size: int = 1):
+                 pipeline_parallel_size: int = 1, data_parallel_size: int = 1):
         """tensor_parallel_size * pipeline_parallel_size > 1: this process drives that many
         ranks (it spawns the others; under torchrun they are torchrun's, and on a rank
-        other than 0 this constructor runs the worker loop, then exits the process)."""
+        other than 0 this constructor runs the worker loop, then exits the process).
+        data_parallel_size > 1: that many replicas of all this, each in its own process."""
         parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size,
-                                  pipeline_parallel_size=pipeline_parallel_size)
+                                  pipeline_parallel_size=pipeline_parallel_size,
+                                  data_parallel_size=data_parallel_size)
         if model is None:
             from fastllm.model.default_model import default_model_path
             model = default_model_path()
@@ -50,14 +58,26 @@ class LLM:
         self.model_path = model
         # quantization: "auto" (= "gguf" for a .gguf file: its linear weights stay in their
         # blocks; None for an HF directory), "gguf", or None (dequantize at load).
-        self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
-                                                    tokenizer=tokenizer, quantization=quantization,
-                                                    parallel_config=parallel)
+        if parallel.data_parallel_size > 1:
+            # N replicas, each an LLM of its own in its own process (engine/dp_client.py).
+            from fastllm.engine.dp_client import DPClient
+            replica = dict(dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
+                           pipeline_parallel_size=pipeline_parallel_size,
+                           quantization=quantization, tokenizer=tokenizer,
+                           **{f: getattr(config, f) for f in _LLM_CONFIG_FIELDS})
+            self.llm_engine = DPClient(model, parallel.data_parallel_size, replica,
+                                       tokenizer=tokenizer)
+        else:
+            self.llm_engine = LLMEngine.from_pretrained(model, config, dtype=dtype, device=device,
+                                                        tokenizer=tokenizer,
+                                                        quantization=quantization,
+                                                        parallel_config=parallel)
         self._request_counter = itertools.count()
 
     def close(self) -> None:
-        """Release the engine's page-locked swap space and shut its parallel workers down
-        now (see LLMEngine.close); garbage collection and exit do it too."""
+        """Release the engine's page-locked swap space and shut its parallel workers (or
+        data-parallel replicas) down now (see LLMEngine.close); garbage collection and
+        exit do it too."""
         self.llm_engine.close()
 
     def get_tokenizer(self):
@@ -90,8 +110,10 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, chat_template: Optional[str] = None,
-             **template_kwargs) -> list[RequestOutput]:
-        """messages: one conversation (list of {"role", "content"}) or a list of them."""
+             tools: Optional[list] = None, **template_kwargs) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of them.
+        tools: OpenAI function specs for the template's `tools` (or, for a template
+        that takes none, a system prompt listing them)."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
                              "or a list of such conversations")
@@ -101,7 +123,7 @@ class LLM:
         tok = self.get_tokenizer()
         prompts = [tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
                                            tokenize=True, chat_template=chat_template,
-                                           **template_kwargs)
+                                           tools=tools, **template_kwargs)
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 

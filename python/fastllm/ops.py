@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import site
 import sys
@@ -66,8 +67,14 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
+def _dl1(t: torch.Tensor):
+    """One DLPack capsule; detach() (about a microsecond) only for a tensor that needs it
+    (to_dlpack refuses tensors that require grad): the hot path's inference tensors don't."""
+    return to_dlpack(t.detach() if t.requires_grad else t)
+
+
 def _dl(*tensors):
-    return [to_dlpack(t.detach()) for t in tensors]
+    return [_dl1(t) for t in tensors]
 
 
 def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -205,24 +212,27 @@ def fused_softmax(out, scores, scale: float = 1.0, causal_offset: int | None = N
     if _native_for("fused_softmax", scores):
         _C.fused_softmax(*_dl(out, scores), float(scale), causal_offset is not None,
                          int(causal_offset or 0),
-                         None if row_scale is None else to_dlpack(row_scale.detach()),
+                         None if row_scale is None else _dl1(row_scale),
                          _stream(scores))
     else:
         reference.fused_softmax(out, scores, scale, causal_offset, row_scale)
 
 
-# -- fused decoder-layer ops: CUDA kernels; on CPU the torch reference, after the same -----
-# -- argument checks the CUDA op runs (so a bad argument is named on every device) ------
+# -- fused decoder-layer ops: CUDA kernels and fp32 CPU kernels; other CPU dtypes run the --
+# -- torch reference after the same argument checks (so a bad argument is named everywhere) --
 
 def _run_fused(op: str, tensors: tuple, scalars: tuple = ()) -> None:
-    """The CUDA kernel `op` on CUDA tensors; elsewhere the same argument checks (when _C is
-    built), then the torch reference -- the math the layers ran before these kernels
-    existed (HF's rounding points), so CPU output is bit-for-bit what it was."""
+    """The kernel `op` on CUDA tensors and on float32 CPU tensors (one crossing into _C,
+    which checks the arguments and runs); other CPU dtypes: the same checks (when _C is
+    built), then the torch reference (HF's rounding points in fp16/bf16)."""
     first = tensors[0]
-    if _C is not None and first.is_cuda and op in _CUDA_OPS:
-        getattr(_C, op)(*_dl(*tensors), *scalars, _stream(first))
-        return
     if _C is not None:
+        if first.is_cuda and op in _CUDA_OPS:
+            getattr(_C, op)(*_dl(*tensors), *scalars, _stream(first))
+            return
+        if first.is_cpu and first.dtype == torch.float32:
+            getattr(_C, op)(*_dl(*tensors), *scalars, 0)
+            return
         getattr(_C, "check_" + op)(*_dl(*tensors))
     getattr(reference, op)(*tensors, *scalars)
 
@@ -276,11 +286,14 @@ def quant_linear(x, weight, ggml_type: int, bias=None, out=None):
     [N, row_bytes], a GGUF tensor's blocks as stored (row_bytes = K / block * block_bytes)."""
     if out is None:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-    if _native_for("quant_linear", x):
-        if x.is_cpu:
+    if _C is not None and x.is_cpu:  # the decode step's hot path: no stream, no op table
+        if torch.get_num_threads() != _pool_threads:
             _sync_cpu_threads()
-        _C.quant_linear(to_dlpack(out), to_dlpack(x.detach()), to_dlpack(weight),
-                        None if bias is None else to_dlpack(bias.detach()), int(ggml_type), _stream(x))
+        _C.quant_linear(to_dlpack(out), _dl1(x), to_dlpack(weight), None if bias is None else _dl1(bias),
+                        ggml_type, 0)
+    elif _native_for("quant_linear", x):
+        _C.quant_linear(to_dlpack(out), _dl1(x), to_dlpack(weight),
+                        None if bias is None else _dl1(bias), int(ggml_type), _stream(x))
     else:
         quant_block_shape(ggml_type)
         reference.quant_linear(out, x, weight, ggml_type, bias)
@@ -315,8 +328,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     """Structured outputs, in place: logits[rows[i], t] = -inf unless token t is allowed by
     bitmask row i (bit t % 32 of word t // 32). logits [S, V] float32/16/bf16; bitmask
     [R, ceil(V/32)] int32; rows [R] int64 (distinct). Only the R rows are touched.
-    CPU and CUDA run xgrammar's kernels (its CPU loop over the gathered rows; on CUDA its
-    kernel over a full-batch mask); fastllm.reference.apply_token_bitmask is the twin
+    CPU and CUDA run xgrammar's kernels (over a batch-sized mask: on CPU only the R rows are
+    visited, on CUDA the other rows allow everything); fastllm.reference.apply_token_bitmask is the twin
     they are tested against, and runs where xgrammar is missing or refuses the input."""
     if logits.dim() != 2 or bitmask.dim() != 2 or rows.dim() != 1 or bitmask.shape[0] != rows.shape[0]:
         raise ValueError(f"apply_token_bitmask: logits [S, V], bitmask [R, W] and rows [R] expected, "
@@ -326,13 +339,21 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     if rows.numel() == 0:
         return
     kernel = _xgrammar_bitmask_kernel()
-    if kernel is not None and bitmask.shape[1] * 32 >= logits.shape[1]:
+    device = logits.device.type
+    if kernel is not None and bitmask.shape[1] * 32 >= logits.shape[1] and device not in _XGRAMMAR_FAILED:
         try:
             _xgrammar_apply(kernel, logits, bitmask, rows)
             return
-        except (RuntimeError, ValueError):   # an input its kernel does not take (dtype, device)
-            pass
+        except Exception as e:  # noqa: BLE001 -- e.g. its CUDA kernel cannot be built here
+            # A failure is its argument checks or its kernel build, before any write.
+            _XGRAMMAR_FAILED.add(device)
+            logging.getLogger(__name__).warning(
+                "xgrammar's token-bitmask kernel failed on %s (%s); using the torch one", device, e)
     reference.apply_token_bitmask(logits, bitmask, rows)
+
+
+# Device types where xgrammar's kernel failed once: the torch twin runs there from then on.
+_XGRAMMAR_FAILED: set = set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -347,14 +368,14 @@ def _xgrammar_bitmask_kernel():
 def _xgrammar_apply(kernel, logits, bitmask, rows) -> None:
     vocab_size = logits.shape[1]
     if logits.device.type == "cpu":
-        # Its CPU loop takes the mask row of each logits row at the same index: gather the
-        # R rows (contiguous), mask them, put them back.
+        # Its CPU loop reads mask row r for logits row r, over the indices given: scatter the
+        # R mask rows into a batch-sized mask (a few KB per row, not the logits' MBs).
         if rows.numel() == logits.shape[0] and torch.equal(rows, torch.arange(rows.numel())):
             kernel(logits, bitmask, vocab_size=vocab_size, backend="cpu")
             return
-        sub = logits.index_select(0, rows)
-        kernel(sub, bitmask, vocab_size=vocab_size, backend="cpu")
-        logits.index_copy_(0, rows, sub)
+        full = torch.empty((logits.shape[0], bitmask.shape[1]), dtype=torch.int32)
+        full.index_copy_(0, rows, bitmask)
+        kernel(logits, full, vocab_size=vocab_size, indices=rows.tolist(), backend="cpu")
         return
     # CUDA: a full-batch mask whose other rows allow everything (-1), so no host list of
     # indices (a device -> host read) is needed.

@@ -42,3 +42,35 @@ def test_bench_cpu_rejects_unknown_engine(tmp_path, capsys):
     gguf = write_gguf(write_checkpoint(tmp_path / "hf", "llama"), tmp_path / "m.gguf")
     assert main(["cpu", "--model", str(gguf), "--engines", "vllm", "--skip-throughput"]) == 2
     assert "unknown engine 'vllm'" in capsys.readouterr().err
+
+
+def test_bench_cpu_rounds_and_derived_files(tmp_path, capsys, monkeypatch):
+    # --rounds 2 keeps the engines loaded and measures them round-robin; the F32 and
+    # Q4_K_M files come from llama.cpp's quantizer into the cache (not the model's folder).
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    from fastllm.bench import cpu_files
+    monkeypatch.setenv("FASTLLM_CACHE", str(tmp_path / "cache"))
+    hf = write_checkpoint(tmp_path / "hf", "llama", seed=3)
+    gguf = write_gguf(hf, tmp_path / "m.gguf", "Q8_0")
+    from fastllm.tokenizer import Tokenizer
+    load_tokenizer = Tokenizer.from_pretrained
+    monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(lambda path, **kw: load_tokenizer(hf, **kw)))
+    out = tmp_path / "r.json"
+    assert main(["cpu", "--model", str(gguf), "--threads", "1", "--engines", "fastllm-f32,fastllm-q4km",
+                 "--decode-tokens", "4", "--prefill-len", "24", "--skip-throughput", "--rounds", "2",
+                 "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"fastllm-f32", "fastllm-q4km"}
+    assert all(r["decode_ms_per_token"] > 0 and len(r["tokens"]) == 5 for r in results.values())
+    f32 = cpu_files.derived_path(str(gguf), "F32")
+    assert f32.exists() and cpu_files.derived_path(str(gguf), "Q4_K_M").exists()
+    assert f32.parent == tmp_path / "cache" / "bench"
+    # The F32 file holds the source's dequantized values: kept as stored (F32 rows), the
+    # model's greedy tokens equal the source dequantized at load.
+    from fastllm import LLM, SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    runs = [LLM(str(p), device="cpu", quantization=q, enable_prefix_caching=False)
+            .generate([[5, 6, 7, 8]], params, use_tqdm=False)[0].outputs[0].token_ids
+            for p, q in ((f32, "gguf"), (gguf, None))]
+    assert runs[0] == runs[1]

@@ -80,6 +80,15 @@ def test_quant_linear_bias_and_strided_input(name, isa):
 
 
 @native
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("out_features", [1, 2, 301])
+def test_quant_gemv_batch1_with_bias(name, out_features, isa):
+    """The decode step's GEMV (one token): two-row passes, an odd last row, rows split
+    over several pool tasks, a bias, and rows of many blocks."""
+    _check_linear(name, 1, out_features, 9 if ALL_TYPES[name] < 10 else 2, bias=True)
+
+
+@native
 def test_quant_linear_many_rows_threads():
     """Enough rows and tokens to spread over every pool thread and token block."""
     _check_linear("Q4_K", 130, 300, 2)

@@ -8,6 +8,8 @@ Engines (each skipped with a note when it cannot run here):
   hf-f32         transformers, the GGUF loaded with gguf_file= (dequantized, float32)
   llama.cpp      llama-cpp-python on the same file, when installed (a benchmark
                  dependency only: `pip install llama-cpp-python`, which builds llama.cpp)
+  llama.cpp-f32  llama.cpp on an F32 file of the model (bench/cpu_files.py makes it)
+  fastllm-q4km / llama.cpp-q4km   both on a Q4_K_M file of the model (made the same way)
 
 Workloads, greedy: batch-1 decode (ms/token: the time of --decode-tokens more tokens
 after the first, per token), --prefill-len-token prefill (tok/s: one request, one output
@@ -24,7 +26,10 @@ import time
 
 import torch
 
-ENGINES = ("fastllm-gguf", "fastllm-f32", "fastllm-bf16", "hf-f32", "llama.cpp")
+ENGINES = ("fastllm-gguf", "llama.cpp", "fastllm-f32", "llama.cpp-f32", "fastllm-bf16", "hf-f32",
+           "fastllm-q4km", "llama.cpp-q4km")
+# Pairs on the same file / precision whose greedy tokens are compared: engine -> peer.
+SAME_PRECISION = {"llama.cpp": "fastllm-gguf", "llama.cpp-f32": "fastllm-f32", "llama.cpp-q4km": "fastllm-q4km"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time (all its threads), "
                              "steadier on a machine shared with other jobs")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every engine this many times, round-robin, and keep each one's best "
+                             "(on a machine shared with other jobs, ratios taken interleaved are fairer; "
+                             "> 1 keeps all engines loaded at once)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
 
 
@@ -126,7 +135,10 @@ def measure(engine, args) -> dict:
 
 
 def _make(name, path, threads):
-    if name == "fastllm-gguf":
+    if name in ("fastllm-q4km", "llama.cpp-q4km", "llama.cpp-f32"):
+        from fastllm.bench.cpu_files import derived_gguf
+        path = derived_gguf(path, "F32" if name.endswith("f32") else "Q4_K_M", threads)
+    if name in ("fastllm-gguf", "fastllm-q4km"):
         return FastllmEngine(path, "gguf", "float32")
     if name == "fastllm-f32":
         return FastllmEngine(path, None, "float32")
@@ -134,7 +146,7 @@ def _make(name, path, threads):
         return FastllmEngine(path, None, "bfloat16")
     if name == "hf-f32":
         return HFEngine(path)
-    if name == "llama.cpp":
+    if name.startswith("llama.cpp"):
         return LlamaCppEngine(path, threads)
     raise ValueError(f"--engines: unknown engine {name!r}; choose from {', '.join(ENGINES)}")
 
@@ -149,6 +161,8 @@ def agreement(a: list, b: list) -> str:
 def run(args) -> None:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     path = args.model
     if path is None:
         from fastllm.model.default_model import default_model_path
@@ -156,28 +170,69 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     global _clock
     _clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    results = {}
-    for name in [e.strip() for e in args.engines.split(",") if e.strip()]:
-        try:
-            engine = _make(name, path, args.threads)
-        except ImportError as e:
-            print(f"{name}: skipped ({e})", flush=True)
-            continue
-        results[name] = measure(engine, args)
-        del engine
-        print(f"{name}: " + json.dumps({k: round(v, 2) for k, v in results[name].items() if k != "tokens"}),
-              flush=True)
-    reference = results.get("fastllm-f32", {}).get("tokens")
-    for name, r in results.items():
-        if reference is not None and name != "fastllm-f32":
-            r["greedy_agreement_vs_fastllm_f32"] = agreement(r["tokens"], reference)
-    if "llama.cpp" in results and "fastllm-gguf" in results:
-        results["llama.cpp"]["greedy_agreement_vs_fastllm_gguf"] = agreement(
-            results["llama.cpp"]["tokens"], results["fastllm-gguf"]["tokens"])
+    names = [e.strip() for e in args.engines.split(",") if e.strip()]
+    results = measure_rounds(names, path, args) if args.rounds > 1 else measure_each(names, path, args)
+    add_agreements(results)
     print(format_table(results, path, args.threads) + f"\n(clock: {args.clock})")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"model": path, "threads": args.threads, "results": results}, f, indent=1)
+
+
+def _load(name, path, args):
+    try:
+        return _make(name, path, args.threads)
+    except ImportError as e:
+        print(f"{name}: skipped ({e})", flush=True)
+        return None
+
+
+def _report(name: str, result: dict) -> None:
+    print(f"{name}: " + json.dumps({k: round(v, 2) for k, v in result.items() if k != "tokens"}), flush=True)
+
+
+def measure_each(names: list, path: str, args) -> dict:
+    """One engine at a time, each freed before the next loads."""
+    results = {}
+    for name in names:
+        engine = _load(name, path, args)
+        if engine is not None:
+            results[name] = measure(engine, args)
+            del engine
+            _report(name, results[name])
+    return results
+
+
+def measure_rounds(names: list, path: str, args) -> dict:
+    """Every engine loaded, measured args.rounds times round-robin; the best of each
+    metric is kept (least ms/token, most tok/s)."""
+    engines = {name: e for name in names if (e := _load(name, path, args)) is not None}
+    results = {}
+    for round_index in range(args.rounds):
+        for name, engine in engines.items():
+            r = measure(engine, args)
+            print(f"round {round_index + 1} {name}: " + json.dumps(
+                {k: round(v, 2) for k, v in r.items() if k != "tokens"}), flush=True)
+            best = results.setdefault(name, r)
+            best["decode_ms_per_token"] = min(best["decode_ms_per_token"], r["decode_ms_per_token"])
+            for key in ("prefill_tok_s", "throughput_out_tok_s"):
+                if key in r:
+                    best[key] = max(best[key], r[key])
+    for name, r in results.items():
+        _report(name, r)
+    return results
+
+
+def add_agreements(results: dict) -> None:
+    """Greedy agreement of every engine with fastllm-f32, and of each llama.cpp run with
+    fastllm on the same file (SAME_PRECISION)."""
+    reference = results.get("fastllm-f32", {}).get("tokens")
+    for name, r in results.items():
+        if reference is not None and name != "fastllm-f32":
+            r["greedy_agreement_vs_fastllm_f32"] = agreement(r["tokens"], reference)
+        peer = SAME_PRECISION.get(name)
+        if peer in results and peer != "fastllm-f32":
+            r["greedy_agreement_vs_" + peer.replace("-", "_")] = agreement(r["tokens"], results[peer]["tokens"])
 
 
 def format_table(results: dict, path: str, threads: int) -> str:

@@ -13,6 +13,7 @@ Collectives work in place where they can, and return the tensor that holds the r
     all_gather(x, dim)        concatenation of every rank's x along dim      (new tensor)
     broadcast(x, src)         x <- src's x                                   (returns x)
     send(x, dst) / recv(x, src)   point to point (pipeline stages), recv fills x
+    isend(x, dst) -> handle       send without waiting for the peer's recv (handle.wait())
 
 A communicator covers one group of ranks (a TP group, a PP group); `rank` and
 `world_size` are within that group. Built with `new_communicator(ranks, device)` after
@@ -47,7 +48,21 @@ class Communicator:
     def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def isend(self, x: torch.Tensor, dst: int):
+        """send without waiting for the receiver; returns a handle whose wait() returns
+        once x may be reused. Pipeline stages need it: gloo's send blocks until the peer
+        posts its recv, so two stages sending to each other (activations one way, logits
+        the other, microbatches in flight) would wait forever. Default: send() (right
+        for a backend whose send only queues the transfer, as NCCL's on its stream)."""
+        self.send(x, dst)
+        return _SentHandle()
+
     def close(self) -> None:
+        pass
+
+
+class _SentHandle:
+    def wait(self) -> None:
         pass
 
 
@@ -98,6 +113,9 @@ class GlooCommunicator(Communicator):
 
     def send(self, x, dst):
         dist.send(x.contiguous(), dst=self.ranks[dst], group=self.group)
+
+    def isend(self, x, dst):
+        return dist.isend(x.contiguous(), dst=self.ranks[dst], group=self.group)
 
     def recv(self, x, src):
         dist.recv(x, src=self.ranks[src], group=self.group)

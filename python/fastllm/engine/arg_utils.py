@@ -33,6 +33,9 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_help: str = None) 
                    help="pipeline stages the layers are split into")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (no CUDA graphs for decode steps)")
+    g.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine replicas, one process each (cuda:i on GPUs); requests go to "
+                        "the least loaded")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -45,4 +48,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 enable_chunked_prefill=not args.no_chunked_prefill,
                 swap_space=args.swap_space, enforce_eager=args.enforce_eager, seed=args.seed,
                 max_logprobs=args.max_logprobs, tensor_parallel_size=args.tensor_parallel_size,
-                pipeline_parallel_size=args.pipeline_parallel_size)
+                pipeline_parallel_size=args.pipeline_parallel_size,
+                data_parallel_size=args.data_parallel_size)

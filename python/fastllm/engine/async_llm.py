@@ -138,6 +138,13 @@ class AsyncLLM:
         self.dead_error: Optional[BaseException] = None   # the engine thread died of this
         self.latest_stats = self.engine.get_stats()      # replaced, never mutated
         self.num_unstarted = 0     # requests added that have had no output yet (queue length)
+        # An engine in other processes (DPClient) learns whether an add was accepted a
+        # step later; add_request waits for that answer (engine thread side).
+        self._accepts_later = hasattr(self.engine, "take_acceptances")
+        self._drains_on_failure = getattr(self.engine, "drains_on_failure", False)
+        if self._accepts_later:
+            self.engine.enable_acceptance_reports()
+        self._awaiting_accept: dict[str, asyncio.Future] = {}
 
     @classmethod
     def from_pretrained(cls, model: Optional[str] = None, **llm_kwargs) -> "AsyncLLM":
@@ -155,7 +162,8 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return (self._thread is not None and self._thread.is_alive()
+                and self.engine.is_healthy)
 
     async def shutdown(self) -> None:
         """Abort what is left, stop the thread and release the engine."""
@@ -219,6 +227,8 @@ class AsyncLLM:
             del self._streams[stream.request_id]
 
     def _check_alive(self) -> None:
+        if self._drains_on_failure and not self.engine.is_healthy:   # DPClient: a replica died
+            raise RequestAbortedError(f"the engine is not running: {self.engine.dead_error}")
         if self.dead_error is not None or self._stopping:
             raise RequestAbortedError("the engine is not running"
                                       + (f": {self.dead_error}" if self.dead_error else ""))
@@ -255,15 +265,20 @@ class AsyncLLM:
                 outputs, errors = [], {}
                 if self.engine.has_unfinished_requests():
                     outputs, errors = self._step(live)
+                if self._accepts_later:
+                    self._resolve_acceptances(live)
                 if outputs or errors:
                     self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
-                if not self.engine.is_healthy:      # a parallel worker died: no step can run
+                # A parallel worker died: no step can run. (Data-parallel replicas that
+                # survive a dead one finish their requests first: DPClient stops them.)
+                if not self.engine.is_healthy and not self._drains_on_failure:
                     raise RuntimeError(f"the engine's workers failed: {self.engine.executor.failure}")
                 now = time.monotonic()
                 if now - last_stats >= _STATS_INTERVAL_S or not live:
                     self.latest_stats = self.engine.get_stats()
                     last_stats = now
             self._apply(self._inbox.take(block=False), live)    # the shutdown's aborts
+            self._refuse_awaiting(RequestAbortedError("the server is shutting down"))
         except BaseException as e:          # a bug in this loop: fail everything, loudly
             logger.exception("the engine thread died")
             self.dead_error = e
@@ -277,6 +292,8 @@ class AsyncLLM:
         for cmd in commands:
             if isinstance(cmd, _Abort):
                 known = [rid for rid in cmd.request_ids if rid in live]
+                for rid in known:
+                    self._awaiting_accept.pop(rid, None)
                 if known:
                     self.engine.abort_request(known)
                     live.difference_update(known)
@@ -290,7 +307,23 @@ class AsyncLLM:
                 self._loop.call_soon_threadsafe(self._resolve, cmd.accepted, e)
             else:
                 live.add(cmd.request_id)
-                self._loop.call_soon_threadsafe(self._resolve, cmd.accepted, None)
+                if self._accepts_later:
+                    self._awaiting_accept[cmd.request_id] = cmd.accepted
+                else:
+                    self._loop.call_soon_threadsafe(self._resolve, cmd.accepted, None)
+
+    def _resolve_acceptances(self, live: set[str]) -> None:
+        for rid, error in self.engine.take_acceptances():
+            future = self._awaiting_accept.pop(rid, None)
+            if error is not None:
+                live.discard(rid)
+            if future is not None:
+                self._loop.call_soon_threadsafe(self._resolve, future, error)
+
+    def _refuse_awaiting(self, error: BaseException) -> None:
+        for future in self._awaiting_accept.values():
+            self._loop.call_soon_threadsafe(self._resolve, future, error)
+        self._awaiting_accept.clear()
 
     def _step(self, live: set[str]) -> tuple[list[RequestOutput], dict[str, BaseException]]:
         try:

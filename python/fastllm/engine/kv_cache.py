@@ -107,7 +107,7 @@ def profile_gpu_blocks(runner, per_block: int) -> int:
     take, then KV blocks for what gpu_memory_utilization leaves of the device's memory.
     Peaks are of reserved memory (the allocator's segments, >= what tensors use): what
     the device gives up."""
-    cfg, device, model_config = runner.config, runner.device, runner.model_config
+    cfg, device, model_config = runner.config, runner.device, runner.kv_config   # this rank's heads, layers
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     out, num_blocks = profile_step(cfg, model_config.vocab_size)
@@ -117,7 +117,7 @@ def profile_gpu_blocks(runner, per_block: int) -> int:
     torch.cuda.synchronize(device)
     peak = max(torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
     graph_reserve = 0
-    if cuda_graphs.graphs_enabled(cfg, device, model_config):
+    if cuda_graphs.graphs_enabled(cfg, device, model_config) and runner.graph_runner_allowed:
         graph_reserve = profile_decode_graphs(runner.model, caches, model_config, cfg, device)
     del caches
     gc.collect()  # what a reference cycle still holds goes back before measuring
@@ -163,7 +163,9 @@ class KVCache:
     """The KV tensors of num_blocks blocks and num_swap_blocks of CPU swap space."""
 
     def __init__(self, model_config, engine_config, num_blocks: int, *,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, num_swap_blocks: Optional[int] = None):
+        """model_config: this rank's (its KV heads and layers); num_swap_blocks: None for
+        what swap_space holds (a parallel runner passes the count every rank can hold)."""
         self.device = device
         self.num_blocks = num_blocks
         self.bytes_per_block = kv_bytes_per_block(model_config, engine_config.block_size, dtype)
@@ -171,7 +173,8 @@ class KVCache:
                                             dtype=dtype, device=device)
         # CPU swap space: swap_space GiB of blocks, made once (page-locked on a GPU, so
         # swaps are asynchronous copies); the BlockManager hands out its block ids.
-        self.num_swap_blocks = int(engine_config.swap_space * (1 << 30)) // self.bytes_per_block
+        self.num_swap_blocks = (int(engine_config.swap_space * (1 << 30)) // self.bytes_per_block
+                                if num_swap_blocks is None else num_swap_blocks)
         # One tensor [L, 2 (K, V), num_swap_blocks, *block shape] with per-layer views,
         # pinned by cudaHostRegister at exactly its size (torch's pinned allocator would
         # round it up to a power of two).

@@ -228,10 +228,11 @@ class LLMEngine:
             return pipelined_step(self, self._batch_queue)
         with nvtx_range("schedule"):
             sched = self.scheduler.schedule()
+        failed = self._grammar_failure_outputs()
         if sched.is_empty:
             if self.structured is not None and self.structured.has_pending:
                 self.structured.wait_for_pending(timeout=0.05)   # only grammars still compiling
-            return []
+            return failed
         # A failed step drops its requests (their KV or token state is unknown) so the
         # engine stays usable for the others, then lets the caller see the error.
         try:
@@ -240,13 +241,21 @@ class LLMEngine:
             self._abort_failed_step(sched, cache_ops_failed=True)
             raise
         if not sched.scheduled:          # only block moves this step
-            return []
+            return failed
         try:
             with nvtx_range("update"):
-                return self._update(sched, result)
+                return failed + self._update(sched, result)
         except BaseException:
             self._abort_failed_step(sched, cache_ops_failed=False)
             raise
+
+    def _grammar_failure_outputs(self) -> list[RequestOutput]:
+        """Final outputs of the requests the scheduler aborted for a grammar that failed to
+        compile (already retired there)."""
+        groups = self.scheduler.take_grammar_failures()
+        if not groups:
+            return []
+        return self.output_processor.make_outputs(groups)[0]
 
     def _abort_failed_step(self, sched: SchedulerOutput, cache_ops_failed: bool) -> None:
         self.scheduler.forget_in_flight(sched)

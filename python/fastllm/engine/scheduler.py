@@ -54,6 +54,7 @@ class Scheduler:
         # seq id -> sequence, for every step scheduled and not yet update()d: one, or with
         # pipeline microbatches up to pipeline_parallel_size disjoint ones.
         self._in_flight: dict[int, Sequence] = {}
+        self._grammar_failures: list[SequenceGroup] = []   # aborted: their grammar did not compile
 
     # -- queue management --------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
@@ -236,7 +237,8 @@ class Scheduler:
                and len(self.running) < cfg.max_num_seqs):
             seq = self.waiting[idx]
             if not self._grammar_ready(seq):
-                idx += 1
+                if seq.status is SequenceStatus.WAITING:    # still compiling (else aborted: gone)
+                    idx += 1
                 continue
             num_cached = bm.acquire_cached_prefix(seq)
             n = seq.num_uncomputed_tokens
@@ -273,8 +275,20 @@ class Scheduler:
         request = seq.group.structured_request
         if request is None or seq.grammar is not None:
             return True
-        seq.grammar = self.structured.grammar_for(request)
+        try:
+            seq.grammar = self.structured.grammar_for(request)
+        except RuntimeError as e:          # parsed but not compiled (out of memory, say)
+            logger.error("request %r: %s; aborting it", seq.request_id, e)
+            seq.group.forked = True        # it never runs: finished as it stands
+            self._grammar_failures.append(self.abort(seq.request_id))
+            return False
         return seq.grammar is not None
+
+    def take_grammar_failures(self) -> list[SequenceGroup]:
+        """The requests aborted since the last call because their grammar failed to compile
+        (the engine reports them as finished, finish_reason "abort")."""
+        failures, self._grammar_failures = self._grammar_failures, []
+        return failures
 
     def _rollback_admission(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

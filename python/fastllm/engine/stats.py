@@ -55,6 +55,8 @@ class EngineStats:
     num_generation_tokens: int          # decode tokens fed to the model
     num_steps: int
     requests: list[RequestLatency] = field(default_factory=list)   # finished, newest last
+    # data_parallel_size > 1: each replica's own stats (index = replica); None for one engine
+    replicas: Optional[list["EngineStats"]] = None
 
     @property
     def mean_ttft(self) -> Optional[float]:
@@ -79,7 +81,9 @@ class EngineStats:
             f"tokens computed: prompt {self.num_prompt_tokens_computed}, "
             f"generation {self.num_generation_tokens}, steps {self.num_steps}",
             f"latency: mean TTFT {ms(self.mean_ttft)}, mean inter-token {ms(self.mean_itl)}",
-        ])
+        ] + [f"replica {i}: running {r.num_running}, waiting {r.num_waiting}, finished "
+             f"{len(r.requests)}, KV {r.kv_block_usage:.1%} used, steps {r.num_steps}"
+             for i, r in enumerate(self.replicas or [])])
 
 
 def request_latency(group) -> RequestLatency:

@@ -43,8 +43,9 @@ _BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def load_gguf_model(path: str, dtype="auto", device="cpu"):
-    """-> (model, ModelConfig) from a .gguf file."""
+def load_gguf_model(path: str, dtype="auto", device="cpu", parallel=None):
+    """-> (model, ModelConfig) from a .gguf file; with `parallel` (a ParallelContext),
+    this rank's shard: its stage's tensors dequantized whole, then sliced by load_weights."""
     from fastllm.model.layers import rope_inv_freq
     from fastllm.model.loader import build_empty_model, load_weights, resolve_dtype
 
@@ -52,8 +53,8 @@ def load_gguf_model(path: str, dtype="auto", device="cpu"):
     config = config_from_gguf(reader, path)
     _check_shapes(reader, config, path)
     device = torch.device(device)
-    model = build_empty_model(config, resolve_dtype(dtype, device), device)
-    load_weights(model, _iter_hf_tensors(reader, config, path), source=path)
+    model = build_empty_model(config, resolve_dtype(dtype, device), device, parallel)
+    load_weights(model, _iter_hf_tensors(reader, config, path, model.holds_weight), source=path)
     rope_freqs = _find_tensor(reader, "rope_freqs.weight")
     if rope_freqs is not None:
         # Llama 3.1 GGUFs carry the rope scaling as per-frequency divisors.
@@ -205,12 +206,13 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weight.shape))
 
 
-def _iter_hf_tensors(reader, config: ModelConfig, path: str):
+def _iter_hf_tensors(reader, config: ModelConfig, path: str, wanted=lambda name: True):
+    """(HF name, float32 tensor) of each tensor `wanted` (others are not dequantized)."""
     arch = _value(reader, "general.architecture")
     permuted = _ARCHITECTURES[arch][1]
     for tensor in reader.tensors:
         name = _hf_name(tensor, path)
-        if name is None:
+        if name is None or not wanted(name):
             continue
         weight = torch.from_numpy(np.array(_dequantize(tensor, path), dtype=np.float32))
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):

@@ -16,6 +16,8 @@ from torch import nn
 
 from fastllm import ops
 from fastllm.config import ModelConfig
+from fastllm.distributed.sharding import head_split
+from fastllm.distributed.tp_layers import make_row_linear
 from fastllm.profiling import nvtx_range
 
 
@@ -153,10 +155,14 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """GQA self-attention over the paged cache. q/k/v are one fused projection."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
+        """tp: the TP Communicator (None: one rank). Each rank holds its q heads and the
+        KV heads they read (fastllm.distributed.sharding.head_split); o_proj sums the
+        ranks' partial outputs."""
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.heads = head_split(config, tp.world_size if tp else 1, tp.rank if tp else 0)
+        self.num_heads = self.heads.num_heads
+        self.num_kv_heads = self.heads.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -164,7 +170,7 @@ class Attention(nn.Module):
         # rows: [q (H*D) | k (Hkv*D) | v (Hkv*D)]
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj = make_row_linear(self.q_size, config.hidden_size, config.o_proj_bias, tp)
 
     def forward(self, cos_sin, hidden, kv_cache, meta: AttentionMetadata):
         """cos_sin from RotaryEmbedding.cos_sin; hidden [T, hidden_size]."""
@@ -189,14 +195,15 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), gate and up as one fused projection."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
+        # This TP rank's share of the intermediate size (column / row parallel).
+        self.intermediate_size = config.intermediate_size // (tp.world_size if tp else 1)
         # rows: [gate (I) | up (I)]
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size,
                                       bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size,
-                                   bias=config.mlp_bias)
+        self.down_proj = make_row_linear(self.intermediate_size, config.hidden_size,
+                                         config.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)                                   # [T, 2I]
@@ -206,12 +213,12 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config)
+        self.mlp = GatedMLP(config, tp)
 
     def forward(self, cos_sin, hidden, residual, kv_cache, meta: AttentionMetadata):
         """hidden [T, hidden_size]: the previous layer's MLP output (the embeddings for the

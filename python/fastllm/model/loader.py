@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
 import torch
 
-from fastllm.config import ModelConfig
+from fastllm.config import ModelConfig, ParallelConfig
+from fastllm.distributed.parallel_state import ParallelContext
+from fastllm.distributed.sharding import validate_parallel
 from fastllm.model.checkpoint_shapes import IGNORED_SUFFIXES as _IGNORED_SUFFIXES
 from fastllm.model.checkpoint_shapes import check_tensor_shapes
 from fastllm.model.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -38,13 +43,17 @@ class LoadedForEngine(NamedTuple):
 def load_for_engine(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = "auto",
                     device: Union[str, torch.device, None] = "auto",
                     quantization: Optional[str] = "auto",
-                    parallel=None) -> LoadedForEngine:
+                    parallel: Optional[ParallelContext] = None) -> LoadedForEngine:
     """What an engine (LLMEngine.from_pretrained, the benchmarks) runs: the model on the
     resolved device in the resolved dtype (see resolve_device / resolve_dtype), its
-    weights quantized as `quantization` says (see resolve_quantization). parallel: this
-    rank's ParallelContext (every rank holds the whole model until the TP/PP sharding lands)."""
+    weights quantized as `quantization` says (see resolve_quantization); with `parallel`,
+    this rank's shard of it."""
     device = resolve_device(device)
-    model, config = load_model(path, dtype=dtype, device=device, quantization=quantization)
+    model, config = load_model(path, dtype=dtype, device=device, quantization=quantization,
+                               parallel=parallel)
+    if device.type == "cpu":  # decode-step linears on fastllm's GEMV (model/cpu_linear.py)
+        from fastllm.model.cpu_linear import install_cpu_dense_linears
+        install_cpu_dense_linears(model)
     return LoadedForEngine(model, config, device, next(model.parameters()).dtype)
 
 
@@ -64,10 +73,13 @@ def resolve_quantization(quantization: Optional[str], is_gguf: bool) -> Optional
 
 
 def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = torch.float32,
-               device: Union[str, torch.device, None] = "cpu", quantization: Optional[str] = None):
+               device: Union[str, torch.device, None] = "cpu", quantization: Optional[str] = None,
+               parallel: Optional[ParallelContext] = None):
     """-> (model in eval mode, ModelConfig). `path`: an HF model directory or a .gguf file.
     dtype: a torch dtype, a name ("bfloat16", ...) or "auto" (see resolve_dtype).
-    quantization: see resolve_quantization (None here: dequantized, as before)."""
+    quantization: see resolve_quantization (None here: dequantized, as before).
+    parallel: this rank's TP/PP groups; each rank reads only its part of the weights
+    (a GGUF's tensors are dequantized whole, then sliced: parallel ranks keep no blocks)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
@@ -76,18 +88,24 @@ def load_model(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = t
         if not _is_gguf(path):
             raise ValueError(f"model file {path!r} is not a GGUF file (expected a .gguf file "
                              f"or a directory with config.json and *.safetensors)")
-        if resolve_quantization(quantization, True) == "gguf":
+        quantization = resolve_quantization(quantization, True)
+        if quantization == "gguf" and parallel is not None and parallel.world_size > 1:
+            # Kept blocks are not split over TP ranks nor PP stages yet.
+            logger.info("tensor/pipeline parallel: loading %s dequantized, then this rank's "
+                        "slice of it (its GGUF blocks are not kept)", path)
+            quantization = None
+        if quantization == "gguf":
             from fastllm.model.gguf_quant import load_gguf_quantized
             return load_gguf_quantized(path, dtype=dtype, device=device)
         from fastllm.model.gguf_loader import load_gguf_model
-        return load_gguf_model(path, dtype=dtype, device=device)
+        return load_gguf_model(path, dtype=dtype, device=device, parallel=parallel)
     resolve_quantization(quantization, False)
 
     config = ModelConfig.from_hf_dir(path)
     files = safetensors_files(path)
     # Every tensor's shape against config.json before anything is allocated.
     check_tensor_shapes(safetensors_shapes(files), config, path)
-    model = build_empty_model(config, resolve_dtype(dtype, device, config.dtype), device)
+    model = build_empty_model(config, resolve_dtype(dtype, device, config.dtype), device, parallel)
     load_weights(model, _iter_safetensors(files, device), source=path)
     return model, config
 
@@ -132,25 +150,36 @@ def resolve_dtype(dtype: Union[torch.dtype, str], device: Union[str, torch.devic
     return _DTYPES[name]
 
 
-def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device):
-    """The model with uninitialised weights on `device` (no random init: every weight
-    is then overwritten by load_weights, which checks that none is missing)."""
+def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                      parallel: Optional[ParallelContext] = None):
+    """The model (this rank's shard, with `parallel`) with uninitialised weights on
+    `device` (no random init: every weight is then overwritten by load_weights, which
+    checks that none is missing; only vocabulary padding rows are zeroed here)."""
+    if parallel is not None:
+        validate_parallel(config, ParallelConfig(parallel.tp.world_size, parallel.pp.world_size))
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, parallel)
     model = model.to(dtype).to_empty(device=device)
     if config.tie_word_embeddings:
         model.tie_weights()  # to_empty gives the shared parameter two storages; re-share
+    for module in (model.embed_tokens, model.lm_head):
+        if hasattr(module, "num_real_rows"):       # tensor parallel: padded vocabulary rows
+            with torch.no_grad():
+                module.weight[module.num_real_rows:].zero_()
     from fastllm.model.layers import rope_inv_freq
     model.rotary.set_inv_freq(rope_inv_freq(config).to(device))
     return model.eval()
 
 
 def load_weights(model: LlamaForCausalLM, named_tensors: Iterable, source: str) -> None:
-    """Copy (HF name, tensor) pairs into the model's (possibly fused) parameters.
+    """Copy (HF name, tensor or safetensors slice) pairs into the model's (possibly fused)
+    parameters: only this rank's part of each (model.checkpoint_shards; a safetensors
+    slice reads just that part), none of another pipeline stage's tensors.
 
     Errors name the tensor: unknown name, shape mismatch, duplicate, missing. A missing
     lm_head.weight ties the LM head to the embeddings."""
     targets = model.checkpoint_weights()
+    shards = model.checkpoint_shards()
     loaded = set()
     tied = model.config.tie_word_embeddings
     with torch.no_grad():
@@ -158,19 +187,41 @@ def load_weights(model: LlamaForCausalLM, named_tensors: Iterable, source: str) 
             if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                 continue
             if name not in targets:
+                if not model.holds_weight(name):
+                    continue                     # another pipeline stage's
                 raise ValueError(f"{source}: unexpected tensor {name!r} for "
                                  f"{model.config.architecture} (wrong architecture in config.json?)")
             if name in loaded:
                 raise ValueError(f"{source}: tensor {name!r} appears more than once")
             param, rows = targets[name]
             dest = param if rows is None else param[rows]
-            if tuple(tensor.shape) != tuple(dest.shape):
-                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+            part = read_part(tensor, shards.get(name), source, name)
+            if tuple(part.shape) != tuple(dest.shape):
+                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(part.shape)}, "
                                  f"expected {tuple(dest.shape)} from the config")
-            dest.copy_(tensor)
+            dest.copy_(part)
             loaded.add(name)
+    _check_missing(model, targets, loaded, source)
+
+
+def read_part(tensor, shard: Optional[tuple], source: str, name: str) -> torch.Tensor:
+    """tensor (a torch tensor, or a lazy safetensors slice read only here), cut to shard
+    = (dim, start, stop) when given. A shard past the tensor's end reads short, so the
+    shape check names the mismatch."""
+    index = slice(None) if shard is None else (slice(None),) * shard[0] + (slice(shard[1], shard[2]),)
+    try:
+        return tensor[index]
+    except Exception as e:  # a safetensors read error, or fewer dims than the shard's
+        raise ValueError(f"{source}: cannot read tensor {name!r} ({e})") from e
+
+
+def _check_missing(model, targets: dict, loaded: set, source: str) -> None:
     missing = [n for n in targets if n not in loaded]
     if missing == ["lm_head.weight"]:
+        if model.embed_tokens is None:
+            raise ValueError(f"{source}: lm_head.weight is missing (tied to the embeddings?) and "
+                             f"this pipeline stage has no embedding to tie it to; set "
+                             f"tie_word_embeddings in config.json")
         model.tie_weights()
         missing = []
     if missing:
@@ -239,11 +290,13 @@ def safetensors_shapes(files: list) -> dict:
 
 
 def _iter_safetensors(files: list, device: torch.device) -> Iterator:
+    """(name, lazy slice) pairs: load_weights reads each rank's part of a tensor (or
+    none of it) while its file is open, so no rank materialises a whole sharded tensor."""
     for file in files:
         with _open_safetensors(file, str(device)) as f:
             for name in f.keys():
                 try:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_slice(name)
                 except Exception as e:
                     raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from e
                 yield name, tensor

@@ -40,6 +40,8 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     shutdown_grace_s: float = 30.0
     model_path: Optional[str] = None
+    tool_call_parser: Optional[str] = None  # None / "auto": the chat template's format
+    disable_any_whitespace: bool = False    # structured JSON outputs: compact (--disable-any-whitespace)
 
 
 class ServerState:

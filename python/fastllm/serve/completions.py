@@ -54,7 +54,7 @@ async def create_completion(state, req: CompletionRequest, request: Request):
     admit(state, len(prompts))
     rid = new_request_id("cmpl")
     record = request.state.record = RequestRecord(rid, sum(len(ids) for _, ids in prompts))
-    streams = await add_requests(state, rid, prompts, params, "prompt")
+    streams = await add_requests(state, rid, prompts, params, "prompt", req)
     n = params.n
     echoes = [(text if text is not None else tokenizer.decode(ids)) if req.echo else ""
               for text, ids in prompts]

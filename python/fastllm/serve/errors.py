@@ -65,7 +65,8 @@ def _validation_message(err: dict) -> tuple[str, Optional[str]]:
     field_path = []
     for part in loc:
         if part in ("str", "int", "float", "bool", "list[str]", "list[int]", "list[list[int]]",
-                    "function-after", "list[ContentPart]") or part.startswith(("list[", "dict[")):
+                    "function-after", "list[ContentPart]", "NamedToolChoice") \
+                or part.startswith(("list[", "dict[", "literal[")):
             continue
         field_path.append(part)
     param = ".".join(field_path) or None

@@ -16,6 +16,7 @@ from fastllm.outputs import CompletionOutput, Logprob, RequestOutput
 from fastllm.sampling_params import SamplingParams
 from fastllm.serve.errors import APIError, from_value_error
 from fastllm.serve.protocol import ChatLogprobToken, CompletionLogprobs, TopLogprob, UsageInfo
+from fastllm.serve.structured import structured_field, structured_outputs_params
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids",
                     "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
@@ -45,7 +46,8 @@ def sampling_params(req, state, max_tokens: Optional[int],
     given = {name: getattr(req, name) for name in _SAMPLING_FIELDS}
     merged = {k: v for k, v in state.defaults.items() if k != "max_tokens"}
     merged.update((k, v) for k, v in given.items() if v is not None)
-    merged.update(max_tokens=max_tokens, logprobs=logprobs)
+    merged.update(max_tokens=max_tokens, logprobs=logprobs,
+                  structured_outputs=structured_outputs_params(req, state.config.disable_any_whitespace))
     try:
         return SamplingParams(**merged)
     except ValueError as e:
@@ -72,8 +74,10 @@ def admit(state, num_requests: int) -> None:
 
 
 async def add_requests(state, request_id: str, prompts: list[tuple[Optional[str], list[int]]],
-                       params: SamplingParams, param_name: str) -> list:
-    """One engine request per prompt; all or none (the added ones are aborted on error)."""
+                       params: SamplingParams, param_name: str, request_fields=None) -> list:
+    """One engine request per prompt; all or none (the added ones are aborted on error).
+    An invalid schema / regex / grammar (the engine's ValueError) names the request field
+    that carried it."""
     streams = []
     try:
         for i, (text, ids) in enumerate(prompts):
@@ -82,6 +86,8 @@ async def add_requests(state, request_id: str, prompts: list[tuple[Optional[str]
     except ValueError as e:
         for s in streams:
             s.abort()
+        if "StructuredOutputsParams." in str(e) and params.structured_outputs is not None:
+            raise APIError(str(e), param=structured_field(request_fields)) from None
         raise from_value_error(e, param=param_name) from None
     except BaseException:
         for s in streams:

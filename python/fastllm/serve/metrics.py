@@ -84,6 +84,25 @@ class _EngineCollector:
         yield CounterMetricFamily("fastllm:generation_tokens_computed", "Decode tokens fed to "
                                   "the model.", value=s.num_generation_tokens)
         yield CounterMetricFamily("fastllm:engine_steps", "Engine steps taken.", value=s.num_steps)
+        yield from _replica_gauges(s)
+
+
+def _replica_gauges(s):
+    """Per data-parallel replica (one engine is replica 0); the unlabelled gauges above
+    are the totals."""
+    replicas = s.replicas or [s]
+    families = {
+        "num_requests_running": "Requests in the replica's running batch.",
+        "num_requests_waiting": "Requests waiting in the replica's scheduler.",
+        "kv_cache_usage_perc": "Fraction of the replica's KV blocks held by requests (0-1).",
+    }
+    fields = {"num_requests_running": "num_running", "num_requests_waiting": "num_waiting",
+              "kv_cache_usage_perc": "kv_block_usage"}
+    for name, doc in families.items():
+        family = GaugeMetricFamily(f"fastllm:replica_{name}", doc, labels=["replica"])
+        for i, r in enumerate(replicas):
+            family.add_metric([str(i)], getattr(r, fields[name]))
+        yield family
 
 
 class ServerMetrics:

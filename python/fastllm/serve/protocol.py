@@ -26,6 +26,31 @@ class StreamOptions(_Request):
     include_usage: Optional[bool] = False
 
 
+class JsonSchemaFormat(_Request):
+    """response_format's json_schema: {"name", "schema", "strict", "description"}."""
+    name: str
+    json_schema: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", ...}."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` body field (extra_body in the openai client): exactly
+    one of json, regex, choice, grammar, json_object."""
+    json_: Union[dict[str, Any], str, None] = Field(default=None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: Optional[bool] = None
+
+
 class _SamplingFields(_Request):
     """The sampling fields both endpoints take. None (left out or null, as OpenAI
     clients send) means the checkpoint's generation_config default, else SamplingParams'."""
@@ -49,6 +74,14 @@ class _SamplingFields(_Request):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None
+    # Structured outputs (fastllm.serve.structured): OpenAI's response_format, vLLM's
+    # structured_outputs and its older guided_* spellings; at most one of them.
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsField] = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
 
 class UsageInfo(_Response):
@@ -110,14 +143,51 @@ class ContentPart(_Request):
     text: Optional[str] = None
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: Union[str, dict[str, Any]]     # OpenAI sends a JSON string
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallIn]] = None     # an assistant's earlier calls
+    tool_call_id: Optional[str] = None                # role "tool": the call it answers
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None       # a JSON schema (an object's)
+    strict: Optional[bool] = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
@@ -140,9 +210,21 @@ class ChatLogprobs(_Response):
     content: Optional[list[ChatLogprobToken]] = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str                                    # JSON text of the arguments object
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(_Response):
     role: str = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatChoice(_Response):
@@ -162,9 +244,23 @@ class ChatCompletionResponse(_Response):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(_Response):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(_Response):
+    """A streamed call's piece: index, id, type and name on its first, then arguments."""
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class DeltaMessage(_Response):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatStreamChoice(_Response):

@@ -19,6 +19,7 @@ from typing import Optional
 
 from fastllm import envs
 from fastllm.engine.arg_utils import add_engine_args, llm_kwargs
+from fastllm.serve.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("fastllm.serve")
 
@@ -44,9 +45,16 @@ def build_parser(prog: str = "python -m fastllm.serve") -> argparse.ArgumentPars
                    help="larger request bodies get 413")
     s.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds requests in flight may run on after SIGTERM/SIGINT")
+    s.add_argument("--tool-call-parser", default="auto",
+                   choices=["auto", *sorted(TOOL_PARSERS)],
+                   help="how `tool_choice: auto` reads calls from the output (auto: the "
+                        "format the chat template writes)")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--no-access-log", action="store_true", help="no line per request")
+    s.add_argument("--disable-any-whitespace", action="store_true",
+                   help="structured JSON outputs without free whitespace between tokens (a "
+                        "request's structured_outputs.disable_any_whitespace overrides it)")
     return p
 
 
@@ -126,7 +134,9 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m fastllm.serve"
     config = ServerConfig(served_model_names=list(names),
                           api_key=args.api_key or envs.FASTLLM_API_KEY,
                           max_queue_len=args.max_queue_len, max_body_bytes=args.max_request_bytes,
-                          shutdown_grace_s=args.shutdown_grace, model_path=llm.llm.model_path)
+                          shutdown_grace_s=args.shutdown_grace, model_path=llm.llm.model_path,
+                          tool_call_parser=args.tool_call_parser,
+                          disable_any_whitespace=args.disable_any_whitespace)
     app = create_app(llm, config)
     server = _make_server(app, args, app.state.fastllm.begin_shutdown)
     server.run()

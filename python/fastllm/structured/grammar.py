@@ -40,6 +40,11 @@ class StructuredOutputGrammar:
         self._matcher.fill_next_token_bitmask(bitmask, index)
 
     @property
+    def matcher(self):
+        """The xgrammar GrammarMatcher (for the manager's batched bitmask fill)."""
+        return self._matcher
+
+    @property
     def is_terminated(self) -> bool:
         """The grammar accepted its stop token: nothing more can follow."""
         return self._matcher.is_terminated()

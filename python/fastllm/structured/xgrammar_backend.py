@@ -112,5 +112,5 @@ def new_matcher(compiled) -> "xgr.GrammarMatcher":
     return xgr.GrammarMatcher(compiled)
 
 
-def bitmask_width(vocab_size: int) -> int:
-    return (vocab_size + 31) // 32
+def batch_filler() -> "xgr.BatchGrammarMatcher":
+    return xgr.BatchGrammarMatcher()

@@ -13,9 +13,11 @@ from functools import lru_cache
 from typing import Optional, Union
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from fastllm.tokenizer.tool_prompt import with_tool_prompt
 
 
 class _GenerationBlock(Extension):
@@ -42,17 +44,31 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
-@lru_cache(maxsize=16)
-def compile_template(source: str) -> jinja2.Template:
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
     try:
-        return env.from_string(source)
+        return _environment().from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat_template is not valid Jinja2: {e}") from e
+
+
+@lru_cache(maxsize=16)
+def template_takes_tools(source: str) -> bool:
+    """Whether the template reads the `tools` variable at all."""
+    try:
+        ast = _environment().parse(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template is not valid Jinja2: {e}") from e
+    return "tools" in meta.find_undeclared_variables(ast)
 
 
 def select_template(chat_template: Union[str, dict, None], tools=None) -> str:
@@ -72,12 +88,17 @@ def select_template(chat_template: Union[str, dict, None], tools=None) -> str:
 def render_chat_template(chat_template: Union[str, dict, None], messages: list,
                          add_generation_prompt: bool = True, tools: Optional[list] = None,
                          documents: Optional[list] = None, **context) -> str:
-    """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]).
+    """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]). `tools`
+    (OpenAI function specs) go to the template's `tools` variable as in transformers;
+    a template that does not read it gets them as a system prompt (tool_prompt.py).
 
     `context` carries the special token strings (bos_token, eos_token, ...) and any
     extra template variables (e.g. enable_thinking)."""
     messages = normalize_messages(messages)
-    template = compile_template(select_template(chat_template, tools))
+    source = select_template(chat_template, tools)
+    if tools and not template_takes_tools(source):
+        messages = with_tool_prompt(messages, tools)
+    template = compile_template(source)
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                tools=tools, documents=documents, **context)

@@ -1,19 +1,18 @@
-// parallel_for over [0, n) on std::threads: the CPU kernels' only threading. Small
-// ranges run inline, so tiny test shapes pay no thread start-up.
+// parallel_for over [0, n) on the shared CPU pool (thread_pool.h): the CPU kernels' one
+// set of threads, sized like torch's. Small ranges run inline, so tiny shapes and the
+// batch-1 decode step pay no hand-off at all.
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <thread>
-#include <vector>
+#include <functional>
+
+#include "fastllm/cpu/thread_pool.h"
 
 namespace fastllm::cpu {
 
-inline int num_threads() {
-  static const int n = std::max(1u, std::thread::hardware_concurrency());
-  return n;
-}
+inline int num_threads() { return pool_num_threads(); }
 
-// fn(begin, end) is called on disjoint chunks; `grain` is the least work per thread.
+// fn(begin, end) is called on disjoint chunks; `grain` is the least work per chunk.
 template <typename Fn>
 void parallel_for(int64_t n, int64_t grain, Fn&& fn) {
   const int64_t chunks = std::min<int64_t>(num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
@@ -22,14 +21,10 @@ void parallel_for(int64_t n, int64_t grain, Fn&& fn) {
     return;
   }
   const int64_t per = (n + chunks - 1) / chunks;
-  std::vector<std::thread> workers;
-  workers.reserve(chunks - 1);
-  for (int64_t c = 1; c < chunks; ++c) {
+  pool_run(chunks, [&](int64_t c) {
     const int64_t b = c * per, e = std::min(n, b + per);
-    if (b < e) workers.emplace_back([&fn, b, e] { fn(b, e); });
-  }
-  fn(int64_t{0}, std::min(n, per));
-  for (auto& w : workers) w.join();
+    if (b < e) fn(b, e);
+  });
 }
 
 }  // namespace fastllm::cpu

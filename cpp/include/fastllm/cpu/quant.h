@@ -26,7 +26,11 @@ bool quant_format(int ggml_type, QuantFormat* format);
 // Which kernel build runs: "avx2" or "generic".
 const char* quant_isa();
 // Force the portable kernels (tests compare both builds); false = pick by the CPU again.
+// Covers every CPU kernel with an AVX2 build: quantized matmul, fp32 paged attention,
+// silu_and_mul.
 void quant_force_generic(bool generic);
+// Whether quant_force_generic(true) is in effect.
+bool cpu_generic_forced();
 
 // y [T, N] (row stride ldy) = x [T, K] (row stride ldx) @ W^T + bias; W [N, K] in `type`'s
 // blocks (K a multiple of block_elems), bias [N] or nullptr. Runs on the shared pool.
