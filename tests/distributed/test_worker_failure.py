@@ -71,7 +71,7 @@ def test_killed_worker_behind_the_server(model_path):
         assert httpx.get(server.url + "/health", timeout=5).status_code == 503
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4)
-        assert e.value.status_code == 503
+        assert e.value.status_code in (500, 503)
         assert "worker rank 1" in e.value.body["message"]
     finally:
         server.stop()
