@@ -50,6 +50,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # Seconds a parallel step may wait on another rank (a collective of the model, a
     # worker's reply) before the driver declares that rank hung and shuts the group down.
     "FASTLLM_STEP_TIMEOUT": _positive_float("FASTLLM_STEP_TIMEOUT", 300.0),
+    # 1: with pipeline_parallel_size = M, keep up to M steps in flight (microbatches);
+    # 0: one step at a time (the bubble, for measuring it).
+    "FASTLLM_PP_MICROBATCHES": _choice("FASTLLM_PP_MICROBATCHES", "1", ("0", "1")),
     # The server's API key when --api-key is not given.
     "FASTLLM_API_KEY": _str_or_none("FASTLLM_API_KEY"),
 }

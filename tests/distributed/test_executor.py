@@ -63,3 +63,36 @@ def test_unsplittable_model_refused_before_spawning(model_path):
 def test_bad_parallel_sizes_name_the_field(model_path):
     with pytest.raises(ValueError, match="pipeline_parallel_size"):
         LLM(model_path, pipeline_parallel_size=0, device="cpu")
+
+
+@pytest.mark.skipif(not hasattr(__import__("fastllm.engine.model_runner", fromlist=["x"]).ModelRunner, "begin"),
+                    reason="needs the pipeline-parallel runner (ModelRunner.begin / finish)")
+def test_pp2_microbatches_match_single_process():
+    # 3 layers: an uneven split over the stages. A small cache preempts in flight.
+    path = str(cached_checkpoint("llama", num_hidden_layers=3))
+    kw = dict(device="cpu", max_model_len=64, block_size=4, num_kv_blocks=14)
+    single = LLM(path, **kw)
+    expected = greedy(single)
+    single.close()
+    llm = LLM(path, pipeline_parallel_size=2, **kw)
+    try:
+        assert llm.llm_engine.executor.max_concurrent_batches == 2
+        assert greedy(llm) == expected
+        # Two microbatches per token: the sequences were split between the steps in flight.
+        assert llm.llm_engine.num_steps > 10
+    finally:
+        llm.close()
+
+
+def test_garbage_collected_llm_stops_its_workers(model_path):
+    import gc
+    before = {p.pid for p in worker_processes()}
+    llm = LLM(model_path, tensor_parallel_size=2, device="cpu", max_model_len=64)
+    spawned = [p for p in worker_processes() if p.pid not in before]
+    del llm
+    gc.collect()
+    psutil.wait_procs(spawned, timeout=10)
+    assert spawned and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in spawned)
+    # The process group went with it: a new parallel LLM starts in this process.
+    again = LLM(model_path, tensor_parallel_size=2, device="cpu", max_model_len=64)
+    again.close()

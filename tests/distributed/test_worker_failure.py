@@ -64,15 +64,44 @@ def test_killed_worker_behind_the_server(model_path):
         ok = client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4)
         assert ok.choices[0].text
         os.kill(workers[0].pid, signal.SIGKILL)
-        with pytest.raises(openai.APIStatusError) as e:
-            client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4)
-        assert e.value.status_code >= 500
-        assert "worker rank 1" in e.value.body["message"] or "not running" in e.value.body["message"]
         deadline = time.monotonic() + 10
         while httpx.get(server.url + "/health", timeout=5).status_code == 200:
             assert time.monotonic() < deadline, "/health stayed 200 after the worker died"
             time.sleep(0.2)
         assert httpx.get(server.url + "/health", timeout=5).status_code == 503
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="tiny-llama", prompt="Hello", max_tokens=4)
+        assert e.value.status_code in (500, 503)
+        assert "worker rank 1" in e.value.body["message"]
     finally:
         server.stop()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+def test_hung_worker_times_out_the_step(model_path, monkeypatch):
+    """A stopped (SIGSTOP) worker never answers the collective the driver's step waits in
+    -- as a TP all_reduce would -- so the step times out: the worker is killed, the
+    request fails with the timeout named."""
+    import torch
+    import torch.distributed as dist
+    monkeypatch.setenv("FASTLLM_STEP_TIMEOUT", "4")
+    before = {p.pid for p in worker_processes()}
+    llm = LLM(model_path, tensor_parallel_size=2, device="cpu", max_model_len=128)
+    worker = next(p for p in worker_processes() if p.pid not in before)
+    runner = llm.llm_engine.executor.runner
+    execute = runner.execute
+
+    def execute_waiting_on_worker(sched):
+        worker.suspend()
+        dist.all_reduce(torch.ones(1))        # the worker never joins it
+        return execute(sched)
+
+    runner.execute = execute_waiting_on_worker
+    start = time.monotonic()
+    with pytest.raises(WorkerFailedError, match="FASTLLM_STEP_TIMEOUT=4"):
+        llm.generate("Hello", SamplingParams(max_tokens=4), use_tqdm=False)
+    assert time.monotonic() - start < 30
+    assert not llm.llm_engine.has_unfinished_requests()
+    llm.close()
+    psutil.wait_procs([worker], timeout=10)
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "serve": ("fastllm.bench.serve", "load-test an OpenAI-compatible server (--compare: vs transformers)"),
     "cpu": ("fastllm.bench.cpu", "CPU: fastllm vs transformers vs llama.cpp on one GGUF"),
     "spec": ("fastllm.bench.spec", "speculative decoding: speed-up and acceptance (ngram, draft)"),
+    "pipeline": ("fastllm.bench.pipeline", "the pipeline bubble: PP=M (serial, microbatches) vs PP=1"),
     "structured": ("fastllm.bench.structured", "JSON-schema constrained vs free output tok/s, same requests"),
 }
 

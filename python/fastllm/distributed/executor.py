@@ -16,6 +16,7 @@ The engine then fails every request in flight (LLMEngine.step).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing.connection
 import os
@@ -29,7 +30,7 @@ import torch.multiprocessing as mp
 
 from fastllm import envs
 from fastllm.distributed import launch
-from fastllm.distributed.worker import (EXECUTE, SHUTDOWN, Rank, WorkerSpec, build_rank,
+from fastllm.distributed.worker import (BEGIN, EXECUTE, SHUTDOWN, Rank, WorkerSpec, build_rank,
                                         run_worker_loop, spawned_worker_main, teardown)
 from fastllm.engine.step_data import RunnerOutput, SchedulerOutput
 
@@ -44,13 +45,28 @@ class WorkerFailedError(RuntimeError):
 
 
 class Executor:
-    """The interface LLMEngine uses (see the module docstring)."""
+    """The interface LLMEngine uses (see the module docstring).
+
+    Pipeline microbatches: with max_concurrent_batches > 1 the engine keeps that many
+    steps in flight, each submit()ted, later collect()ed in the same order. Here (one
+    stage) submit only queues the step and collect runs it: the same results, no overlap."""
     runner = None                # the driver's ModelRunner (tests and stats read it)
     num_kv_blocks: int
     num_swap_blocks: int
+    max_concurrent_batches: int = 1
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         raise NotImplementedError
+
+    def submit(self, sched: SchedulerOutput) -> None:
+        self._submitted = getattr(self, "_submitted", collections.deque())
+        self._submitted.append(sched)
+
+    def collect(self, sched: SchedulerOutput) -> RunnerOutput:
+        """The result of `sched`, the oldest step submitted and not collected."""
+        if self._submitted.popleft() is not sched:
+            raise ValueError("collect() must take the steps in the order they were submitted")
+        return self.execute(sched)
 
     @property
     def is_alive(self) -> bool:
@@ -88,8 +104,16 @@ class MultiprocExecutor(Executor):
         self.num_swap_blocks = rank.num_swap_blocks
         self.workers = workers
         self._closed = False
-        # GC or interpreter exit without close(): the workers still go.
-        self._finalizer = weakref.finalize(self, workers.kill)
+        self._num_collected = 0     # microbatches collected (the workers finish as many)
+        # Several steps in flight only pay with pipeline stages, and need a runner that
+        # splits a step into begin (forward, send on) and finish (receive logits, sample).
+        pp = rank.parallel.pp.world_size
+        if (pp > 1 and envs.FASTLLM_PP_MICROBATCHES == "1"
+                and hasattr(self.runner, "begin") and hasattr(self.runner, "finish")):
+            self.max_concurrent_batches = pp
+        # GC or interpreter exit without close(): the workers still go, and so does the
+        # process group (another parallel LLM in this process needs a fresh one).
+        self._finalizer = weakref.finalize(self, _abandon, workers)
 
     @classmethod
     def start(cls, spec: WorkerSpec) -> "MultiprocExecutor":
@@ -131,15 +155,32 @@ class MultiprocExecutor(Executor):
         return self.workers.failure() or ("closed" if self._closed else None)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self._guarded(lambda: (self.rank.channel.send((EXECUTE, sched)),
+                                      self.runner.execute(sched))[1])
+
+    def submit(self, sched: SchedulerOutput) -> None:
+        """Send the step to every rank and run this rank's stage of it (its forward pass,
+        activations on to the next stage), without waiting for the logits."""
+        self._guarded(lambda: (self.rank.channel.send((BEGIN, (sched, self._num_collected))),
+                               self.runner.begin(sched)))
+
+    def collect(self, sched: SchedulerOutput) -> RunnerOutput:
+        """The oldest submitted step's logits from the last stage, sampled."""
+        result = self._guarded(lambda: self.runner.finish(sched))
+        self._num_collected += 1
+        return result
+
+    def _guarded(self, call):
+        """Run one blocking part of a parallel step under the monitor's timeout. Whatever
+        fails breaks lockstep for good: the group is shut down (leaving the process group
+        closes the driver's connections, so torchrun's ranks see it and exit too)."""
         self._check_alive()
         self.workers.step_started()
         try:
-            self.rank.channel.send((EXECUTE, sched))
-            return self.runner.execute(sched)
+            result = call()
+            self._check_alive()       # a step the monitor timed out meanwhile is void
+            return result
         except BaseException as e:
-            # Lockstep is lost whatever failed: the group cannot go on. Leaving the
-            # process group closes the driver's connections, so ranks this process did
-            # not spawn (torchrun's) see it and exit too.
             self.workers.fail_after_step_error(e)
             teardown(None)
             self._check_alive(cause=e)
@@ -163,11 +204,17 @@ class MultiprocExecutor(Executor):
         if self.workers.failure() is None:
             try:
                 self.rank.channel.send((SHUTDOWN, None))
+                self.rank.channel.flush(_JOIN_TIMEOUT_S)    # before the group goes away
             except Exception as e:  # noqa: BLE001 -- a worker died meanwhile: kill below
                 logger.warning("shutdown message not delivered: %r", e)
         self.workers.join_or_kill()
         teardown(self.rank)
         self._finalizer.detach()
+
+
+def _abandon(workers: "_SpawnedWorkers") -> None:
+    workers.kill()
+    teardown(None)
 
 
 def _run_torchrun_worker(spec: WorkerSpec, info: launch.RankInfo) -> None:

@@ -80,7 +80,10 @@ def free_port() -> int:
 
 
 def step_timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=envs.FASTLLM_STEP_TIMEOUT)
+    """The collectives' timeout: FASTLLM_STEP_TIMEOUT plus a margin, so that where the
+    driver watches its own children (spawned workers) its monitor names the hang first."""
+    step = envs.FASTLLM_STEP_TIMEOUT
+    return datetime.timedelta(seconds=step + min(5.0, 0.25 * step))
 
 
 def init_distributed(info: RankInfo, store: Optional[dist.Store] = None) -> None:
@@ -97,17 +100,19 @@ def init_distributed(info: RankInfo, store: Optional[dist.Store] = None) -> None
 
 
 _JOINED_KEY = "fastllm/joined"
+_START_TIMEOUT_S = 300.0       # spawned workers' start (a Python + torch import each)
 
 
 def host_store(port: int, world_size: int) -> dist.TCPStore:
     """The driver's rendezvous store for spawned workers; see wait_for_workers."""
-    return dist.TCPStore("127.0.0.1", port, world_size, is_master=True,
-                         wait_for_workers=False, timeout=step_timeout())
+    return dist.TCPStore("127.0.0.1", port, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=_START_TIMEOUT_S))
 
 
 def join_store(port: int, world_size: int) -> dist.TCPStore:
     """A spawned worker's connection to the driver's store; counts itself in."""
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=step_timeout())
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                          timeout=datetime.timedelta(seconds=_START_TIMEOUT_S))
     store.add(_JOINED_KEY, 1)
     return store
 
@@ -116,12 +121,12 @@ def wait_for_workers(store: dist.TCPStore, num_workers: int, check_alive, poll_s
     """Block until `num_workers` spawned workers joined the store, calling check_alive()
     (which raises for a dead worker) meanwhile: a worker that dies while starting fails
     the start at once instead of after the rendezvous timeout."""
-    deadline = time.monotonic() + envs.FASTLLM_STEP_TIMEOUT
+    limit = max(envs.FASTLLM_STEP_TIMEOUT, _START_TIMEOUT_S)
+    deadline = time.monotonic() + limit
     while store.add(_JOINED_KEY, 0) < num_workers:
         check_alive()
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the workers did not start within FASTLLM_STEP_TIMEOUT="
-                               f"{envs.FASTLLM_STEP_TIMEOUT:g} s")
+            raise TimeoutError(f"the workers did not start within {limit:g} s")
         time.sleep(poll_s)
 
 
@@ -132,11 +137,14 @@ def rank_device(device: str, info: RankInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if kind == "cuda" else torch.device("cpu")
 
 
-def split_cpu_threads(info: RankInfo) -> None:
+def split_cpu_threads(info: RankInfo) -> int:
     """The ranks of one machine share its cores: each gets an equal share of torch's
-    intra-op threads (at least one), so N ranks do not oversubscribe N-fold."""
+    intra-op threads (at least one), so N ranks do not oversubscribe N-fold. Returns the
+    count before, for the driver to restore when its group closes."""
+    before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // max(1, info.local_world_size)))
+    return before
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -6,7 +6,10 @@
 
 One broadcast of a fixed-size buffer per message ([8-byte length | payload head]); a
 payload longer than the buffer (a large prefill's block tables) follows in a second
-broadcast of exactly its remaining bytes. gloo works across nodes, so the same channel
+broadcast of exactly its remaining bytes. The driver does not wait for them: a gloo
+broadcast returns only once every peer posted its receive, i.e. finished its part of the
+previous step, and waiting would stop the driver's stage from working on the next
+pipeline microbatch meanwhile. At most MAX_UNACKED messages are left unconfirmed. gloo works across nodes, so the same channel
 serves spawned workers and torchrun ranks on other machines.
 
 The group's timeout is effectively infinite: a worker waits here as long as the server
@@ -16,6 +19,7 @@ trusted job on a trusted network.
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import pickle
 from typing import Any, Optional
@@ -24,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 _LEN_BYTES = 8
+MAX_UNACKED = 8
 _BUFFER_BYTES = 64 << 10
 # No timeout in practice (gloo keeps it in milliseconds; ten years fits easily).
 _IDLE_TIMEOUT = datetime.timedelta(days=3650)
@@ -39,17 +44,32 @@ class StepChannel:
         self.group = group
         self.src = src
         self._buffer = torch.empty(_BUFFER_BYTES, dtype=torch.uint8)
+        self._unacked: collections.deque = collections.deque()   # (work, its buffer)
 
     def send(self, message: Any) -> None:
+        """The driver's side. Returns before the peers received (see the module docstring);
+        a broken peer's error surfaces at a later send or at flush()."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         head = min(len(data), _BUFFER_BYTES - _LEN_BYTES)
-        view = self._buffer.numpy()
+        buffer = torch.empty(_BUFFER_BYTES, dtype=torch.uint8)     # alive until sent
+        view = buffer.numpy()
         view[:_LEN_BYTES] = memoryview(len(data).to_bytes(_LEN_BYTES, "little"))
         view[_LEN_BYTES:_LEN_BYTES + head] = memoryview(data)[:head]
-        dist.broadcast(self._buffer, src=self.src, group=self.group)
+        self._start(buffer)
         if head < len(data):
-            rest = torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8)
-            dist.broadcast(rest, src=self.src, group=self.group)
+            self._start(torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8))
+
+    def _start(self, tensor: torch.Tensor) -> None:
+        while self._unacked and (self._unacked[0][0].is_completed()
+                                 or len(self._unacked) >= MAX_UNACKED):
+            self._unacked.popleft()[0].wait()          # raises a peer's failure
+        work = dist.broadcast(tensor, src=self.src, group=self.group, async_op=True)
+        self._unacked.append((work, tensor))
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until every message sent was received (raises after timeout_s)."""
+        while self._unacked:
+            self._unacked.popleft()[0].wait(datetime.timedelta(seconds=timeout_s))
 
     def recv(self) -> Any:
         dist.broadcast(self._buffer, src=self.src, group=self.group)

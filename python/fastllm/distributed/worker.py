@@ -10,6 +10,7 @@ driver's RunnerOutput is used (with tensor parallelism only the driver samples).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
@@ -27,7 +28,10 @@ from fastllm.distributed.step_channel import StepChannel, min_over_ranks, new_st
 
 logger = logging.getLogger(__name__)
 
-EXECUTE, SHUTDOWN = "execute", "shutdown"     # the driver's message kinds
+# The driver's message kinds: EXECUTE sched (a whole step); BEGIN (sched, collected) (a
+# pipeline microbatch: begin it, once the driver's `collected` first steps are finished
+# here too); SHUTDOWN.
+EXECUTE, BEGIN, SHUTDOWN = "execute", "begin", "shutdown"
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Rank:
     dtype: torch.dtype
     num_kv_blocks: int                   # the minimum over the replica's ranks
     num_swap_blocks: int
+    threads_before: Optional[int] = None # torch's CPU threads before the split (restored)
 
 
 def build_rank(spec: WorkerSpec, info: launch.RankInfo, store=None) -> Rank:
@@ -62,8 +67,9 @@ def build_rank(spec: WorkerSpec, info: launch.RankInfo, store=None) -> Rank:
     from fastllm.engine.model_runner import ModelRunner
     from fastllm.model.loader import load_for_engine
     device = launch.rank_device(spec.device, info)
+    threads_before = None
     if device.type == "cpu":
-        launch.split_cpu_threads(info)
+        threads_before = launch.split_cpu_threads(info)
     else:
         torch.cuda.set_device(device)
     launch.init_distributed(info, store)
@@ -81,23 +87,42 @@ def build_rank(spec: WorkerSpec, info: launch.RankInfo, store=None) -> Rank:
     num_kv, num_swap = min_over_ranks([runner.num_kv_blocks, runner.num_swap_blocks],
                                       group=channel.group)
     return Rank(info, parallel, runner, channel, loaded.config, loaded.device, loaded.dtype,
-                num_kv, num_swap)
+                num_kv, num_swap, threads_before)
 
 
 def run_worker_loop(rank: Rank) -> None:
     """Execute the driver's steps until it says shutdown (returns) or its connection
-    breaks (raises: the driver died)."""
+    breaks (raises: the driver died). The driver's result is the one used; here a
+    step's finish only completes its sends (activations on, logits to the driver).
+
+    Microbatches: a step begins when its message arrives, and finishes once the driver
+    says it has collected it, never sooner -- finishing waits for the step's sends, and
+    a worker blocked there while the driver broadcasts the next step would deadlock."""
     runner = rank.runner
+    begun: collections.deque = collections.deque()
+    num_finished = 0
     while True:
         kind, payload = rank.channel.recv()
+        if kind == EXECUTE:
+            runner.execute(payload)
+            continue
         if kind == SHUTDOWN:
+            while begun:
+                runner.finish(begun.popleft())
             return
-        runner.execute(payload)           # the driver's copy of the result is the one used
+        sched, collected = payload
+        while num_finished < collected:
+            runner.finish(begun.popleft())
+            num_finished += 1
+        runner.begin(sched)
+        begun.append(sched)
 
 
 def teardown(rank: Optional[Rank]) -> None:
     if rank is not None:
         rank.runner.close()
+        if rank.threads_before is not None:
+            torch.set_num_threads(rank.threads_before)
     if dist.is_initialized():
         dist.destroy_process_group()
 

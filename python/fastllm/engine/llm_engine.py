@@ -26,6 +26,7 @@ from fastllm.distributed.launch import is_parallel_launch
 from fastllm.engine.block_manager import BlockManager
 from fastllm.engine.model_runner import ModelRunner
 from fastllm.engine.output_processor import OutputProcessor
+from fastllm.engine.pipelined_step import pipelined_step
 from fastllm.engine.scheduler import Scheduler
 from fastllm.engine.sequence import SequenceGroup
 from fastllm.engine.stats import EngineStats, request_latency
@@ -91,6 +92,9 @@ class LLMEngine:
                                    spec_planner=SpecPlanner(spec) if spec is not None else None)
         self.output_processor = OutputProcessor(tokenizer)
         self.num_steps = 0
+        # Pipeline microbatches: the steps submitted to the executor, not yet collected.
+        self._batch_queue: Optional[collections.deque] = (
+            collections.deque() if executor.max_concurrent_batches > 1 else None)
         self.finished_latencies: collections.deque = collections.deque(maxlen=_MAX_LATENCY_RECORDS)
 
     def close(self) -> None:
@@ -98,6 +102,7 @@ class LLMEngine:
         collection, and shut down the parallel workers. Swapped-out requests go back to
         the waiting queue to be recomputed, and the engine cannot swap afterwards
         (preemption falls back to recompute); idempotent."""
+        self._drain_batch_queue()
         self.scheduler.stop_swapping()
         self.executor.close()
         if self.structured is not None:
@@ -224,7 +229,7 @@ class LLMEngine:
                 group.finish_time = time.time()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._batch_queue)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.scheduler.groups)
@@ -236,6 +241,8 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._batch_queue is not None:
+            return pipelined_step(self, self._batch_queue)
         with nvtx_range("schedule"):
             sched = self.scheduler.schedule()
         failed = self._grammar_failure_outputs()
@@ -252,8 +259,6 @@ class LLMEngine:
             result = self.executor.execute(sched)
         except BaseException:
             self._abort_failed_step(sched, cache_ops_failed=True)
-            if not self.executor.is_alive:      # no later step can run: fail them all
-                self.abort_request(list(self.scheduler.groups))
             raise
         if not sched.scheduled:          # only block moves this step
             return failed
@@ -273,10 +278,29 @@ class LLMEngine:
         return self.output_processor.make_outputs(groups)[0]
 
     def _abort_failed_step(self, sched: SchedulerOutput, cache_ops_failed: bool) -> None:
+        self.scheduler.forget_in_flight(sched)
         ids = self.scheduler.failed_step_requests(sched, cache_ops_failed)
         if ids:
             logger.error("step failed: aborting requests %s", ids)
             self.abort_request(ids)
+        if not self.executor.is_alive:      # no later step can run: fail them all
+            for queued in self._batch_queue or ():
+                self.scheduler.forget_in_flight(queued)
+            if self._batch_queue:
+                self._batch_queue.clear()
+            self.abort_request(list(self.scheduler.groups))
+
+    def _drain_batch_queue(self) -> None:
+        """Collect the steps still in flight (closing), so no rank is left mid-step."""
+        while self._batch_queue and self.executor.is_alive:
+            sched = self._batch_queue.popleft()
+            try:
+                result = self.executor.collect(sched)
+                if sched.scheduled:
+                    self.scheduler.update(sched, result)
+            except Exception:  # noqa: BLE001 -- closing: the group is shut down anyway
+                logger.exception("a step in flight failed while closing")
+                break
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         """Scheduler bookkeeping, then text and stop strings, then the outputs."""

@@ -59,7 +59,9 @@ class Scheduler:
         self.num_decode_tokens_computed = 0
         self._runner_requests: set[str] = set()   # sent to the runner in a NewRequest
         self._finished_ids: list[str] = []        # of those, finished since the last output
-        self._in_flight: dict[int, Sequence] = {}  # seq id -> the last schedule()'s sequences
+        # seq id -> sequence, for every step scheduled and not yet update()d: one, or with
+        # pipeline microbatches up to pipeline_parallel_size disjoint ones.
+        self._in_flight: dict[int, Sequence] = {}
         self._grammar_failures: list[SequenceGroup] = []   # aborted: their grammar did not compile
 
     # -- queue management --------------------------------------------------------------
@@ -160,24 +162,33 @@ class Scheduler:
         self.block_manager.disable_swap()
 
     # -- the step -----------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_seqs: Optional[int] = None) -> SchedulerOutput:
+        """The next step. Sequences of steps still in flight (scheduled, not yet
+        update()d: pipeline microbatches) are left out: their next tokens are unknown.
+        max_seqs: at most this many sequences (a microbatch's share), else max_num_seqs."""
         out = SchedulerOutput(blocks_to_copy=self.block_manager.take_copies())
         picked: list[tuple[Sequence, int]] = []     # (seq, tokens to feed)
         self._step_spec = {}
-        budget, preempted = self._schedule_running(out, picked, self.config.max_num_batched_tokens)
+        limit = max_seqs or self.config.max_num_seqs
+        budget, preempted = self._schedule_running(out, picked, self.config.max_num_batched_tokens, limit)
         if not preempted:                 # a step that preempts admits nothing else
-            budget = self._schedule_swapped(out, picked, budget)
+            budget = self._schedule_swapped(out, picked, budget, limit)
             if not self.swapped:
-                self._schedule_waiting(picked, budget)
+                self._schedule_waiting(picked, budget, limit)
         return self._finish(out, picked)
 
-    def _schedule_running(self, out: SchedulerOutput, picked: list, budget: int) -> tuple[int, bool]:
-        """Running sequences, oldest first; preempt from the newest end when blocks run out.
+    def _schedule_running(self, out: SchedulerOutput, picked: list, budget: int,
+                          limit: int) -> tuple[int, bool]:
+        """Running sequences, oldest first; preempt from the newest end when blocks run out
+        (never one in flight: a step in the pipeline still writes its blocks).
         -> (budget left, whether anything was preempted)."""
         preempted = False
         idx = 0
-        while idx < len(self.running) and budget > 0:
+        while idx < len(self.running) and budget > 0 and len(picked) < limit:
             seq = self.running[idx]
+            if seq.seq_id in self._in_flight:
+                idx += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             lookahead = self._speculate(seq, budget)
             if lookahead:
@@ -186,7 +197,7 @@ class Scheduler:
                 idx += 1
                 continue
             while not self.block_manager.allocate_slots(seq, n):
-                self._preempt(self.running[-1], out)
+                self._preempt(self._preemption_victim(), out)
                 preempted = True
                 if seq.status is not SequenceStatus.RUNNING:   # it was the newest: nothing left
                     break
@@ -215,11 +226,19 @@ class Scheduler:
         self._step_spec[seq.seq_id] = (k, drafts or [])
         return k
 
-    def _schedule_swapped(self, out: SchedulerOutput, picked: list, budget: int) -> int:
+    def _preemption_victim(self) -> Sequence:
+        """The newest running sequence not in flight (at worst the one being scheduled)."""
+        for seq in reversed(self.running):
+            if seq.seq_id not in self._in_flight:
+                return seq
+        raise AssertionError("scheduler: every running sequence is in flight")
+
+    def _schedule_swapped(self, out: SchedulerOutput, picked: list, budget: int, limit: int) -> int:
         """Swapped-out sequences come back before anything new is admitted."""
         bm = self.block_manager
         swapped_in: list[tuple[Sequence, list[int]]] = []     # (seq, its swap-space blocks)
-        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.swapped and budget > 0 and len(picked) < limit
+               and len(self.running) < self.config.max_num_seqs):
             seq = self.swapped[0]
             n = min(seq.num_uncomputed_tokens, budget)
             if bm.swap_in_blocks_needed(seq, n) > bm.num_free_blocks:
@@ -244,11 +263,12 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _schedule_waiting(self, picked: list, budget: int) -> None:
+    def _schedule_waiting(self, picked: list, budget: int, limit: int) -> None:
         """Admit waiting requests FCFS (head-of-line: stop at the first that does not fit)."""
         cfg, bm = self.config, self.block_manager
         idx = 0              # past the requests whose grammar still compiles (skipped, not waited for)
-        while idx < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while (idx < len(self.waiting) and budget > 0 and len(picked) < limit
+               and len(self.running) < cfg.max_num_seqs):
             seq = self.waiting[idx]
             if not self._grammar_ready(seq):
                 if seq.status is SequenceStatus.WAITING:    # still compiling (else aborted: gone)
@@ -314,7 +334,6 @@ class Scheduler:
         read); the requests the runner sees for the first time; the finished ones."""
         picked.sort(key=lambda p: p[0].sort_key())
         now = time.time()
-        self._in_flight = {}
         constrained = []            # sampled this step under a grammar: their bitmask rows
         for seq, n in picked:
             scheduled = self._scheduled_seq(seq, n, *self._step_spec.get(seq.seq_id, (0, ())))
@@ -333,8 +352,17 @@ class Scheduler:
             out.grammar_bitmask = self.structured.fill_bitmask([seq.grammar for seq in constrained])
             out.grammar_seq_ids = [seq.seq_id for seq in constrained]
         if not out.is_empty:      # else they wait for a step that reaches the runner
-            out.finished_request_ids, self._finished_ids = self._finished_ids, []
+            out.finished_request_ids, self._finished_ids = self._split_finished_ids()
         return out
+
+    def _split_finished_ids(self) -> tuple[list[str], list[str]]:
+        """(finished requests the runner may forget now, those to hold back): an aborted
+        request still in a step in flight keeps its runner state until that step is done."""
+        if not self._finished_ids or not self._in_flight:
+            return self._finished_ids, []
+        busy = {seq.request_id for seq in self._in_flight.values()}
+        return ([rid for rid in self._finished_ids if rid not in busy],
+                [rid for rid in self._finished_ids if rid in busy])
 
     @staticmethod
     def _scheduled_seq(seq: Sequence, n: int, lookahead: int, drafts) -> ScheduledSeq:
@@ -413,7 +441,7 @@ class Scheduler:
         self.block_manager.commit_computed(seq)
 
     def _live_seq(self, s: ScheduledSeq) -> Optional[Sequence]:
-        seq = self._in_flight.get(s.seq_id)
+        seq = self._in_flight.pop(s.seq_id, None)     # the step is done: no longer in flight
         if seq is None or seq.status.is_finished:
             return None           # not scheduled by this scheduler, or aborted since
         return seq
@@ -540,6 +568,11 @@ class Scheduler:
         if group.request_id in self._runner_requests:
             self._runner_requests.discard(group.request_id)
             self._finished_ids.append(group.request_id)
+
+    def forget_in_flight(self, out: SchedulerOutput) -> None:
+        """A step that will never be update()d (it failed): its sequences are no longer in flight."""
+        for s in out.scheduled:
+            self._in_flight.pop(s.seq_id, None)
 
     def failed_step_requests(self, out: SchedulerOutput, cache_ops_failed: bool) -> list[str]:
         """The requests a failed step leaves in an unknown state: the scheduled ones; when
