@@ -51,8 +51,10 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # worker's reply) before the driver declares that rank hung and shuts the group down.
     "FASTLLM_STEP_TIMEOUT": _positive_float("FASTLLM_STEP_TIMEOUT", 300.0),
     # 1: with pipeline_parallel_size = M, keep up to M steps in flight (microbatches);
-    # 0: one step at a time (the bubble, for measuring it).
-    "FASTLLM_PP_MICROBATCHES": _choice("FASTLLM_PP_MICROBATCHES", "1", ("0", "1")),
+    # 0: one step at a time (the bubble, for measuring it). auto: 1 on CPU (gloo, tested);
+    # 0 on CUDA until NCCL's ordering of one stream's sends and receives between facing
+    # stages is checked on a multi-GPU machine (it may deadlock with steps in flight).
+    "FASTLLM_PP_MICROBATCHES": _choice("FASTLLM_PP_MICROBATCHES", "auto", ("auto", "0", "1")),
     # The server's API key when --api-key is not given.
     "FASTLLM_API_KEY": _str_or_none("FASTLLM_API_KEY"),
 }

@@ -108,7 +108,10 @@ class MultiprocExecutor(Executor):
         # Several steps in flight only pay with pipeline stages, and need a runner that
         # splits a step into begin (forward, send on) and finish (receive logits, sample).
         pp = rank.parallel.pp.world_size
-        if (pp > 1 and envs.FASTLLM_PP_MICROBATCHES == "1"
+        micro = envs.FASTLLM_PP_MICROBATCHES
+        if micro == "auto":
+            micro = "0" if self.runner.device.type == "cuda" else "1"
+        if (pp > 1 and micro == "1"
                 and hasattr(self.runner, "begin") and hasattr(self.runner, "finish")):
             self.max_concurrent_batches = pp
         # GC or interpreter exit without close(): the workers still go, and so does the
