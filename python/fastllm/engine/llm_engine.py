@@ -151,7 +151,8 @@ class LLMEngine:
         """The driver's engine over a MultiprocExecutor; on a torchrun rank other than 0
         this runs the worker loop and exits (SystemExit(0)) when the driver shuts down."""
         from fastllm.distributed.executor import MultiprocExecutor
-        from fastllm.distributed.model_config import read_model_config, validate_parallel
+        from fastllm.distributed.model_config import read_model_config
+        from fastllm.distributed.sharding import validate_parallel
         from fastllm.distributed.worker import WorkerSpec
         model_config = read_model_config(model)
         validate_parallel(model_config, parallel_config)      # before any worker starts
