@@ -3,8 +3,9 @@ finish for --shutdown-grace seconds, aborts the rest with an error, and exits 0.
 client gets either a complete response or an error.
 
 --max-num-seqs 1 runs requests one at a time, first come first served: the two short
-ones (3 tokens) are ahead and finish within the grace period; the eight long ones
-(250 tokens each, 2000 steps in all) cannot all finish in it, so both outcomes happen."""
+ones (3 tokens) are ahead and finish within the grace period; the NUM_LONG long ones
+(250 tokens each, 12000 steps in all: 6 steps per millisecond would be needed) cannot all
+finish in it, so both outcomes happen."""
 from __future__ import annotations
 
 import asyncio
@@ -18,6 +19,7 @@ from server_process import MODEL_NAME, ServerProcess
 
 GRACE_S = 2.0
 SHORT, LONG = 3, 250
+NUM_LONG = 48               # 47 streamed + 1 whole
 
 
 async def _stream(client, url, max_tokens, started: asyncio.Event):
@@ -71,10 +73,10 @@ def test_sigterm_drains_then_exits_0(model_path):
                          asyncio.ensure_future(_stream(client, url, SHORT, asyncio.Event()))]
                 await asyncio.wait_for(first.wait(), 60)
                 tasks += [asyncio.ensure_future(_stream(client, url, LONG, asyncio.Event()))
-                          for _ in range(7)]
+                          for _ in range(NUM_LONG - 1)]
                 tasks.append(asyncio.ensure_future(_whole(client, url, LONG)))
                 deadline = time.monotonic() + 60
-                while await _queued(client, url) < 7:          # the long ones are in line
+                while await _queued(client, url) < NUM_LONG - 1:          # the long ones are in line
                     assert time.monotonic() < deadline, "the long requests were not queued"
                     await asyncio.sleep(0.05)
                 server.proc.send_signal(signal.SIGTERM)
