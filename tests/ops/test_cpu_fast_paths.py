@@ -9,15 +9,6 @@ from fastllm import ops, reference
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="fastllm._C is not built")
 
 
-@pytest.fixture(params=["avx2", "generic"])
-def isa(request):
-    ops.quant_cpu_force_generic(request.param == "generic")
-    if request.param == "avx2" and ops.quant_cpu_isa() != "avx2":
-        pytest.skip("this CPU has no AVX2+FMA")
-    yield request.param
-    ops.quant_cpu_force_generic(False)
-
-
 def test_silu_and_mul_extreme_gates_match_float64(isa):
     # exp's range reduction and its flush below -87, both signs, and a ragged tail (I = 21).
     gate = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 0.5, -0.5, 3.0, -3.0, 20.0, -20.0, 86.0, -86.0, 87.5, -87.5,

@@ -16,16 +16,6 @@ def _in_features(ggml_type: int, blocks: int) -> int:
     return reference.GGML_BLOCKS[ggml_type][0] * blocks if ggml_type in QUANT_TYPES.values() else 32 * blocks + 5
 
 
-@pytest.fixture(params=["avx2", "generic"])
-def isa(request):
-    """Each CPU test runs on both kernel builds (AVX2 only where the CPU has it)."""
-    ops.quant_cpu_force_generic(request.param == "generic")
-    if request.param == "avx2" and ops.quant_cpu_isa() != "avx2":
-        pytest.skip("this CPU has no AVX2+FMA")
-    yield request.param
-    ops.quant_cpu_force_generic(False)
-
-
 @pytest.mark.parametrize("name", list(QUANT_TYPES))
 def test_reference_matches_gguf(name):
     t = QUANT_TYPES[name]
