@@ -132,6 +132,235 @@ void attend_item_f32_avx2(float* out, const float* q, const float* k_cache, cons
   }
 }
 
+// -- prefill: several query tokens per work item --------------------------------------------
+// A block's R = nq * group query rows (row r: token r / group, head r % group) meet each
+// tile of kKeyTile keys together: the tile's K is transposed once into kT [D, kKeyTile],
+// so S = Q K^T is a small register-blocked GEMM (keys across the lanes, no horizontal
+// sums), and each V row is read from L1 by every row block. That is what lifts prefill
+// from the decode item's GEMV-like q.k dots to GEMM-like arithmetic per K/V byte.
+namespace {
+constexpr int64_t kKeyTile = 16;      // two vectors of keys
+constexpr int kQkRows = 6;            // rows per QK register block: 12 accumulators
+constexpr int kPvRows = 3;            // rows per PV register block: 3 x 4 accumulators
+
+// r0..r7 (8 keys' dims d..d+7) -> r0..r7 (dim d+i of the 8 keys).
+inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6,
+                       __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// kT [D, kKeyTile] <- the tile's key rows (kKeyTile pointers; absent keys point at zeros).
+inline void transpose_key_tile(float* kT, const float* const* k_rows, int64_t D) {
+  for (int64_t half = 0; half < kKeyTile; half += 8) {
+    const float* const* k = k_rows + half;
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 r0 = _mm256_loadu_ps(k[0] + d), r1 = _mm256_loadu_ps(k[1] + d), r2 = _mm256_loadu_ps(k[2] + d);
+      __m256 r3 = _mm256_loadu_ps(k[3] + d), r4 = _mm256_loadu_ps(k[4] + d), r5 = _mm256_loadu_ps(k[5] + d);
+      __m256 r6 = _mm256_loadu_ps(k[6] + d), r7 = _mm256_loadu_ps(k[7] + d);
+      transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
+      float* dst = kT + d * kKeyTile + half;
+      _mm256_store_ps(dst, r0);
+      _mm256_store_ps(dst + kKeyTile, r1);
+      _mm256_store_ps(dst + 2 * kKeyTile, r2);
+      _mm256_store_ps(dst + 3 * kKeyTile, r3);
+      _mm256_store_ps(dst + 4 * kKeyTile, r4);
+      _mm256_store_ps(dst + 5 * kKeyTile, r5);
+      _mm256_store_ps(dst + 6 * kKeyTile, r6);
+      _mm256_store_ps(dst + 7 * kKeyTile, r7);
+    }
+  }
+}
+
+// S [RB, kKeyTile] = q [RB, D] (row stride D) x kT.
+template <int RB>
+inline void qk_block(float* S, const float* q, const float* kT, int64_t D) {
+  __m256 lo[RB], hi[RB];
+  for (int r = 0; r < RB; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = _mm256_load_ps(kT + d * kKeyTile), k1 = _mm256_load_ps(kT + d * kKeyTile + 8);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 b = _mm256_broadcast_ss(q + r * D + d);
+      lo[r] = _mm256_fmadd_ps(b, k0, lo[r]);
+      hi[r] = _mm256_fmadd_ps(b, k1, hi[r]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    _mm256_store_ps(S + r * kKeyTile, lo[r]);
+    _mm256_store_ps(S + r * kKeyTile + 8, hi[r]);
+  }
+}
+
+void qk_rows(float* S, const float* q, const float* kT, int64_t rows, int64_t D) {
+  int64_t r = 0;
+  for (; r + kQkRows <= rows; r += kQkRows) qk_block<kQkRows>(S + r * kKeyTile, q + r * D, kT, D);
+  switch (rows - r) {
+    case 5: qk_block<5>(S + r * kKeyTile, q + r * D, kT, D); break;
+    case 4: qk_block<4>(S + r * kKeyTile, q + r * D, kT, D); break;
+    case 3: qk_block<3>(S + r * kKeyTile, q + r * D, kT, D); break;
+    case 2: qk_block<2>(S + r * kKeyTile, q + r * D, kT, D); break;
+    case 1: qk_block<1>(S + r * kKeyTile, q + r * D, kT, D); break;
+    default: break;
+  }
+}
+
+// acc [RB, D] = acc * corr[r] + P [RB, kKeyTile] x V (n rows), 32 dims at a time, then 8.
+template <int RB>
+inline void pv_block(float* acc, const float* corr, const float* P, const float* const* v_rows, int64_t n,
+                     int64_t D) {
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    __m256 a[RB][4];
+    for (int r = 0; r < RB; ++r) {
+      const __m256 c = _mm256_set1_ps(corr[r]);
+      for (int v = 0; v < 4; ++v) a[r][v] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d + 8 * v), c);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vj = v_rows[j] + d;
+      const __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
+      const __m256 v2 = _mm256_loadu_ps(vj + 16), v3 = _mm256_loadu_ps(vj + 24);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 p = _mm256_broadcast_ss(P + r * kKeyTile + j);
+        a[r][0] = _mm256_fmadd_ps(p, v0, a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(p, v1, a[r][1]);
+        a[r][2] = _mm256_fmadd_ps(p, v2, a[r][2]);
+        a[r][3] = _mm256_fmadd_ps(p, v3, a[r][3]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(acc + r * D + d + 8 * v, a[r][v]);
+    }
+  }
+  for (; d < D; d += 8) {
+    __m256 a[RB];
+    for (int r = 0; r < RB; ++r) a[r] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d), _mm256_set1_ps(corr[r]));
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v = _mm256_loadu_ps(v_rows[j] + d);
+      for (int r = 0; r < RB; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(P + r * kKeyTile + j), v, a[r]);
+    }
+    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(acc + r * D + d, a[r]);
+  }
+}
+
+void pv_rows(float* acc, const float* corr, const float* P, const float* const* v_rows, int64_t n, int64_t rows,
+             int64_t D) {
+  int64_t r = 0;
+  for (; r + kPvRows <= rows; r += kPvRows) pv_block<kPvRows>(acc + r * D, corr + r, P + r * kKeyTile, v_rows, n, D);
+  if (rows - r == 2) pv_block<2>(acc + r * D, corr + r, P + r * kKeyTile, v_rows, n, D);
+  if (rows - r == 1) pv_block<1>(acc + r * D, corr + r, P + r * kKeyTile, v_rows, n, D);
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// Scores of row r (its token at position pos) -> probabilities under the running max m,
+// keys after pos masked out; returns the correction of the row's earlier sums.
+inline float softmax_tile_row(float* S_row, float& m, float& l, int64_t j0, int64_t pos) {
+  __m256 s0 = _mm256_load_ps(S_row), s1 = _mm256_load_ps(S_row + 8);
+  if (j0 + kKeyTile - 1 > pos) {  // the tile reaches past this row's position: mask
+    const __m256 limit = _mm256_set1_ps(static_cast<float>(pos - j0));
+    const __m256 idx0 = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), idx1 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    s0 = _mm256_blendv_ps(s0, ninf, _mm256_cmp_ps(idx0, limit, _CMP_GT_OQ));
+    s1 = _mm256_blendv_ps(s1, ninf, _mm256_cmp_ps(idx1, limit, _CMP_GT_OQ));
+  }
+  const float tile_max = hmax(_mm256_max_ps(s0, s1));
+  const float new_max = m > tile_max ? m : tile_max;  // finite: key 0 is in every row's first tile
+  const float correction = m == -INFINITY ? 0.f : std::exp(m - new_max);
+  const __m256 mx = _mm256_set1_ps(new_max);
+  const __m256 p0 = exp_nonpositive(_mm256_sub_ps(s0, mx)), p1 = exp_nonpositive(_mm256_sub_ps(s1, mx));
+  _mm256_store_ps(S_row, p0);
+  _mm256_store_ps(S_row + 8, p1);
+  l = l * correction + hsum(_mm256_add_ps(p0, p1));
+  m = new_max;
+  return correction;
+}
+}  // namespace
+
+int64_t attend_block_scratch_floats(int64_t rows, int64_t head_dim) {
+  // q, acc [rows, D]; S [rows, kKeyTile]; kT [D, kKeyTile]; m, l, corr [rows]; a zero
+  // row [D]; + 8 for the 32-byte alignment of the start.
+  return 2 * rows * head_dim + rows * kKeyTile + head_dim * kKeyTile + 3 * rows + head_dim + 8;
+}
+
+// nq consecutive query tokens of one sequence (query / out rows at token strides q_stride
+// / o_stride, the first at position first_pos), the group of heads of KV head kvh, over
+// keys [0, first_pos + nq). D % 8 == 0. scratch: attend_block_scratch_floats(nq * group, D).
+void attend_block_f32_avx2(float* out, int64_t o_stride, const float* query, int64_t q_stride, const float* k_cache,
+                           const float* v_cache, const int32_t* table, int64_t first_pos, int64_t nq,
+                           const PagedAttentionShape& s, int64_t kvh, float scale, float* scratch) {
+  const int64_t D = s.head_dim, group = s.num_heads / s.num_kv_heads, kv_row = s.num_kv_heads * D;
+  const int64_t rows = nq * group, num_keys = first_pos + nq;
+  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 31) & ~uintptr_t{31});
+  float* kT = base;                        // [D, kKeyTile] (32-byte aligned rows)
+  float* S = kT + D * kKeyTile;            // [rows, kKeyTile]
+  float* q = S + rows * kKeyTile;          // [rows, D] scaled
+  float* acc = q + rows * D;               // [rows, D]
+  float* m = acc + rows * D;
+  float* l = m + rows;
+  float* corr = l + rows;
+  float* zeros = corr + rows;              // [D]: the rows of absent keys
+  for (int64_t d = 0; d < D; ++d) zeros[d] = 0.f;
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* src = query + i * q_stride + kvh * group * D;  // the group's heads are adjacent
+    for (int64_t e = 0; e < group * D; ++e) { q[i * group * D + e] = src[e] * scale; acc[i * group * D + e] = 0.f; }
+  }
+  for (int64_t r = 0; r < rows; ++r) { m[r] = -INFINITY; l[r] = 0.f; }
+  const float* k_rows[kKeyTile];
+  const float* v_rows[kKeyTile];
+  for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyTile) {
+    const int64_t n = num_keys - j0 < kKeyTile ? num_keys - j0 : kKeyTile;
+    for (int64_t jj = 0; jj < kKeyTile; ++jj) {
+      if (jj < n) {
+        const int64_t j = j0 + jj;
+        const int64_t slot = static_cast<int64_t>(table[j / s.block_size]) * s.block_size + j % s.block_size;
+        k_rows[jj] = k_cache + slot * kv_row + kvh * D;
+        v_rows[jj] = v_cache + slot * kv_row + kvh * D;
+      } else {
+        k_rows[jj] = zeros;
+      }
+    }
+    transpose_key_tile(kT, k_rows, D);
+    // Rows whose token sits before this tile see none of it: only the rows from the
+    // first token at position >= j0 take part (the same tokens for every later tile).
+    const int64_t first_token = j0 > first_pos ? j0 - first_pos : 0;
+    const int64_t r0 = first_token * group;
+    qk_rows(S + r0 * kKeyTile, q + r0 * D, kT, rows - r0, D);
+    for (int64_t r = r0; r < rows; ++r) {
+      corr[r] = softmax_tile_row(S + r * kKeyTile, m[r], l[r], j0, first_pos + r / group);
+    }
+    pv_rows(acc + r0 * D, corr + r0, S + r0 * kKeyTile, v_rows, n, rows - r0, D);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / l[r];  // > 0: every row sees key 0
+    float* o = out + (r / group) * o_stride + (kvh * group + r % group) * D;
+    const float* a = acc + r * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+  }
+}
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -140,6 +369,9 @@ void attend_item_f32_avx2(float* out, const float* q, const float* k_cache, cons
 
 #else
 bool attention_avx2_supported() { return false; }
+int64_t attend_block_scratch_floats(int64_t, int64_t) { return 0; }
+void attend_block_f32_avx2(float*, int64_t, const float*, int64_t, const float*, const float*, const int32_t*, int64_t,
+                           int64_t, const PagedAttentionShape&, int64_t, float, float*) {}
 void attend_item_f32_avx2(float*, const float*, const float*, const float*, const int32_t*, int64_t,
                           const PagedAttentionShape&, int64_t, float*) {}
 #endif

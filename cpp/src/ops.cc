@@ -274,12 +274,11 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
   if (plan != nullptr) check_plan(*plan, shape, query);
 
   if (query.device == Device::kCPU) {
-    if (q_token_stride != H * D) throw ArgValueError("query: the CPU kernel needs a contiguous query");
     check_attention_metadata(query, k_cache, block_tables, seq_lens, query_start_loc);
     FASTLLM_DISPATCH_CPU_FLOAT(query.dtype, [&] {
       cpu::paged_attention<scalar_t>(out.ptr<scalar_t>(), query.ptr<scalar_t>(), k_cache.ptr<scalar_t>(),
                                      v_cache.ptr<scalar_t>(), block_tables.ptr<int32_t>(), seq_lens.ptr<int32_t>(),
-                                     query_start_loc.ptr<int32_t>(), shape, scale);
+                                     query_start_loc.ptr<int32_t>(), shape, scale, q_token_stride);
     });
     return;
   }

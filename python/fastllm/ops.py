@@ -186,7 +186,7 @@ def paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_
         torch_paged_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                               scale, plan.max_query_len)
     elif plan.backend == "native":
-        if query.is_cpu or not _dense_rows(query):
+        if not _dense_rows(query):
             query = query.contiguous()
         workspace = None if plan.workspace is None else to_dlpack(plan.workspace)
         _C.paged_attention(*_dl(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc),
@@ -300,12 +300,15 @@ def quant_linear(x, weight, ggml_type: int, bias=None, out=None):
     return out
 
 
-def quant_dequantize(weight, ggml_type: int, in_features: int, use_native: bool = True):
+def quant_dequantize(weight, ggml_type: int, in_features: int, use_native: bool = True, out=None):
     """uint8 blocks [N, row_bytes] -> float32 [N, in_features] (the CPU kernels' decoder;
-    use_native=False, or no _C: the float64 reference, rounded)."""
-    out = torch.empty(weight.shape[0], in_features, dtype=torch.float32)
+    use_native=False, or no _C: the float64 reference, rounded). out: a contiguous float32
+    [N, in_features] CPU tensor to write (and return) instead of a new one."""
+    if out is None:
+        out = torch.empty(weight.shape[0], in_features, dtype=torch.float32)
     if use_native and _C is not None and weight.is_cpu:
-        _sync_cpu_threads()
+        if torch.get_num_threads() != _pool_threads:
+            _sync_cpu_threads()
         _C.quant_dequantize(to_dlpack(out), to_dlpack(weight), int(ggml_type))
     else:
         quant_block_shape(ggml_type)

@@ -4,13 +4,38 @@ Q5_K, Q6_K, or F32/F16/BF16 rows), multiplied by fastllm.ops.quant_linear's kern
 A fused projection (q|k|v, gate|up) whose parts were stored in different types (a
 Q4_K_M file keeps some v and down weights in Q6_K) is a list of segments, each a run of
 output rows in one type, written into its columns of one output.
+
+Prefill on the CPU (a call of DEQUANT_GEMM_MIN_TOKENS tokens or more) dequantizes the
+weight into a reused float32 scratch and runs torch's GEMM on it: decoding a layer's
+blocks costs a fraction of a millisecond, and MKL's fp32 GEMM beats the kernels'
+dequantize-as-you-go GEMM once enough tokens share each weight row. The math is the
+same fp32 products of the same dequantized values, summed in another order.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastllm import ops
+
+# From this many tokens a CPU call dequantizes and runs torch's GEMM (measured on the
+# SmolLM2 Q4_1 layers, 2 threads: the kernels win up to ~64 tokens, break even near 128,
+# and lose by ~25% at 512).
+DEQUANT_GEMM_MIN_TOKENS = 128
+
+# One float32 scratch per thread, grown to the largest weight seen and shared by every
+# layer (a layer's dequantized weight is dead once its GEMM returns).
+_scratch = threading.local()
+
+
+def _dequant_scratch(numel: int) -> torch.Tensor:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
 
 
 class QuantLinear(nn.Module):
@@ -48,7 +73,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype (fp32 math)."""
-        if x.dim() == 2 and x.dtype == torch.float32 and len(self.ggml_types) == 1:
+        if x.dim() == 2 and x.dtype == torch.float32 and len(self.ggml_types) == 1 \
+                and x.shape[0] < DEQUANT_GEMM_MIN_TOKENS:
             # The decode step's common case, without the module attribute lookups (a few
             # microseconds a call, 120 calls a step): (type, blocks) cached on first use.
             single = self.__dict__.get("_single")
@@ -60,7 +86,9 @@ class QuantLinear(nn.Module):
         if x2.dtype != torch.float32:
             x2 = x2.float()
         segments = self.segments()
-        if len(segments) == 1:
+        if x2.is_cpu and x2.shape[0] >= DEQUANT_GEMM_MIN_TOKENS and ops.native_available():
+            y = F.linear(x2, self.dequantize_into_scratch(), self.bias)
+        elif len(segments) == 1:
             y = ops.quant_linear(x2, segments[0][1], segments[0][0], self.bias)
         else:
             y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
@@ -69,6 +97,14 @@ class QuantLinear(nn.Module):
                 ops.quant_linear(x2, w, t, bias, out=y[:, r0:r1])
         y = y.reshape(*lead, self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def dequantize_into_scratch(self) -> torch.Tensor:
+        """The float32 weight [out_features, in_features], each segment decoded into its
+        rows of this thread's scratch (valid until the next layer's call)."""
+        w = _dequant_scratch(self.out_features * self.in_features).view(self.out_features, self.in_features)
+        for (t, blocks), r0, r1 in zip(self.segments(), self.row_starts, self.row_starts[1:]):
+            ops.quant_dequantize(blocks, t, self.in_features, out=w[r0:r1])
+        return w
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ggml_types={self.ggml_types}"

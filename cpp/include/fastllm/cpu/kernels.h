@@ -17,10 +17,13 @@ void reshape_and_cache(const void* key, const void* value, void* k_cache, void* 
 
 using ::fastllm::PagedAttentionShape;
 
+// query's token t starts at query + t * q_token_stride (<= 0: num_heads * head_dim, a
+// contiguous query; more for the q part of the fused qkv projection's output).
 template <typename T>
 void paged_attention(T* out, const T* query, const T* k_cache, const T* v_cache,
                      const int32_t* block_tables, const int32_t* seq_lens,
-                     const int32_t* query_start_loc, const PagedAttentionShape& shape, float scale);
+                     const int32_t* query_start_loc, const PagedAttentionShape& shape, float scale,
+                     int64_t q_token_stride = 0);
 
 // out/scores viewed as [num_rows, num_cols]; causal masking uses row % rows_per_matrix.
 // Row r is scaled by scale * row_scale[r] (row_scale [num_rows], or nullptr for 1).
