@@ -139,9 +139,10 @@ void attend_item_f32_avx2(float* out, const float* q, const float* k_cache, cons
 // sums), and each V row is read from L1 by every row block. That is what lifts prefill
 // from the decode item's GEMV-like q.k dots to GEMM-like arithmetic per K/V byte.
 namespace {
-constexpr int64_t kKeyTile = 16;      // two vectors of keys
-constexpr int kQkRows = 6;            // rows per QK register block: 12 accumulators
-constexpr int kPvRows = 3;            // rows per PV register block: 3 x 4 accumulators
+constexpr int64_t kKeyTile = 16;  // keys per tile (32 measured no faster)
+constexpr int kKeyVecs = kKeyTile / 8;
+constexpr int kQkRows = 12 / kKeyVecs;  // rows per QK register block: 12 accumulators
+constexpr int kPvRows = 6;            // rows per PV register block: 6 x 2 accumulators
 
 // r0..r7 (8 keys' dims d..d+7) -> r0..r7 (dim d+i of the 8 keys).
 inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6,
@@ -193,79 +194,82 @@ inline void transpose_key_tile(float* kT, const float* const* k_rows, int64_t D)
 // S [RB, kKeyTile] = q [RB, D] (row stride D) x kT.
 template <int RB>
 inline void qk_block(float* S, const float* q, const float* kT, int64_t D) {
-  __m256 lo[RB], hi[RB];
-  for (int r = 0; r < RB; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  __m256 a[RB][kKeyVecs];
+  for (int r = 0; r < RB; ++r) {
+    for (int v = 0; v < kKeyVecs; ++v) a[r][v] = _mm256_setzero_ps();
+  }
   for (int64_t d = 0; d < D; ++d) {
-    const __m256 k0 = _mm256_load_ps(kT + d * kKeyTile), k1 = _mm256_load_ps(kT + d * kKeyTile + 8);
+    __m256 k[kKeyVecs];
+    for (int v = 0; v < kKeyVecs; ++v) k[v] = _mm256_load_ps(kT + d * kKeyTile + 8 * v);
     for (int r = 0; r < RB; ++r) {
       const __m256 b = _mm256_broadcast_ss(q + r * D + d);
-      lo[r] = _mm256_fmadd_ps(b, k0, lo[r]);
-      hi[r] = _mm256_fmadd_ps(b, k1, hi[r]);
+      for (int v = 0; v < kKeyVecs; ++v) a[r][v] = _mm256_fmadd_ps(b, k[v], a[r][v]);
     }
   }
   for (int r = 0; r < RB; ++r) {
-    _mm256_store_ps(S + r * kKeyTile, lo[r]);
-    _mm256_store_ps(S + r * kKeyTile + 8, hi[r]);
+    for (int v = 0; v < kKeyVecs; ++v) _mm256_store_ps(S + r * kKeyTile + 8 * v, a[r][v]);
   }
 }
 
 void qk_rows(float* S, const float* q, const float* kT, int64_t rows, int64_t D) {
   int64_t r = 0;
   for (; r + kQkRows <= rows; r += kQkRows) qk_block<kQkRows>(S + r * kKeyTile, q + r * D, kT, D);
-  switch (rows - r) {
-    case 5: qk_block<5>(S + r * kKeyTile, q + r * D, kT, D); break;
-    case 4: qk_block<4>(S + r * kKeyTile, q + r * D, kT, D); break;
-    case 3: qk_block<3>(S + r * kKeyTile, q + r * D, kT, D); break;
+  switch (rows - r) {  // the last rows: < kQkRows
+    case 5: if constexpr (kQkRows > 5) qk_block<5>(S + r * kKeyTile, q + r * D, kT, D); break;
+    case 4: if constexpr (kQkRows > 4) qk_block<4>(S + r * kKeyTile, q + r * D, kT, D); break;
+    case 3: if constexpr (kQkRows > 3) qk_block<3>(S + r * kKeyTile, q + r * D, kT, D); break;
     case 2: qk_block<2>(S + r * kKeyTile, q + r * D, kT, D); break;
     case 1: qk_block<1>(S + r * kKeyTile, q + r * D, kT, D); break;
     default: break;
   }
 }
 
-// acc [RB, D] = acc * corr[r] + P [RB, kKeyTile] x V (n rows), 32 dims at a time, then 8.
-template <int RB>
+// acc [RB, D] = acc * corr[r] + P [RB, kKeyTile] x V (n rows), for dims [d0, d0 + 8 NV):
+// RB x NV accumulators, NV vectors of each V row and one broadcast p in registers.
+template <int RB, int NV>
 inline void pv_block(float* acc, const float* corr, const float* P, const float* const* v_rows, int64_t n,
-                     int64_t D) {
+                     int64_t D, int64_t d0) {
+  __m256 a[RB][NV];
+  for (int r = 0; r < RB; ++r) {
+    const __m256 c = _mm256_set1_ps(corr[r]);
+    for (int v = 0; v < NV; ++v) a[r][v] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d0 + 8 * v), c);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 vj[NV];
+    for (int v = 0; v < NV; ++v) vj[v] = _mm256_loadu_ps(v_rows[j] + d0 + 8 * v);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 p = _mm256_broadcast_ss(P + r * kKeyTile + j);
+      for (int v = 0; v < NV; ++v) a[r][v] = _mm256_fmadd_ps(p, vj[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + r * D + d0 + 8 * v, a[r][v]);
+  }
+}
+
+template <int RB>
+inline void pv_rows_of(float* acc, const float* corr, const float* P, const float* const* v_rows, int64_t n,
+                       int64_t D) {
   int64_t d = 0;
-  for (; d + 32 <= D; d += 32) {
-    __m256 a[RB][4];
-    for (int r = 0; r < RB; ++r) {
-      const __m256 c = _mm256_set1_ps(corr[r]);
-      for (int v = 0; v < 4; ++v) a[r][v] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d + 8 * v), c);
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const float* vj = v_rows[j] + d;
-      const __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
-      const __m256 v2 = _mm256_loadu_ps(vj + 16), v3 = _mm256_loadu_ps(vj + 24);
-      for (int r = 0; r < RB; ++r) {
-        const __m256 p = _mm256_broadcast_ss(P + r * kKeyTile + j);
-        a[r][0] = _mm256_fmadd_ps(p, v0, a[r][0]);
-        a[r][1] = _mm256_fmadd_ps(p, v1, a[r][1]);
-        a[r][2] = _mm256_fmadd_ps(p, v2, a[r][2]);
-        a[r][3] = _mm256_fmadd_ps(p, v3, a[r][3]);
-      }
-    }
-    for (int r = 0; r < RB; ++r) {
-      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(acc + r * D + d + 8 * v, a[r][v]);
-    }
-  }
-  for (; d < D; d += 8) {
-    __m256 a[RB];
-    for (int r = 0; r < RB; ++r) a[r] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d), _mm256_set1_ps(corr[r]));
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 v = _mm256_loadu_ps(v_rows[j] + d);
-      for (int r = 0; r < RB; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(P + r * kKeyTile + j), v, a[r]);
-    }
-    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(acc + r * D + d, a[r]);
-  }
+  for (; d + 16 <= D; d += 16) pv_block<RB, 2>(acc, corr, P, v_rows, n, D, d);
+  if (d < D) pv_block<RB, 1>(acc, corr, P, v_rows, n, D, d);  // D % 16 == 8
 }
 
 void pv_rows(float* acc, const float* corr, const float* P, const float* const* v_rows, int64_t n, int64_t rows,
              int64_t D) {
   int64_t r = 0;
-  for (; r + kPvRows <= rows; r += kPvRows) pv_block<kPvRows>(acc + r * D, corr + r, P + r * kKeyTile, v_rows, n, D);
-  if (rows - r == 2) pv_block<2>(acc + r * D, corr + r, P + r * kKeyTile, v_rows, n, D);
-  if (rows - r == 1) pv_block<1>(acc + r * D, corr + r, P + r * kKeyTile, v_rows, n, D);
+  for (; r + kPvRows <= rows; r += kPvRows) pv_rows_of<kPvRows>(acc + r * D, corr + r, P + r * kKeyTile, v_rows, n, D);
+  float* a = acc + r * D;
+  const float* c = corr + r;
+  const float* p = P + r * kKeyTile;
+  switch (rows - r) {  // the last rows: < kPvRows
+    case 5: pv_rows_of<5>(a, c, p, v_rows, n, D); break;
+    case 4: pv_rows_of<4>(a, c, p, v_rows, n, D); break;
+    case 3: pv_rows_of<3>(a, c, p, v_rows, n, D); break;
+    case 2: pv_rows_of<2>(a, c, p, v_rows, n, D); break;
+    case 1: pv_rows_of<1>(a, c, p, v_rows, n, D); break;
+    default: break;
+  }
 }
 
 inline float hmax(__m256 v) {
@@ -278,22 +282,29 @@ inline float hmax(__m256 v) {
 // Scores of row r (its token at position pos) -> probabilities under the running max m,
 // keys after pos masked out; returns the correction of the row's earlier sums.
 inline float softmax_tile_row(float* S_row, float& m, float& l, int64_t j0, int64_t pos) {
-  __m256 s0 = _mm256_load_ps(S_row), s1 = _mm256_load_ps(S_row + 8);
+  __m256 sv[kKeyVecs];
+  for (int v = 0; v < kKeyVecs; ++v) sv[v] = _mm256_load_ps(S_row + 8 * v);
   if (j0 + kKeyTile - 1 > pos) {  // the tile reaches past this row's position: mask
     const __m256 limit = _mm256_set1_ps(static_cast<float>(pos - j0));
-    const __m256 idx0 = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), idx1 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
-    const __m256 ninf = _mm256_set1_ps(-INFINITY);
-    s0 = _mm256_blendv_ps(s0, ninf, _mm256_cmp_ps(idx0, limit, _CMP_GT_OQ));
-    s1 = _mm256_blendv_ps(s1, ninf, _mm256_cmp_ps(idx1, limit, _CMP_GT_OQ));
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int v = 0; v < kKeyVecs; ++v) {
+      const __m256 idx = _mm256_add_ps(lane, _mm256_set1_ps(8.f * v));
+      sv[v] = _mm256_blendv_ps(sv[v], _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(idx, limit, _CMP_GT_OQ));
+    }
   }
-  const float tile_max = hmax(_mm256_max_ps(s0, s1));
+  __m256 vmax = sv[0];
+  for (int v = 1; v < kKeyVecs; ++v) vmax = _mm256_max_ps(vmax, sv[v]);
+  const float tile_max = hmax(vmax);
   const float new_max = m > tile_max ? m : tile_max;  // finite: key 0 is in every row's first tile
   const float correction = m == -INFINITY ? 0.f : std::exp(m - new_max);
   const __m256 mx = _mm256_set1_ps(new_max);
-  const __m256 p0 = exp_nonpositive(_mm256_sub_ps(s0, mx)), p1 = exp_nonpositive(_mm256_sub_ps(s1, mx));
-  _mm256_store_ps(S_row, p0);
-  _mm256_store_ps(S_row + 8, p1);
-  l = l * correction + hsum(_mm256_add_ps(p0, p1));
+  __m256 sum = _mm256_setzero_ps();
+  for (int v = 0; v < kKeyVecs; ++v) {
+    const __m256 p = exp_nonpositive(_mm256_sub_ps(sv[v], mx));
+    _mm256_store_ps(S_row + 8 * v, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  l = l * correction + hsum(sum);
   m = new_max;
   return correction;
 }
