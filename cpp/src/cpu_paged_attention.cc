@@ -3,6 +3,9 @@
 // for the whole group. Per head an online softmax (running max m, sum l, acc[D]) is
 // rescaled once per tile. Query i of a sequence with q_len queries and seq_len cached
 // tokens sits at position seq_len - q_len + i and sees keys [0, that position].
+// fp32 steps with a prefill chunk on an AVX2 CPU take the blocked path instead: items of
+// several query tokens (kBlockRows query rows) per KV head, whose K/V tiles serve every
+// row (attend_block_f32_avx2), claimed largest first by the pool.
 #include <algorithm>
 #include <cmath>
 #include <limits>
