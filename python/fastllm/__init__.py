@@ -1,6 +1,10 @@
 """fastllm: a small, fast LLM inference engine (vLLM's API names, C++/CUDA core)."""
 __version__ = "0.1.0"
 
+from fastllm.openmp_env import prefer_passive_openmp
+
+prefer_passive_openmp()   # before anything imports torch (see fastllm.openmp_env)
+
 _LAZY = {
     "LLM": "fastllm.llm",
     "SamplingParams": "fastllm.sampling_params",
