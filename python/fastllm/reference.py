@@ -311,6 +311,18 @@ def quant_linear(out, x, weight, ggml_type: int, bias=None) -> None:
     out.copy_(y)
 
 
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (K a multiple of 32) rounded as the CPU int8-activation GEMV rounds it
+    (ggml's Q8_0 blocks): per 32 values d = max|x| / 127, q = round-half-even(x * (127 /
+    max|x|)) in float32; returns q * d in float64 (what the kernel's int32 sums multiply)."""
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    d = amax / torch.tensor(127.0)
+    return (q.to(torch.float64) * d.to(torch.float64)).reshape(x.shape)
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
     """In place: logits[rows[i], t] = -inf where bit t % 32 of bitmask[i, t // 32] is 0.
     logits [S, V] float; bitmask [R, W] int32 (W >= ceil(V / 32); tokens past W * 32 are

@@ -131,3 +131,78 @@ def test_quant_linear_in_a_forked_child():
     assert child.exitcode == 0
     for got in results:
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-4, atol=1e-4)
+
+
+INT8_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+@pytest.fixture
+def int8_avx2():
+    """The AVX2 build with int8 activations (the default), restored afterwards."""
+    if ops.quant_cpu_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2+FMA")
+    ops.set_cpu_int8_activations(True)
+    yield
+    ops.set_cpu_int8_activations(True)
+
+
+def test_quantize_activations_q8_matches_gguf_q8_0():
+    """The rounding the int8 GEMV does is ggml's Q8_0 quantization of x (with the scale
+    kept in fp32, where Q8_0 stores fp16): its int8 values checked against the gguf
+    package's quantize (ties and last-ulp products aside: a rare one-step difference), and
+    a hand-computed block."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    x = torch.randn(3, 96) * torch.tensor([0.01, 1.0, 300.0]).unsqueeze(1)
+    blocks = x.reshape(9, 32)
+    d = (blocks.abs().amax(dim=1, keepdim=True) / 127).double()
+    got_q = (reference.quantize_activations_q8(x).reshape(9, 32) / d).round()
+    packed = quantize(x.numpy(), GGMLQuantizationType.Q8_0).reshape(9, 34)
+    want_q = torch.from_numpy(packed[:, 2:].copy().view(np.int8).astype(np.float64))
+    assert (got_q - want_q).abs().max() <= 1
+    assert (got_q == want_q).double().mean() > 0.99
+    hand = torch.zeros(1, 32)
+    hand[0, :4] = torch.tensor([127.0, -63.4, 0.6, -0.5])     # d = 1: round half to even
+    assert reference.quantize_activations_q8(hand)[0, :4].tolist() == [127.0, -63.0, 1.0, -0.0]
+
+
+@native
+@pytest.mark.parametrize("name", INT8_TYPES)
+@pytest.mark.parametrize("out_features", [1, 2, 301])
+def test_quant_gemv_int8_activations(name, out_features, int8_avx2):
+    """Batch-1 GEMV with int8 activations: equal to the float64 product of the dequantized
+    weights with the Q8-rounded x (exact integer sums: fp32 rounding only), and within the
+    rounding's reach of the exact product."""
+    t = ALL_TYPES[name]
+    K = 32 * 9
+    w = random_blocks(t, out_features, K, seed=out_features)
+    x = torch.randn(1, K)
+    b = torch.randn(out_features)
+    got = ops.quant_linear(x, w, t, b).double()
+    want_q8, want_exact = (torch.empty(1, out_features, dtype=torch.float64) for _ in range(2))
+    reference.quant_linear(want_q8, reference.quantize_activations_q8(x), w, t, b)
+    reference.quant_linear(want_exact, x, w, t, b)
+    scale = want_exact.abs().max().item()
+    torch.testing.assert_close(got, want_q8, rtol=1e-4, atol=1e-5 * scale)
+    # |x_i - rounded x_i| <= half a step (max|x| / 254 of its block): the most that moves y.
+    half_step = (x.reshape(-1, 32).abs().amax(dim=1) / 254).repeat_interleave(32).double()
+    bound = reference.quant_dequantize(w, t, K).abs() @ half_step
+    assert ((got - want_exact).abs()[0] <= bound * 1.01 + 1e-5 * scale).all()
+    # More tokens (prefill, batched decode) keep fp32 x: the exact product.
+    x3 = torch.randn(3, K)
+    want3 = torch.empty(3, out_features, dtype=torch.float64)
+    reference.quant_linear(want3, x3, w, t, b)
+    torch.testing.assert_close(ops.quant_linear(x3, w, t, b).double(), want3, rtol=1e-4,
+                               atol=1e-5 * want3.abs().max().item())
+
+
+@native
+def test_int8_activations_switch_restores_the_exact_path(int8_avx2):
+    w = random_blocks(6, 64, 256, seed=3)
+    x = torch.randn(1, 256)
+    want = torch.empty(1, 64, dtype=torch.float64)
+    reference.quant_linear(want, x, w, 6)
+    ops.set_cpu_int8_activations(False)
+    torch.testing.assert_close(ops.quant_linear(x, w, 6).double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    ops.set_cpu_int8_activations(True)
+    assert not torch.allclose(ops.quant_linear(x, w, 6).double(), want, rtol=1e-6, atol=0)
