@@ -312,14 +312,16 @@ def quant_linear(out, x, weight, ggml_type: int, bias=None) -> None:
 
 
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
-    """x [T, K] (K a multiple of 32) rounded as the CPU int8-activation GEMV rounds it
-    (ggml's Q8_0 blocks): per 32 values d = max|x| / 127, q = round-half-even(x * (127 /
-    max|x|)) in float32; returns q * d in float64 (what the kernel's int32 sums multiply)."""
+    """x [T, K] (K a multiple of 32) rounded as the CPU int8-activation GEMV (and ggml's
+    quantize_row_q8_0 / q8_1) rounds it: per 32 values q = round-half-even(x * (127 /
+    max|x|)) in float32 and the scale d = max|x| / 127 stored as fp16. Returns q * d in
+    float64: what the kernel's exact int32 sums multiply. (The _1 types also use s =
+    fp16(d * sum(q)) for the block minimum: see test_quant_linear.)"""
     blocks = x.to(torch.float32).reshape(*x.shape[:-1], -1, 32)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv)
-    d = amax / torch.tensor(127.0)
+    d = (amax / torch.tensor(127.0)).to(torch.float16)
     return (q.to(torch.float64) * d.to(torch.float64)).reshape(x.shape)
 
 

@@ -89,8 +89,11 @@ class HFEngine:
 class LlamaCppEngine:
     def __init__(self, path, threads, n_ctx=1024):
         import llama_cpp
+        # An F32 KV cache (llama.cpp's default is F16), as fastllm's on the CPU: the greedy
+        # comparison is then of the weights' and activations' arithmetic only.
         self.llama = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                     n_batch=512, verbose=False, logits_all=False)
+                                     n_batch=512, verbose=False, logits_all=False,
+                                     type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         self.vocab_size = self.llama.n_vocab()
 
     def generate(self, prompts, max_tokens):
