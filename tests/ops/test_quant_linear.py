@@ -133,7 +133,8 @@ def test_quant_linear_in_a_forked_child():
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-4, atol=1e-4)
 
 
-INT8_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+INT8_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"]
+K_QUANTS = ("Q4_K", "Q6_K")
 
 
 @pytest.fixture
@@ -190,19 +191,22 @@ def test_quant_gemv_int8_activations(name, out_features, int8_avx2):
     weights with the Q8-rounded x (exact integer sums: fp32 rounding, and the _1 types'
     fp16 s), and within the rounding's reach of the exact product."""
     t = ALL_TYPES[name]
-    K = 32 * 9
+    k_quant = name in K_QUANTS
+    K = 256 * 3 if k_quant else 32 * 9
     w = random_blocks(t, out_features, K, seed=out_features)
     x = torch.randn(1, K)
     b = torch.randn(out_features)
     got = ops.quant_linear(x, w, t, b).double()
     want_q8, want_exact = (torch.empty(1, out_features, dtype=torch.float64) for _ in range(2))
-    reference.quant_linear(want_q8, reference.quantize_activations_q8(x), w, t, b)
+    rounded = reference.quantize_activations_q8k(x) if k_quant else reference.quantize_activations_q8(x)
+    reference.quant_linear(want_q8, rounded, w, t, b)
     reference.quant_linear(want_exact, x, w, t, b)
     scale = want_exact.abs().max().item()
     torch.testing.assert_close(got, want_q8, rtol=1e-4, atol=1e-5 * scale + _s_rounding(w, t, x).max().item())
     # |x_i - rounded x_i| <= half a step d / 2 (d = max|x| / 127 of its block) plus |q| <= 127
     # times d's fp16 rounding (2^-11 d): the most that moves y.
-    half_step = (x.reshape(-1, 32).abs().amax(dim=1) / 127 * (0.5 + 127 * 2**-11)).repeat_interleave(32).double()
+    block = 256 if k_quant else 32
+    half_step = (x.reshape(-1, block).abs().amax(dim=1) / 127 * (0.5 + 127 * 2**-11)).repeat_interleave(block).double()
     bound = reference.quant_dequantize(w, t, K).abs() @ half_step
     assert ((got - want_exact).abs()[0] <= bound * 1.01 + 1e-5 * scale + _s_rounding(w, t, x)).all()
     # More tokens (prefill, batched decode) keep fp32 x: the exact product.
@@ -243,7 +247,8 @@ def _ggml_cpu():
 
 @native
 @pytest.mark.parametrize("name,vec_dot_type", [("Q4_0", "q8_0"), ("Q4_1", "q8_1"), ("Q5_0", "q8_0"),
-                                               ("Q5_1", "q8_1"), ("Q8_0", "q8_0")])
+                                               ("Q5_1", "q8_1"), ("Q8_0", "q8_0"), ("Q4_K", "q8_K"),
+                                               ("Q6_K", "q8_K")])
 def test_int8_gemv_is_ggml_vec_dot(name, vec_dot_type, int8_avx2):
     """With llama.cpp installed: each output equals ggml's own quantize_row_q8_x + vec_dot
     on the same row, bit for bit (the arithmetic the int8 path copies)."""
@@ -251,13 +256,14 @@ def test_int8_gemv_is_ggml_vec_dot(name, vec_dot_type, int8_avx2):
     lib = _ggml_cpu()
     if lib is None:
         pytest.skip("llama-cpp-python (its libggml-cpu) is not installed")
-    t, K, N = ALL_TYPES[name], 576, 9
+    t, N = ALL_TYPES[name], 9
+    K = 1536 if name in K_QUANTS else 576
     w = random_blocks(t, N, K, seed=5)
     x = torch.randn(1, K)
-    y_bytes = K // 32 * (36 if vec_dot_type == "q8_1" else 34)
+    y_bytes = {"q8_0": K // 32 * 34, "q8_1": K // 32 * 36, "q8_K": K // 256 * 292}[vec_dot_type]
     xq = (ctypes.c_uint8 * y_bytes)()
     getattr(lib, f"quantize_row_{vec_dot_type}")(x.numpy().ctypes.data_as(ctypes.c_void_p), xq, ctypes.c_int64(K))
-    vec_dot = getattr(lib, f"ggml_vec_dot_{name.lower()}_{vec_dot_type}")
+    vec_dot = getattr(lib, f"ggml_vec_dot_{name[0].lower() + name[1:]}_{vec_dot_type}")
     want = []
     for n in range(N):
         row, s = w[n].numpy().copy(), ctypes.c_float()
