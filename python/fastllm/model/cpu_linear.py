@@ -6,7 +6,7 @@ second thread; the quantized kernels' F32 / BF16 row path (fastllm.ops.quant_lin
 ggml types 0 and 30 over the weight's bytes) splits rows over fastllm's pool and streams
 near copy bandwidth. bf16 weights are widened to fp32 in registers: half the bytes of
 fp32, fp32 math (this Zen 2 CPU has no bf16 dot instructions). Calls with more tokens
-(prefill) stay on torch's GEMM, which wins there.
+(prefill) stay on torch's GEMM, which wins there (fastllm.model.cpu_gemm: oneDNN's, for fp32).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastllm import ops
+from fastllm.model.cpu_gemm import cpu_gemm
 
 # ggml type of each weight dtype the row path reads.
 _GGML_TYPE = {torch.float32: 0, torch.bfloat16: 30, torch.float16: 1}
@@ -38,7 +39,7 @@ class CpuDenseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.dim() != 2 or x.shape[0] > MAX_GEMV_TOKENS or not w.is_contiguous() or w.dtype not in _GGML_TYPE:
-            return super().forward(x)
+            return cpu_gemm(x, w, self.bias)   # oneDNN for fp32, else F.linear
         bias = None if self.bias is None else self.bias.float()
         x32 = x if x.dtype == torch.float32 else x.float()
         y = ops.quant_linear(x32, w.view(torch.uint8), _GGML_TYPE[w.dtype], bias)

@@ -6,20 +6,20 @@ Q4_K_M file keeps some v and down weights in Q6_K) is a list of segments, each a
 output rows in one type, written into its columns of one output.
 
 Prefill on the CPU (a call of DEQUANT_GEMM_MIN_TOKENS tokens or more) dequantizes the
-weight into a reused float32 scratch and runs torch's GEMM on it: decoding a layer's
-blocks costs a fraction of a millisecond, and MKL's fp32 GEMM beats the kernels'
-dequantize-as-you-go GEMM once enough tokens share each weight row. The math is the
-same fp32 products of the same dequantized values, summed in another order.
+weight into a reused float32 scratch and runs torch's GEMM on it (fastllm.model.cpu_gemm):
+decoding a layer's blocks costs a fraction of a millisecond, and the fp32 GEMM beats the
+kernels' dequantize-as-you-go GEMM once enough tokens share each weight row. The math is
+the same fp32 products of the same dequantized values, summed in another order.
 """
 from __future__ import annotations
 
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastllm import ops
+from fastllm.model.cpu_gemm import cpu_gemm
 
 # From this many tokens a CPU call dequantizes and runs torch's GEMM (measured on the
 # SmolLM2 Q4_1 layers, 2 threads: the kernels win up to ~64 tokens, break even near 128,
@@ -87,7 +87,7 @@ class QuantLinear(nn.Module):
             x2 = x2.float()
         segments = self.segments()
         if x2.is_cpu and x2.shape[0] >= DEQUANT_GEMM_MIN_TOKENS and ops.native_available():
-            y = F.linear(x2, self.dequantize_into_scratch(), self.bias)
+            y = cpu_gemm(x2, self.dequantize_into_scratch(), self.bias)
         elif len(segments) == 1:
             y = ops.quant_linear(x2, segments[0][1], segments[0][0], self.bias)
         else:
