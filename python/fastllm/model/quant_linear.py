@@ -22,9 +22,9 @@ from fastllm import ops
 from fastllm.model.cpu_gemm import cpu_gemm
 
 # From this many tokens a CPU call dequantizes and runs torch's GEMM (measured on the
-# SmolLM2 Q4_1 layers, 2 threads: the kernels win up to ~64 tokens, break even near 128,
-# and lose by ~25% at 512).
-DEQUANT_GEMM_MIN_TOKENS = 128
+# SmolLM2 Q4_1 layers, Zen 4, oneDNN's GEMM: the kernels win at 16 tokens, lose by 5-10%
+# at 32, 10-20% at 64, 15-25% at 128 and more; 64 leaves a margin for other CPUs).
+DEQUANT_GEMM_MIN_TOKENS = 64
 
 # One float32 scratch per thread, grown to the largest weight seen and shared by every
 # layer (a layer's dequantized weight is dead once its GEMM returns).
