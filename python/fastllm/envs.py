@@ -55,6 +55,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # 0 on CUDA until NCCL's ordering of one stream's sends and receives between facing
     # stages is checked on a multi-GPU machine (it may deadlock with steps in flight).
     "FASTLLM_PP_MICROBATCHES": _choice("FASTLLM_PP_MICROBATCHES", "auto", ("auto", "0", "1")),
+    # 1: a CPU model's decoder layers run as one C++ call per step (model/cpu_decoder.py);
+    # 0: layer by layer through the torch modules (the reference path, for comparison).
+    "FASTLLM_CPU_DECODER": _choice("FASTLLM_CPU_DECODER", "1", ("0", "1")),
     # The server's API key when --api-key is not given.
     "FASTLLM_API_KEY": _str_or_none("FASTLLM_API_KEY"),
 }
