@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from checkpoints import write_checkpoint, write_gguf
+from checkpoints import load_hf_model, write_checkpoint, write_gguf
 from fastllm import ops
 from fastllm.model.cpu_linear import MAX_GEMV_TOKENS
 from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
@@ -50,7 +50,7 @@ class _Sequences:
         rng = random.Random(seed)
         self.vocab = config.vocab_size
         self.blocks = rng.sample(range(NUM_BLOCKS), NUM_BLOCKS)   # shuffled physical blocks
-        self.tables, self.lens, self.rng = {}, {}, rng
+        self.tables, self.lens, self.ids, self.rng = {}, {}, {}, rng
 
     def step(self, chunks):
         """-> (input_ids, positions, AttentionMetadata) of one step."""
@@ -60,7 +60,9 @@ class _Sequences:
             table = self.tables.setdefault(seq, [])
             while len(table) * BLOCK < start + n:
                 table.append(self.blocks.pop())
-            ids += [self.rng.randrange(self.vocab) for _ in range(n)]
+            new_ids = [self.rng.randrange(self.vocab) for _ in range(n)]
+            self.ids.setdefault(seq, []).extend(new_ids)
+            ids += new_ids
             pos += list(range(start, start + n))
             slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + n)]
             self.lens[seq] = start + n
@@ -112,6 +114,25 @@ def test_dense_decode_matches_module_path(checkpoints, name):
     assert model.cpu_decoder.max_tokens == MAX_GEMV_TOKENS
     _assert_same(model, DECODE)
     _assert_same(model, MULTI_DECODE)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_decoder_steps_match_transformers(checkpoints, name):
+    """Against the independent reference: every step's logits (decodes of three sequences
+    batched, T=3) equal transformers' last-token logits of each sequence so far."""
+    model, hf = _load(checkpoints[name]), load_hf_model(checkpoints[name])
+    kv = allocate_kv_caches(model.config, NUM_BLOCKS, BLOCK)
+    seqs = _Sequences(model.config)
+    for chunks in MULTI_DECODE:
+        ids, pos, meta = seqs.step(chunks)
+        calls = []
+        hook = model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+        got = model(ids, pos, kv, meta)
+        hook.remove()
+        assert not calls   # the C++ decoder ran the layers
+        with torch.no_grad():
+            want = torch.stack([hf(torch.tensor([seqs.ids[s]])).logits[0, -1] for s, _ in chunks])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_dense_prefill_stays_on_torch_gemm(checkpoints):

@@ -59,6 +59,8 @@ def build_cpu_decoder(model) -> Optional[ModelCpuDecoder]:
     if model.embed_tokens.weight.dtype != torch.float32 or model.embed_tokens.weight.device.type != "cpu":
         return None
     layers, dense = [], False
+    if len({_layer_shape(layer) for layer in model.layers}) != 1:
+        return None   # the C++ decoder's layers share one shape
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = [_linear_spec(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
@@ -75,6 +77,12 @@ def build_cpu_decoder(model) -> Optional[ModelCpuDecoder]:
         intermediate_size=first.mlp.intermediate_size, eps=first.input_layernorm.eps,
         scale=first.self_attn.scale, layers=layers)
     return ModelCpuDecoder(decoder, MAX_GEMV_TOKENS if dense else None)
+
+
+def _layer_shape(layer) -> tuple:
+    attn = layer.self_attn
+    return (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, layer.mlp.intermediate_size,
+            layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
 
 
 def _linear_spec(linear) -> Optional[tuple]:
