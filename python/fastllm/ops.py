@@ -327,6 +327,11 @@ def quant_cpu_force_generic(generic: bool) -> None:
 
 # -- the CPU decoder: every decoder layer of a CPU step in one call (fastllm/cpu_decoder_op.h) --
 
+def cpu_decoder_available() -> bool:
+    """Whether this fastllm._C has the CPU decoder (an extension built before it has not)."""
+    return _C is not None and hasattr(_C, "CpuDecoder")
+
+
 class CpuDecoder:
     """The C++ decoder over a model's layer weights (fp32 activations, CPU tensors).
 
@@ -338,8 +343,8 @@ class CpuDecoder:
 
     def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  intermediate_size: int, eps: float, scale: float, layers: list):
-        if _C is None:
-            raise RuntimeError("CpuDecoder needs fastllm._C, which is not built in this installation")
+        if not cpu_decoder_available():
+            raise RuntimeError("CpuDecoder needs a fastllm._C built with it (rebuild the extension)")
         self._weights = [t for layer in layers for t in _layer_tensors(layer)]
         specs = [(_dl1(inorm), _dl1(pnorm), *(_linear_spec(lin) for lin in linears))
                  for inorm, pnorm, *linears in layers]

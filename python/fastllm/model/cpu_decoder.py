@@ -52,7 +52,7 @@ class ModelCpuDecoder:
 def build_cpu_decoder(model) -> Optional[ModelCpuDecoder]:
     """The C++ decoder of `model` (a loaded LlamaForCausalLM), or None when it is not
     eligible (see the module doc) or FASTLLM_CPU_DECODER=0."""
-    if envs.FASTLLM_CPU_DECODER == "0" or not ops.native_available():
+    if envs.FASTLLM_CPU_DECODER == "0" or not ops.cpu_decoder_available():
         return None
     if model.parallel.world_size != 1 or model.embed_tokens is None or not len(model.layers):
         return None
