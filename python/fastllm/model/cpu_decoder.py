@@ -105,7 +105,7 @@ def install_cpu_decoder(model) -> bool:
     """Give `model` its C++ decoder (model.cpu_decoder) when eligible; whether it has one."""
     model.cpu_decoder = build_cpu_decoder(model)
     if model.cpu_decoder is not None:
-        logger.info("CPU decoder: %d layers in one C++ call per step%s", len(model.layers),
+        logger.debug("CPU decoder: %d layers in one C++ call per step%s", len(model.layers),
                     "" if model.cpu_decoder.max_tokens is None
                     else f" (steps of up to {model.cpu_decoder.max_tokens} tokens)")
     return model.cpu_decoder is not None
