@@ -45,6 +45,7 @@ static void def_quant_ops(py::module_& m) {
         "(block_elems, block_bytes) of a ggml type the quantized kernels handle");
   m.def("quant_cpu_isa", &fastllm::quant_cpu_isa, "the CPU quantized kernels' build: 'avx2' or 'generic'");
   m.def("quant_cpu_force_generic", &fastllm::quant_cpu_force_generic, py::arg("generic"));
+  m.def("quant_cpu_set_int8_activations", &fastllm::quant_cpu_set_int8_activations, py::arg("on"));
   m.def("cpu_num_threads", &fastllm::cpu_num_threads);
   m.def("set_cpu_num_threads", &fastllm::set_cpu_num_threads, py::arg("n"));
 }

@@ -4,6 +4,7 @@
 // imports and runs on a CPU without them. Non-x86 or non-GCC/Clang builds: not supported.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>

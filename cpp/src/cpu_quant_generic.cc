@@ -41,12 +41,15 @@ bool quant_format(int ggml_type, QuantFormat* format) {
 
 namespace {
 std::atomic<bool> force_generic{false};
+std::atomic<bool> int8_activations{true};
 bool use_avx2() { return !force_generic.load() && quant_avx2::supported(); }
 }  // namespace
 
 const char* quant_isa() { return use_avx2() ? "avx2" : "generic"; }
 void quant_force_generic(bool generic) { force_generic.store(generic); }
 bool cpu_generic_forced() { return force_generic.load(); }
+void quant_set_int8_activations(bool on) { int8_activations.store(on); }
+bool quant_int8_activations() { return int8_activations.load(); }
 
 void quant_matmul(const float* x, int64_t ldx, const uint8_t* weight, const float* bias, float* y, int64_t ldy,
                   int64_t T, int64_t K, int64_t N, QuantType type) {

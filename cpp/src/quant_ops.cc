@@ -86,6 +86,7 @@ void quant_dequantize(const TensorView& out, const TensorView& weight, int ggml_
 
 std::string quant_cpu_isa() { return cpu::quant_isa(); }
 void quant_cpu_force_generic(bool generic) { cpu::quant_force_generic(generic); }
+void quant_cpu_set_int8_activations(bool on) { cpu::quant_set_int8_activations(on); }
 int cpu_num_threads() { return cpu::pool_num_threads(); }
 void set_cpu_num_threads(int n) { cpu::set_pool_num_threads(n); }
 

@@ -311,6 +311,34 @@ def quant_linear(out, x, weight, ggml_type: int, bias=None) -> None:
     out.copy_(y)
 
 
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (K a multiple of 32) rounded as the CPU int8-activation GEMV (and ggml's
+    quantize_row_q8_0 / q8_1) rounds it: per 32 values q = round-half-even(x * (127 /
+    max|x|)) in float32 and the scale d = max|x| / 127 stored as fp16. Returns q * d in
+    float64: what the kernel's exact int32 sums multiply. (The _1 types also use s =
+    fp16(d * sum(q)) for the block minimum: see test_quant_linear.)"""
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    d = (amax / torch.tensor(127.0)).to(torch.float16)
+    return (q.to(torch.float64) * d.to(torch.float64)).reshape(x.shape)
+
+
+def quantize_activations_q8k(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (K a multiple of 256) rounded as the CPU int8 GEMV of the K-quants (and
+    ggml's quantize_row_q8_K_ref) rounds it: per 256 values the one of largest |x| (the
+    first, on ties) maps to -127, q = min(127, round-half-even(x * -127 / max)) in float32,
+    d = 1 / (-127 / max). Returns q * d in float64."""
+    blocks = x.to(torch.float32).reshape(*x.shape[:-1], -1, 256)
+    idx = blocks.abs().argmax(dim=-1, keepdim=True)   # argmax returns the first maximum
+    peak = blocks.gather(-1, idx)
+    iscale = torch.where(peak != 0, torch.tensor(-127.0) / peak, torch.zeros_like(peak))
+    q = torch.round(blocks * iscale).clamp(max=127)
+    d = torch.where(peak != 0, 1.0 / iscale, torch.zeros_like(peak))
+    return (q.to(torch.float64) * d.to(torch.float64)).reshape(x.shape)
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
     """In place: logits[rows[i], t] = -inf where bit t % 32 of bitmask[i, t // 32] is 0.
     logits [S, V] float; bitmask [R, W] int32 (W >= ceil(V / 32); tokens past W * 32 are

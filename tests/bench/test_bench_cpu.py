@@ -9,10 +9,10 @@ from fastllm.bench import cpu
 from fastllm.bench.__main__ import main
 
 
-def test_agreement_counts_the_common_prefix():
-    assert cpu.agreement([1, 2, 3], [1, 2, 3]) == "3/3"
-    assert cpu.agreement([1, 2, 3, 4], [1, 9, 3]) == "1/3"
-    assert cpu.agreement([], [5]) == "0/0"
+def test_agreement_counts_equal_prompts_and_the_common_prefix():
+    assert cpu.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]]) == "1/2 prompts equal (mean 2.0/3 tokens)"
+    assert cpu.agreement([[1, 2, 3, 4]], [[1, 9, 3]]) == "0/1 prompts equal (mean 1.0/3 tokens)"
+    assert cpu.agreement([], []) == "0/0 prompts equal (mean 0.0/0 tokens)"
 
 
 def test_bench_cpu_runs_on_a_gguf(tmp_path, capsys, monkeypatch):
@@ -23,17 +23,20 @@ def test_bench_cpu_runs_on_a_gguf(tmp_path, capsys, monkeypatch):
     from fastllm.tokenizer import Tokenizer
     load_tokenizer = Tokenizer.from_pretrained
     monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(lambda path, **kw: load_tokenizer(hf, **kw)))
+    # fp32 activations (not llama.cpp's int8 rounding): the quantized engine's math is then
+    # the dequantized one's.
+    monkeypatch.setenv("FASTLLM_CPU_INT8_ACTIVATIONS", "0")
     out = tmp_path / "r.json"
     assert main(["cpu", "--model", str(gguf), "--threads", "1", "--engines", "fastllm-gguf,fastllm-f32",
                  "--decode-tokens", "4", "--prefill-len", "24", "--batch", "3", "--batch-len", "5",
-                 "--clock", "cpu", "--output", str(out)]) == 0
+                 "--agreement-prompts", "3", "--clock", "cpu", "--output", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     for name in ("fastllm-gguf", "fastllm-f32"):
         r = results[name]
         assert r["decode_ms_per_token"] > 0 and r["prefill_tok_s"] > 0 and r["throughput_out_tok_s"] > 0
-        assert len(r["tokens"]) == 5
+        assert [len(t) for t in r["tokens"]] == [4, 4, 4]
     # Same Q8_0 values, fp32 math both ways: the greedy tokens agree.
-    assert results["fastllm-gguf"]["greedy_agreement_vs_fastllm_f32"] == "5/5"
+    assert results["fastllm-gguf"]["greedy_agreement_vs_fastllm_f32"] == "3/3 prompts equal (mean 4.0/4 tokens)"
     assert "| fastllm-gguf |" in capsys.readouterr().out
 
 
@@ -62,7 +65,7 @@ def test_bench_cpu_rounds_and_derived_files(tmp_path, capsys, monkeypatch):
                  "--output", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"fastllm-f32", "fastllm-q4km"}
-    assert all(r["decode_ms_per_token"] > 0 and len(r["tokens"]) == 5 for r in results.values())
+    assert all(r["decode_ms_per_token"] > 0 and len(r["tokens"]) == 8 for r in results.values())
     f32 = cpu_files.derived_path(str(gguf), "F32")
     assert f32.exists() and cpu_files.derived_path(str(gguf), "Q4_K_M").exists()
     assert f32.parent == tmp_path / "cache" / "bench"

@@ -131,3 +131,143 @@ def test_quant_linear_in_a_forked_child():
     assert child.exitcode == 0
     for got in results:
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-4, atol=1e-4)
+
+
+INT8_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"]
+K_QUANTS = ("Q4_K", "Q6_K")
+
+
+@pytest.fixture
+def int8_avx2():
+    """The AVX2 build with int8 activations (the default), restored afterwards."""
+    if ops.quant_cpu_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2+FMA")
+    ops.set_cpu_int8_activations(True)
+    yield
+    ops.set_cpu_int8_activations(True)
+
+
+def test_quantize_activations_q8_matches_gguf_q8_0():
+    """The rounding the int8 GEMV does is ggml's Q8_0 quantization of x (with the scale
+    kept in fp32, where Q8_0 stores fp16): its int8 values checked against the gguf
+    package's quantize (ties and last-ulp products aside: a rare one-step difference), and
+    a hand-computed block."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    x = torch.randn(3, 96) * torch.tensor([0.01, 1.0, 300.0]).unsqueeze(1)
+    blocks = x.reshape(9, 32)
+    d = (blocks.abs().amax(dim=1, keepdim=True) / 127).double()
+    got_q = (reference.quantize_activations_q8(x).reshape(9, 32) / d).round()
+    packed = quantize(x.numpy(), GGMLQuantizationType.Q8_0).reshape(9, 34)
+    want_q = torch.from_numpy(packed[:, 2:].copy().view(np.int8).astype(np.float64))
+    assert (got_q - want_q).abs().max() <= 1
+    assert (got_q == want_q).double().mean() > 0.99
+    hand = torch.zeros(1, 32)
+    hand[0, :4] = torch.tensor([127.0, -63.4, 0.6, -0.5])     # d = 1: round half to even
+    assert reference.quantize_activations_q8(hand)[0, :4].tolist() == [127.0, -63.0, 1.0, -0.0]
+
+
+def _s_rounding(w, ggml_type, x):
+    """[N] bound on what ggml's fp16 s = d * sum(q) (Q4_1 / Q5_1: it multiplies each block's
+    minimum m) moves y by, against sum(q) * fp16(d): sum over blocks of |m| * |s - sum(q) d|."""
+    if ggml_type not in (3, 7):
+        return torch.zeros(w.shape[0], dtype=torch.float64)
+    block_bytes = reference.GGML_BLOCKS[ggml_type][1]
+    m = torch.from_numpy(w.numpy().reshape(w.shape[0], -1, block_bytes)[:, :, 2:4].copy().view(np.float16))
+    blocks = x.reshape(-1, 32)
+    amax = blocks.abs().amax(dim=1)
+    q_sum = torch.round(blocks * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)).unsqueeze(1)).sum(1)
+    d32 = amax / 127.0
+    s16 = (d32 * q_sum).half().double()
+    err = (s16 - q_sum.double() * d32.half().double()).abs()          # [blocks]
+    return (m.double().reshape(w.shape[0], -1).abs() * err).sum(1)
+
+
+@native
+@pytest.mark.parametrize("name", INT8_TYPES)
+@pytest.mark.parametrize("out_features", [1, 2, 301])
+def test_quant_gemv_int8_activations(name, out_features, int8_avx2):
+    """Batch-1 GEMV with int8 activations: equal to the float64 product of the dequantized
+    weights with the Q8-rounded x (exact integer sums: fp32 rounding, and the _1 types'
+    fp16 s), and within the rounding's reach of the exact product."""
+    t = ALL_TYPES[name]
+    k_quant = name in K_QUANTS
+    K = 256 * 3 if k_quant else 32 * 9
+    w = random_blocks(t, out_features, K, seed=out_features)
+    x = torch.randn(1, K)
+    b = torch.randn(out_features)
+    got = ops.quant_linear(x, w, t, b).double()
+    want_q8, want_exact = (torch.empty(1, out_features, dtype=torch.float64) for _ in range(2))
+    rounded = reference.quantize_activations_q8k(x) if k_quant else reference.quantize_activations_q8(x)
+    reference.quant_linear(want_q8, rounded, w, t, b)
+    reference.quant_linear(want_exact, x, w, t, b)
+    scale = want_exact.abs().max().item()
+    torch.testing.assert_close(got, want_q8, rtol=1e-4, atol=1e-5 * scale + _s_rounding(w, t, x).max().item())
+    # |x_i - rounded x_i| <= half a step d / 2 (d = max|x| / 127 of its block) plus |q| <= 127
+    # times d's fp16 rounding (2^-11 d): the most that moves y.
+    block = 256 if k_quant else 32
+    half_step = (x.reshape(-1, block).abs().amax(dim=1) / 127 * (0.5 + 127 * 2**-11)).repeat_interleave(block).double()
+    bound = reference.quant_dequantize(w, t, K).abs() @ half_step
+    assert ((got - want_exact).abs()[0] <= bound * 1.01 + 1e-5 * scale + _s_rounding(w, t, x)).all()
+    # More tokens (prefill, batched decode) keep fp32 x: the exact product.
+    x3 = torch.randn(3, K)
+    want3 = torch.empty(3, out_features, dtype=torch.float64)
+    reference.quant_linear(want3, x3, w, t, b)
+    torch.testing.assert_close(ops.quant_linear(x3, w, t, b).double(), want3, rtol=1e-4,
+                               atol=1e-5 * want3.abs().max().item())
+
+
+@native
+def test_int8_activations_switch_restores_the_exact_path(int8_avx2):
+    w = random_blocks(6, 64, 256, seed=3)
+    x = torch.randn(1, 256)
+    want = torch.empty(1, 64, dtype=torch.float64)
+    reference.quant_linear(want, x, w, 6)
+    ops.set_cpu_int8_activations(False)
+    torch.testing.assert_close(ops.quant_linear(x, w, 6).double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    ops.set_cpu_int8_activations(True)
+    assert not torch.allclose(ops.quant_linear(x, w, 6).double(), want, rtol=1e-6, atol=0)
+
+
+def _ggml_cpu():
+    """llama.cpp's own CPU library (from llama-cpp-python, a benchmark dependency), or None."""
+    import ctypes
+    import importlib.util
+    import pathlib
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    path = pathlib.Path(spec.origin).parent / "lib" / "libggml-cpu.so"
+    if not path.exists():
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.ggml_cpu_init()
+    return lib
+
+
+@native
+@pytest.mark.parametrize("name,vec_dot_type", [("Q4_0", "q8_0"), ("Q4_1", "q8_1"), ("Q5_0", "q8_0"),
+                                               ("Q5_1", "q8_1"), ("Q8_0", "q8_0"), ("Q4_K", "q8_K"),
+                                               ("Q6_K", "q8_K")])
+def test_int8_gemv_is_ggml_vec_dot(name, vec_dot_type, int8_avx2):
+    """With llama.cpp installed: each output equals ggml's own quantize_row_q8_x + vec_dot
+    on the same row, bit for bit (the arithmetic the int8 path copies)."""
+    import ctypes
+    lib = _ggml_cpu()
+    if lib is None:
+        pytest.skip("llama-cpp-python (its libggml-cpu) is not installed")
+    t, N = ALL_TYPES[name], 9
+    K = 1536 if name in K_QUANTS else 576
+    w = random_blocks(t, N, K, seed=5)
+    x = torch.randn(1, K)
+    y_bytes = {"q8_0": K // 32 * 34, "q8_1": K // 32 * 36, "q8_K": K // 256 * 292}[vec_dot_type]
+    xq = (ctypes.c_uint8 * y_bytes)()
+    getattr(lib, f"quantize_row_{vec_dot_type}")(x.numpy().ctypes.data_as(ctypes.c_void_p), xq, ctypes.c_int64(K))
+    vec_dot = getattr(lib, f"ggml_vec_dot_{name[0].lower() + name[1:]}_{vec_dot_type}")
+    want = []
+    for n in range(N):
+        row, s = w[n].numpy().copy(), ctypes.c_float()
+        vec_dot(ctypes.c_int(K), ctypes.byref(s), ctypes.c_size_t(0), row.ctypes.data_as(ctypes.c_void_p),
+                ctypes.c_size_t(0), xq, ctypes.c_size_t(0), ctypes.c_int(1))
+        want.append(s.value)
+    assert ops.quant_linear(x, w, t)[0].tolist() == want

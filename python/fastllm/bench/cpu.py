@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batch-len", type=int, default=64)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--agreement-prompts", type=int, default=8,
+                        help="greedy agreement is counted over this many prompts (each run alone, "
+                             "--decode-tokens tokens); 0 skips it")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time (all its threads), "
                              "steadier on a machine shared with other jobs")
@@ -89,8 +92,11 @@ class HFEngine:
 class LlamaCppEngine:
     def __init__(self, path, threads, n_ctx=1024):
         import llama_cpp
+        # An F32 KV cache (llama.cpp's default is F16), as fastllm's on the CPU: the greedy
+        # comparison is then of the weights' and activations' arithmetic only.
         self.llama = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                     n_batch=512, verbose=False, logits_all=False)
+                                     n_batch=512, verbose=False, logits_all=False,
+                                     type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         self.vocab_size = self.llama.n_vocab()
 
     def generate(self, prompts, max_tokens):
@@ -115,15 +121,19 @@ def _time(fn) -> float:
     return _clock() - t0
 
 
-def measure(engine, args) -> dict:
-    """decode ms/token, prefill tok/s, throughput tok/s and the decode run's tokens."""
+def measure(engine, args, with_tokens: bool = True) -> dict:
+    """decode ms/token, prefill tok/s, throughput tok/s and (with_tokens) the greedy tokens
+    of the agreement prompts, each generated alone (batch-1 arithmetic, as llama.cpp's)."""
     vocab = engine.vocab_size
     prompt = _prompt(16, 0, vocab)
     engine.generate([prompt], 2)                                       # warm-up
     first = min(_time(lambda: engine.generate([prompt], 1)) for _ in range(2))
     tokens = []
     full = _time(lambda: tokens.extend(engine.generate([prompt], args.decode_tokens + 1)))
-    result = {"decode_ms_per_token": 1000 * (full - first) / args.decode_tokens, "tokens": tokens[0]}
+    result = {"decode_ms_per_token": 1000 * (full - first) / args.decode_tokens}
+    if with_tokens and args.agreement_prompts > 0:
+        result["tokens"] = [engine.generate([_prompt(16, 100 + i, vocab)], args.decode_tokens)[0]
+                            for i in range(args.agreement_prompts)]
     long_prompt = _prompt(args.prefill_len, 1, vocab)
     result["prefill_tok_s"] = args.prefill_len / min(_time(lambda: engine.generate([long_prompt], 1))
                                                      for _ in range(2))
@@ -152,10 +162,15 @@ def _make(name, path, threads):
 
 
 def agreement(a: list, b: list) -> str:
-    """Greedy tokens equal up to the first difference, out of the shorter run."""
-    n = min(len(a), len(b))
-    same = next((i for i in range(n) if a[i] != b[i]), n)
-    return f"{same}/{n}"
+    """Over the prompts' greedy runs: how many are equal throughout, and the mean count of
+    tokens equal up to the first difference."""
+    prefixes = []
+    for x, y in zip(a, b):
+        n = min(len(x), len(y))
+        prefixes.append(next((i for i in range(n) if x[i] != y[i]), n))
+    n = min((min(len(x), len(y)) for x, y in zip(a, b)), default=0)
+    equal = sum(p == n for p in prefixes)
+    return f"{equal}/{len(prefixes)} prompts equal (mean {sum(prefixes) / max(len(prefixes), 1):.1f}/{n} tokens)"
 
 
 def run(args) -> None:
@@ -210,7 +225,7 @@ def measure_rounds(names: list, path: str, args) -> dict:
     results = {}
     for round_index in range(args.rounds):
         for name, engine in engines.items():
-            r = measure(engine, args)
+            r = measure(engine, args, with_tokens=round_index == 0)
             print(f"round {round_index + 1} {name}: " + json.dumps(
                 {k: round(v, 2) for k, v in r.items() if k != "tokens"}), flush=True)
             best = results.setdefault(name, r)
@@ -228,10 +243,12 @@ def add_agreements(results: dict) -> None:
     fastllm on the same file (SAME_PRECISION)."""
     reference = results.get("fastllm-f32", {}).get("tokens")
     for name, r in results.items():
+        if "tokens" not in r:
+            continue
         if reference is not None and name != "fastllm-f32":
             r["greedy_agreement_vs_fastllm_f32"] = agreement(r["tokens"], reference)
         peer = SAME_PRECISION.get(name)
-        if peer in results and peer != "fastllm-f32":
+        if peer in results and peer != "fastllm-f32" and "tokens" in results[peer]:
             r["greedy_agreement_vs_" + peer.replace("-", "_")] = agreement(r["tokens"], results[peer]["tokens"])
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastllm import reference
+from fastllm import envs, ops, reference
 from fastllm.model import gguf_loader
 from fastllm.model.quant_linear import QuantLinear
 
@@ -58,6 +58,8 @@ def load_gguf_quantized(path: str, dtype="auto", device="cpu"):
     reader = gguf_loader.open_gguf(path)
     config = gguf_loader.config_from_gguf(reader, path)
     device = torch.device(device)
+    if device.type == "cpu":
+        ops.set_cpu_int8_activations(envs.FASTLLM_CPU_INT8_ACTIVATIONS == "1")
     model = build_empty_model(config, resolve_dtype(dtype, device), device)
     targets = model.checkpoint_weights()
     permuted = gguf_loader._ARCHITECTURES[gguf_loader._value(reader, "general.architecture")][1]

@@ -31,6 +31,10 @@ const char* quant_isa();
 void quant_force_generic(bool generic);
 // Whether quant_force_generic(true) is in effect.
 bool cpu_generic_forced();
+// Whether the AVX2 batch-1 GEMV of the 32-weight block types rounds x to int8 blocks
+// (llama.cpp's arithmetic, cpu_quant_q8_gemv_avx2.inc; the default) or keeps it fp32.
+void quant_set_int8_activations(bool on);
+bool quant_int8_activations();
 
 // y [T, N] (row stride ldy) = x [T, K] (row stride ldx) @ W^T + bias; W [N, K] in `type`'s
 // blocks (K a multiple of block_elems), bias [N] or nullptr. Runs on the shared pool.
