@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "fastllm/block_allocator.h"
+#include "fastllm/cpu_decoder_op.h"
 #include "fastllm/errors.h"
 #include "fastllm/nccl.h"
 #include "fastllm/ops.h"
@@ -47,6 +48,75 @@ static void def_quant_ops(py::module_& m) {
   m.def("quant_cpu_set_int8_activations", &fastllm::quant_cpu_set_int8_activations, py::arg("on"));
   m.def("cpu_num_threads", &fastllm::cpu_num_threads);
   m.def("set_cpu_num_threads", &fastllm::set_cpu_num_threads, py::arg("n"));
+}
+
+// The CPU decoder (fastllm/cpu_decoder_op.h). A linear arrives as ([(weight, ggml_type)],
+// bias or None), a layer as (input_norm, post_norm, qkv, o, gate_up, down): capsules
+// whose tensors the Python wrapper keeps alive as long as the decoder.
+// Every bad tensor, a dtype from_dlpack cannot read included, is a ValueError here.
+static TensorView decoder_view(const py::handle& capsule, const std::string& name) {
+  try {
+    return view(capsule.cast<py::capsule>(), name.c_str());
+  } catch (const fastllm::ArgTypeError& e) {
+    throw fastllm::ArgValueError(e.what());
+  }
+}
+
+static fastllm::LinearTensors linear_tensors(const py::handle& spec_obj, const std::string& name) {
+  const auto spec = spec_obj.cast<py::tuple>();
+  fastllm::LinearTensors t;
+  for (const auto& item : spec[0].cast<py::list>()) {
+    const auto segment = item.cast<py::tuple>();
+    t.segments.emplace_back(decoder_view(segment[0], name + ".segment" + std::to_string(t.segments.size())),
+                            segment[1].cast<int>());
+  }
+  if (!spec[1].is_none()) t.bias = decoder_view(spec[1], name + ".bias");
+  return t;
+}
+
+// Layer i as (input_norm, post_norm, qkv, o, gate_up, down), named as the model names them.
+static fastllm::DecoderLayerTensors layer_tensors(const py::handle& spec_obj, size_t i) {
+  const auto l = spec_obj.cast<py::tuple>();
+  const std::string p = "layers." + std::to_string(i) + ".";
+  return {decoder_view(l[0], p + "input_layernorm.weight"), decoder_view(l[1], p + "post_attention_layernorm.weight"),
+          linear_tensors(l[2], p + "self_attn.qkv_proj"), linear_tensors(l[3], p + "self_attn.o_proj"),
+          linear_tensors(l[4], p + "mlp.gate_up_proj"), linear_tensors(l[5], p + "mlp.down_proj")};
+}
+
+static void def_cpu_decoder(py::module_& m) {
+  using Op = fastllm::CpuDecoderOp;
+  py::class_<Op>(m, "CpuDecoder", "every decoder layer of a CPU step in one call (fp32 activations)")
+      .def(py::init([](int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                       int64_t intermediate, float eps, float scale, const py::list& layers) {
+             const fastllm::cpu::DecoderShape shape{hidden, num_heads, num_kv_heads, head_dim, intermediate, eps,
+                                                   scale};
+             std::vector<fastllm::DecoderLayerTensors> tensors;
+             for (const auto& item : layers) tensors.push_back(layer_tensors(item, tensors.size()));
+             return std::make_unique<Op>(shape, tensors);
+           }),
+           py::arg("hidden_size"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+           py::arg("intermediate_size"), py::arg("eps"), py::arg("scale"), py::arg("layers"))
+      .def_property_readonly("num_layers", &Op::num_layers)
+      .def("bind_kv_caches", [](Op& op, const py::list& caches) {
+        std::vector<std::pair<TensorView, TensorView>> views;
+        for (const auto& item : caches) {
+          const auto pair = item.cast<py::tuple>();
+          const std::string name = "kv_caches[" + std::to_string(views.size()) + "].";
+          views.emplace_back(decoder_view(pair[0], name + "k_cache"), decoder_view(pair[1], name + "v_cache"));
+        }
+        op.bind_kv_caches(views);
+      }, py::arg("kv_caches"))
+      .def("forward", [](Op& op, py::capsule hidden, py::capsule residual, bool has_residual, py::capsule cos,
+                         py::capsule sin, py::capsule slot_mapping, py::capsule block_tables, py::capsule seq_lens,
+                         py::capsule query_start_loc) {
+        const fastllm::DecoderStepTensors step{
+            decoder_view(hidden, "hidden"), decoder_view(residual, "residual"), decoder_view(cos, "cos"),
+            decoder_view(sin, "sin"), decoder_view(slot_mapping, "slot_mapping"),
+            decoder_view(block_tables, "block_tables"), decoder_view(seq_lens, "seq_lens"),
+            decoder_view(query_start_loc, "query_start_loc"), has_residual};
+        py::gil_scoped_release release;
+        op.forward(step);
+      });
 }
 
 // The NCCL communicator (fastllm/nccl.h). Every call that can block on peers or enqueue
@@ -223,6 +293,7 @@ PYBIND11_MODULE(_C, m) {
   });
 
   def_quant_ops(m);
+  def_cpu_decoder(m);
   def_nccl(m);
 
   py::class_<fastllm::BlockAllocator>(m, "BlockAllocator", "Fixed pool of KV blocks with a prefix cache (LRU)")

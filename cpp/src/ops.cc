@@ -12,6 +12,7 @@
 #include "fastllm/cpu/kernels.h"
 #include "fastllm/dispatch.h"
 #include "fastllm/errors.h"
+#include "fastllm/op_checks.h"
 #ifdef FASTLLM_WITH_CUDA
 #include "fastllm/cuda/launchers.h"
 #endif
@@ -98,16 +99,9 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   const int64_t row_elems = Hkv * D, elem_bytes = static_cast<int64_t>(dtype_size(key.dtype));
 
   if (key.device == Device::kCPU) {
-    const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-    const int64_t* slots = slot_mapping.ptr<int64_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      if (slots[t] < -1 || slots[t] >= num_slots) {
-        throw ArgValueError("slot_mapping: slot " + std::to_string(slots[t]) + " at token " + std::to_string(t) +
-                            " is outside the cache's " + std::to_string(num_slots) + " slots");
-      }
-    }
-    cpu::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slots, T, row_elems, key_stride,
-                           value_stride, elem_bytes);
+    check_slot_mapping(slot_mapping, k_cache.size(0) * k_cache.size(1));
+    cpu::reshape_and_cache(key.data, value.data, k_cache.data, v_cache.data, slot_mapping.ptr<int64_t>(), T,
+                           row_elems, key_stride, value_stride, elem_bytes);
     return;
   }
   FASTLLM_CUDA_CALL("reshape_and_cache", key.device_id,
@@ -116,7 +110,17 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
                                             elem_bytes, reinterpret_cast<cudaStream_t>(stream)));
 }
 
-static void check_attention_metadata(const TensorView& query, const TensorView& k_cache,
+void check_slot_mapping(const TensorView& slot_mapping, int64_t num_slots) {
+  const int64_t* slots = slot_mapping.ptr<int64_t>();
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
+    if (slots[t] < -1 || slots[t] >= num_slots) {
+      throw ArgValueError("slot_mapping: slot " + std::to_string(slots[t]) + " at token " + std::to_string(t) +
+                          " is outside the cache's " + std::to_string(num_slots) + " slots");
+    }
+  }
+}
+
+void check_attention_metadata(const TensorView& query, const TensorView& k_cache,
                                      const TensorView& block_tables, const TensorView& seq_lens,
                                      const TensorView& query_start_loc) {
   const int64_t T = query.size(0), S = seq_lens.size(0), max_blocks = block_tables.size(1);

@@ -55,6 +55,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # 0 on CUDA until NCCL's ordering of one stream's sends and receives between facing
     # stages is checked on a multi-GPU machine (it may deadlock with steps in flight).
     "FASTLLM_PP_MICROBATCHES": _choice("FASTLLM_PP_MICROBATCHES", "auto", ("auto", "0", "1")),
+    # 1: a CPU model's decoder layers run as one C++ call per step (model/cpu_decoder.py);
+    # 0: layer by layer through the torch modules (the reference path, for comparison).
+    "FASTLLM_CPU_DECODER": _choice("FASTLLM_CPU_DECODER", "1", ("0", "1")),
     # 1: the CPU batch-1 GEMV of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights rounds the activations to
     # int8 blocks (llama.cpp's arithmetic, about 2x fewer instructions); 0: exact fp32
     # activations. Applied when a GGUF model is loaded kept quantized.

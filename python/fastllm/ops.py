@@ -13,6 +13,7 @@ import logging
 import os
 import site
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -334,6 +335,75 @@ def set_cpu_int8_activations(on: bool) -> None:
     rounding."""
     if _C is not None:
         _C.quant_cpu_set_int8_activations(bool(on))
+
+
+# -- the CPU decoder: every decoder layer of a CPU step in one call (fastllm/cpu_decoder_op.h) --
+
+def cpu_decoder_available() -> bool:
+    """Whether this fastllm._C has the CPU decoder (an extension built before it has not)."""
+    return _C is not None and hasattr(_C, "CpuDecoder")
+
+
+class CpuDecoder:
+    """The C++ decoder over a model's layer weights (fp32 activations, CPU tensors).
+
+    layers: one (input_norm, post_norm, qkv, o, gate_up, down) per layer; norms float32
+    [hidden]; each linear (segments, bias): segments [(ggml_type, uint8 [rows, row_bytes])]
+    in output-row order (GGUF blocks, or F32/F16/BF16 rows as bytes), bias float32 [out] or
+    None. Every tensor is checked here, once (ValueError naming the layer and tensor), and
+    kept referenced: the C++ side holds raw pointers to them."""
+
+    def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 intermediate_size: int, eps: float, scale: float, layers: list):
+        if not cpu_decoder_available():
+            raise RuntimeError("CpuDecoder needs a fastllm._C built with it (rebuild the extension)")
+        self._weights = [t for layer in layers for t in _layer_tensors(layer)]
+        specs = [(_dl1(inorm), _dl1(pnorm), *(_linear_spec(lin) for lin in linears))
+                 for inorm, pnorm, *linears in layers]
+        self._op = _C.CpuDecoder(int(hidden_size), int(num_heads), int(num_kv_heads), int(head_dim),
+                                 int(intermediate_size), float(eps), float(scale), specs)
+        self._bound = ()   # weak references to the bound cache tensors (never kept alive here)
+
+    @property
+    def num_layers(self) -> int:
+        return self._op.num_layers
+
+    def forward(self, hidden, residual, has_residual: bool, cos, sin, kv_caches: list, slot_mapping,
+                block_tables, seq_lens, query_start_loc) -> None:
+        """In place: hidden [T, hidden] float32 (in: the embeddings or the previous layer's
+        output; out: the last layer's MLP output), residual [T, hidden] (in when
+        has_residual, else written; out: the residual stream); cos, sin [T, D/2];
+        kv_caches one (k_cache, v_cache) per layer, rebound when they are other tensors than
+        the last step's; the paged metadata as AttentionMetadata holds it."""
+        if not self._same_caches(kv_caches):
+            self._op.bind_kv_caches([(_dl1(k), _dl1(v)) for k, v in kv_caches])
+            self._bound = tuple(weakref.ref(t) for pair in kv_caches for t in pair)
+        if torch.get_num_threads() != _pool_threads:
+            _sync_cpu_threads()
+        self._op.forward(*_dl(hidden, residual), bool(has_residual),
+                         *_dl(cos, sin, slot_mapping, block_tables, seq_lens, query_start_loc))
+
+    def _same_caches(self, kv_caches: list) -> bool:
+        bound = self._bound
+        if len(bound) != 2 * len(kv_caches):
+            return False
+        for i, (k, v) in enumerate(kv_caches):
+            if bound[2 * i]() is not k or bound[2 * i + 1]() is not v:
+                return False
+        return True
+
+
+def _layer_tensors(layer) -> list:
+    input_norm, post_norm, *linears = layer
+    tensors = [input_norm, post_norm]
+    for segments, bias in linears:
+        tensors += [w for _, w in segments] + ([] if bias is None else [bias])
+    return tensors
+
+
+def _linear_spec(linear) -> tuple:
+    segments, bias = linear
+    return [(_dl1(w), int(t)) for t, w in segments], None if bias is None else _dl1(bias)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:

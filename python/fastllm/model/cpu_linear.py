@@ -17,7 +17,7 @@ from fastllm import ops
 from fastllm.model.cpu_gemm import cpu_gemm
 
 # ggml type of each weight dtype the row path reads.
-_GGML_TYPE = {torch.float32: 0, torch.bfloat16: 30, torch.float16: 1}
+GGML_TYPE = {torch.float32: 0, torch.bfloat16: 30, torch.float16: 1}
 # Up to this many tokens a call runs the GEMV (a batch-1 decode step has one; a few
 # decoding sequences still read the weight once per token-group).
 MAX_GEMV_TOKENS = 4
@@ -38,11 +38,11 @@ class CpuDenseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dim() != 2 or x.shape[0] > MAX_GEMV_TOKENS or not w.is_contiguous() or w.dtype not in _GGML_TYPE:
+        if x.dim() != 2 or x.shape[0] > MAX_GEMV_TOKENS or not w.is_contiguous() or w.dtype not in GGML_TYPE:
             return cpu_gemm(x, w, self.bias)   # oneDNN for fp32, else F.linear
         bias = None if self.bias is None else self.bias.float()
         x32 = x if x.dtype == torch.float32 else x.float()
-        y = ops.quant_linear(x32, w.view(torch.uint8), _GGML_TYPE[w.dtype], bias)
+        y = ops.quant_linear(x32, w.view(torch.uint8), GGML_TYPE[w.dtype], bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

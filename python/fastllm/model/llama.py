@@ -24,6 +24,10 @@ __all__ = ["LlamaForCausalLM", "AttentionMetadata", "allocate_kv_caches"]
 
 
 class LlamaForCausalLM(nn.Module):
+    # The layers as one C++ call per CPU step (model/cpu_decoder.py: install_cpu_decoder
+    # sets it after loading), or None: layer by layer.
+    cpu_decoder = None
+
     def __init__(self, config: ModelConfig, parallel: Optional[ParallelContext] = None):
         """parallel: this rank's TP and PP groups (None: one rank). With pipeline stages
         the model holds its stage's layers only; the first stage embeds, the last runs the
@@ -45,6 +49,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = make_lm_head(config.vocab_size, config.hidden_size, tp) if last else None
         if config.tie_word_embeddings:
             self.tie_weights()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() may replace the tensors the C++ decoder points at: build it anew.
+        had_decoder, self.cpu_decoder = self.cpu_decoder is not None, None
+        out = super()._apply(fn, *args, **kwargs)
+        if had_decoder:
+            from fastllm.model.cpu_decoder import install_cpu_decoder
+            install_cpu_decoder(self)
+        return out
 
     def tie_weights(self) -> None:
         """lm_head shares embed_tokens' weight (tied checkpoints store only the latter).
@@ -82,8 +95,12 @@ class LlamaForCausalLM(nn.Module):
         else:
             hidden, residual = activations                               # 2 x [T, hidden]
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
+        decoder = self.cpu_decoder
+        if decoder is not None and decoder.runs(hidden):   # every layer in one C++ call
+            hidden, residual = decoder(cos_sin, hidden, residual, kv_caches, meta)
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
         if self.norm is None:
             return torch.stack((hidden, residual))                       # [2, T, hidden]
         # Only the rows that get sampled go through the last residual add, the final

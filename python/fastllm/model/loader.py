@@ -52,8 +52,10 @@ def load_for_engine(path: Union[str, os.PathLike], dtype: Union[torch.dtype, str
     model, config = load_model(path, dtype=dtype, device=device, quantization=quantization,
                                parallel=parallel)
     if device.type == "cpu":  # decode-step linears on fastllm's GEMV (model/cpu_linear.py)
+        from fastllm.model.cpu_decoder import install_cpu_decoder
         from fastllm.model.cpu_linear import install_cpu_dense_linears
         install_cpu_dense_linears(model)
+        install_cpu_decoder(model)   # ... and the layers as one C++ call (model/cpu_decoder.py)
     return LoadedForEngine(model, config, device, next(model.parameters()).dtype)
 
 
