@@ -12,6 +12,7 @@ import torch
 from checkpoints import load_hf_model, write_checkpoint, write_gguf
 from fastllm import ops
 from fastllm.model.cpu_linear import MAX_GEMV_TOKENS
+from fastllm.model.quant_linear import DEQUANT_GEMM_MIN_TOKENS
 from fastllm.model.layers import AttentionMetadata, allocate_kv_caches
 from fastllm.model.loader import load_for_engine
 
@@ -141,12 +142,20 @@ def test_dense_prefill_stays_on_torch_gemm(checkpoints):
     _assert_same(model, MIXED, expect_module_steps=2)   # the 8- and 9-token steps
 
 
+def test_quantized_prefill_from_the_dequant_size_takes_the_module_path(checkpoints):
+    """A step of DEQUANT_GEMM_MIN_TOKENS tokens runs the module path (QuantLinear dequantizes
+    for the fp32 GEMM there); the steps after it, on the cache it wrote, the C++ decoder."""
+    model = _load(checkpoints["llama-Q4_0"])
+    _assert_same(model, [[(0, DEQUANT_GEMM_MIN_TOKENS)], [(0, 1)], [(0, 1), (1, 7)]], expect_module_steps=1)
+
+
 @pytest.mark.parametrize("name", ["llama-Q4_0", "llama-multi", "qwen2-Q8_0", "mistral-Q8_0"])
 def test_quantized_steps_match_module_path(checkpoints, name):
-    """GGUF blocks kept (QuantLinear) at every step size: decodes, and prefill chunks mixed
-    with decodes; "multi" has q F16 | k Q4_0 | v Q8_0 segments in one fused projection."""
+    """GGUF blocks kept (QuantLinear) below the dequantize + GEMM prefill size: decodes, and
+    prefill chunks mixed with decodes; "multi" has q F16 | k Q4_0 | v Q8_0 segments in one
+    fused projection."""
     model = _load(checkpoints[name])
-    assert model.cpu_decoder.max_tokens is None
+    assert model.cpu_decoder.max_tokens == DEQUANT_GEMM_MIN_TOKENS - 1
     if name == "llama-multi":
         assert len(model.layers[0].self_attn.qkv_proj.ggml_types) == 3
     _assert_same(model, DECODE)

@@ -8,9 +8,10 @@ norm and the LM head stay in Python (a few calls).
 
 Eligible: a CPU model of one rank (no TP/PP) with fp32 activations, fastllm._C built,
 every projection a QuantLinear or a CpuDenseLinear over F32/F16/BF16 weights.
-Quantized weights run here at any step size (the module path calls the same kernels);
-dense weights only up to cpu_linear.MAX_GEMV_TOKENS tokens, beyond which torch's GEMM is
-what the module path uses (and wins). FASTLLM_CPU_DECODER=0 turns it off.
+Quantized weights run here below quant_linear.DEQUANT_GEMM_MIN_TOKENS tokens (the module
+path calls the same kernels there; from that size on it dequantizes for the fp32 GEMM,
+which wins); dense weights only up to cpu_linear.MAX_GEMV_TOKENS tokens, beyond which
+torch's GEMM is what the module path uses (and wins). FASTLLM_CPU_DECODER=0 turns it off.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from fastllm import envs, ops
 from fastllm.model.cpu_linear import GGML_TYPE, MAX_GEMV_TOKENS, CpuDenseLinear
+from fastllm.model.quant_linear import DEQUANT_GEMM_MIN_TOKENS
 from fastllm.model.quant_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def build_cpu_decoder(model) -> Optional[ModelCpuDecoder]:
         num_kv_heads=first.self_attn.num_kv_heads, head_dim=first.self_attn.head_dim,
         intermediate_size=first.mlp.intermediate_size, eps=first.input_layernorm.eps,
         scale=first.self_attn.scale, layers=layers)
-    return ModelCpuDecoder(decoder, MAX_GEMV_TOKENS if dense else None)
+    return ModelCpuDecoder(decoder, MAX_GEMV_TOKENS if dense else DEQUANT_GEMM_MIN_TOKENS - 1)
 
 
 def _layer_shape(layer) -> tuple:
