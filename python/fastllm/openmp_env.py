@@ -18,10 +18,18 @@ import os
 import sys
 
 
+# OMP_WAIT_POLICY as the process started (None: unset): `bench cpu` gives it back to the
+# peers it runs in child processes (llama.cpp and transformers measured at their default).
+ORIGINAL_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+# Set to 0 to leave OpenMP's wait policy alone (what those children get).
+OPT_OUT = "FASTLLM_OMP_PASSIVE"
+
+
 def prefer_passive_openmp() -> bool:
-    """Set OMP_WAIT_POLICY=PASSIVE unless set already; False when torch (and so its
-    OpenMP runtime) was loaded first, and the setting can no longer apply."""
-    if "torch" in sys.modules:
+    """Set OMP_WAIT_POLICY=PASSIVE unless set already (or FASTLLM_OMP_PASSIVE=0); False
+    when torch (and so its OpenMP runtime) was loaded first, and the setting can no
+    longer apply."""
+    if "torch" in sys.modules or os.environ.get(OPT_OUT) == "0":
         return False
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return True

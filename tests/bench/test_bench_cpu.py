@@ -77,3 +77,40 @@ def test_bench_cpu_rounds_and_derived_files(tmp_path, capsys, monkeypatch):
             .generate([[5, 6, 7, 8]], params, use_tqdm=False)[0].outputs[0].token_ids
             for p, q in ((f32, "gguf"), (gguf, None))]
     assert runs[0] == runs[1]
+
+
+def test_peer_process_runs_transformers_in_a_child_with_its_own_openmp_setting(tmp_path, monkeypatch):
+    """A peer engine (here transformers) runs in its own process, under the OpenMP wait
+    policy the bench started with (not fastllm's PASSIVE), and answers like the in-process
+    engine; closing it leaves no process behind."""
+    pytest.importorskip("gguf")
+    from fastllm import openmp_env
+    from fastllm.bench.cpu_peer import PeerProcess
+    hf = write_checkpoint(tmp_path / "hf", "llama", seed=4)
+    gguf = write_gguf(hf, tmp_path / "m.gguf", "F32")
+    # As after `import fastllm` in a process started without the variable.
+    monkeypatch.setattr(openmp_env, "ORIGINAL_WAIT_POLICY", None)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    peer = PeerProcess("hf-f32", str(gguf), 1)
+    try:
+        prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+        got = peer.generate(prompts, 5)
+        want = cpu.HFEngine(str(gguf)).generate(prompts, 5)
+        assert got == want and all(len(t) == 5 for t in got)
+    finally:
+        peer.close()
+    assert peer.proc.poll() is not None
+    assert peer.omp_wait_policy is None
+
+
+def test_peer_process_reports_a_missing_engine_as_import_error(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from fastllm.bench.cpu_peer import PeerProcess
+    gguf = write_gguf(write_checkpoint(tmp_path / "hf", "llama"), tmp_path / "m.gguf")
+    # A child that cannot import llama_cpp: an empty module of that name that raises.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "llama_cpp.py").write_text("raise ImportError('no llama_cpp here')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake}:{__import__('os').environ.get('PYTHONPATH', '')}")
+    with pytest.raises(ImportError, match="no llama_cpp here"):
+        PeerProcess("llama.cpp", str(gguf), 1)

@@ -154,10 +154,10 @@ def _make(name, path, threads):
         return FastllmEngine(path, None, "float32")
     if name == "fastllm-bf16":
         return FastllmEngine(path, None, "bfloat16")
-    if name == "hf-f32":
-        return HFEngine(path)
-    if name.startswith("llama.cpp"):
-        return LlamaCppEngine(path, threads)
+    if name == "hf-f32" or name.startswith("llama.cpp"):
+        # Own process, own OpenMP settings (fastllm.bench.cpu_peer says why).
+        from fastllm.bench.cpu_peer import PeerProcess
+        return PeerProcess("hf-f32" if name == "hf-f32" else "llama.cpp", path, threads)
     raise ValueError(f"--engines: unknown engine {name!r}; choose from {', '.join(ENGINES)}")
 
 
