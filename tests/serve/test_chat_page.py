@@ -25,7 +25,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-PAGE_MAX_MODEL_LEN = 1024     # room for a reply long enough to stop half-way
+PAGE_MAX_MODEL_LEN = 8192     # room for a reply long enough to stop half-way (CPU decode is fast)
 SYSTEM = "You are a helpful assistant."   # the page's default system prompt
 WINDOW = (500, 900)           # a narrow window (headless Chromium's narrowest)
 
@@ -69,7 +69,7 @@ def browser():
 @pytest.fixture(scope="module")
 def chat_server():
     path = cached_checkpoint("llama", max_position_embeddings=PAGE_MAX_MODEL_LEN)
-    proc = ServerProcess(path, "--max-model-len", PAGE_MAX_MODEL_LEN, "--num-kv-blocks", 256)
+    proc = ServerProcess(path, "--max-model-len", PAGE_MAX_MODEL_LEN, "--num-kv-blocks", 1024)
     yield proc
     rc = proc.stop()
     assert rc == 0, proc.output()
