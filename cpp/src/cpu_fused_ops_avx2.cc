@@ -3,25 +3,14 @@
 #include <cmath>
 #include <cstdint>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define FASTLLM_FUSED_AVX2 1
-#endif
+#include "fastllm/cpu/avx2_target.h"
 
 namespace fastllm::cpu {
 
-#ifdef FASTLLM_FUSED_AVX2
-bool fused_ops_avx2_supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+#ifdef FASTLLM_CPU_AVX2_BUILD
+bool fused_ops_avx2_supported() { return cpu_has_avx2(); }
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+FASTLLM_AVX2_TARGET_BEGIN
 #include "fastllm/cpu/avx2_exp.h"
 
 // out[0:I] = silu(gate[0:I]) * up[0:I].
@@ -31,11 +20,7 @@ void silu_and_mul_row_avx2(float* out, const float* gate, const float* up, int64
   for (; i < I; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+FASTLLM_AVX2_TARGET_END
 
 #else
 bool fused_ops_avx2_supported() { return false; }

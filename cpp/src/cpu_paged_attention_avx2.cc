@@ -7,27 +7,15 @@
 #include <cmath>
 #include <cstdint>
 
+#include "fastllm/cpu/avx2_target.h"
 #include "fastllm/paged_attention.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define FASTLLM_ATTN_AVX2 1
-#endif
 
 namespace fastllm::cpu {
 
-#ifdef FASTLLM_ATTN_AVX2
-bool attention_avx2_supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+#ifdef FASTLLM_CPU_AVX2_BUILD
+bool attention_avx2_supported() { return cpu_has_avx2(); }
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+FASTLLM_AVX2_TARGET_BEGIN
 #include "fastllm/cpu/avx2_exp.h"
 
 namespace {
@@ -372,11 +360,7 @@ void attend_block_f32_avx2(float* out, int64_t o_stride, const float* query, int
   }
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+FASTLLM_AVX2_TARGET_END
 
 #else
 bool attention_avx2_supported() { return false; }

@@ -11,28 +11,15 @@
 
 #include "fastllm/cpu/float16.h"
 #include "fastllm/cpu/quant.h"
+#include "fastllm/cpu/avx2_target.h"
 #include "fastllm/cpu/thread_pool.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define FASTLLM_HAVE_AVX2_BUILD 1
-#include <immintrin.h>
-#endif
 
 namespace fastllm::cpu::quant_avx2 {
 
-#ifdef FASTLLM_HAVE_AVX2_BUILD
-bool supported() {
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-}
+#ifdef FASTLLM_CPU_AVX2_BUILD
+bool supported() { return cpu_has_avx2(); }
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+FASTLLM_AVX2_TARGET_BEGIN
 #define FASTLLM_QUANT_AVX2 1
 namespace impl {
 #include "cpu_quant_impl.inc"
@@ -44,11 +31,7 @@ void matmul(const float* x, int64_t ldx, const uint8_t* weight, const float* bia
 void dequantize(const uint8_t* weight, float* out, int64_t rows, int64_t K, QuantType type) {
   impl::dequantize(weight, out, rows, K, type);
 }
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+FASTLLM_AVX2_TARGET_END
 
 #else  // no x86 AVX2 build: the dispatcher always takes the portable kernels
 bool supported() { return false; }
