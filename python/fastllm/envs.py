@@ -58,9 +58,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # 1: a CPU model's decoder layers run as one C++ call per step (model/cpu_decoder.py);
     # 0: layer by layer through the torch modules (the reference path, for comparison).
     "FASTLLM_CPU_DECODER": _choice("FASTLLM_CPU_DECODER", "1", ("0", "1")),
-    # 1: the CPU batch-1 GEMV of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights rounds the activations to
-    # int8 blocks (llama.cpp's arithmetic, about 2x fewer instructions); 0: exact fp32
-    # activations. Applied when a GGUF model is loaded kept quantized.
+    # 1: the CPU kernels of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K weights round the activations
+    # to int8 blocks, row by row (llama.cpp's arithmetic, about 2x fewer instructions); 0:
+    # exact fp32 activations. Applied when a GGUF model is loaded kept quantized.
     "FASTLLM_CPU_INT8_ACTIVATIONS": _choice("FASTLLM_CPU_INT8_ACTIVATIONS", "1", ("0", "1")),
     # The server's API key when --api-key is not given.
     "FASTLLM_API_KEY": _str_or_none("FASTLLM_API_KEY"),

@@ -329,10 +329,10 @@ def quant_cpu_force_generic(generic: bool) -> None:
 
 
 def set_cpu_int8_activations(on: bool) -> None:
-    """Whether the CPU batch-1 GEMV of the 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1,
-    Q8_0; AVX2 build) rounds x to int8 blocks first, as llama.cpp does (the default), or
-    multiplies the fp32 x exactly. Process-wide; reference.quantize_activations_q8 is the
-    rounding."""
+    """Whether the CPU kernels of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K weights (AVX2
+    build; any number of tokens, each row alone) round x to int8 blocks first, as
+    llama.cpp does (the default), or multiply the fp32 x exactly. Process-wide;
+    reference.quantize_activations_q8 / _q8k are the rounding."""
     if _C is not None:
         _C.quant_cpu_set_int8_activations(bool(on))
 

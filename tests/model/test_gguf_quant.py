@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from checkpoints import write_checkpoint, write_gguf
+from fastllm import ops
 from fastllm.model.loader import load_model, resolve_quantization
 from fastllm.model.quant_linear import QuantLinear
 from tests.model.test_loader import prefill_logits, rel_err
@@ -15,6 +16,13 @@ pytest.importorskip("gguf")
 
 CASES = [("llama", "F32"), ("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q5_0"), ("llama-tied", "mixed"),
          ("qwen2", "Q4_0"), ("llama", "multi")]
+
+
+@pytest.fixture
+def fp32_activations(monkeypatch):
+    monkeypatch.setenv("FASTLLM_CPU_INT8_ACTIVATIONS", "0")    # applied when a GGUF loads quantized
+    yield
+    ops.set_cpu_int8_activations(True)
 
 
 def _gguf(tmp_path, arch, tensor_type):
@@ -26,7 +34,9 @@ def _gguf(tmp_path, arch, tensor_type):
 
 
 @pytest.mark.parametrize("arch,tensor_type", CASES, ids=[f"{a}-{t}" for a, t in CASES])
-def test_quantized_model_matches_dequantized(tmp_path, arch, tensor_type):
+def test_quantized_model_matches_dequantized(tmp_path, fp32_activations, arch, tensor_type):
+    """The kept blocks multiply as the dequantized weights do, with fp32 activations (the
+    int8 rounding of x, on by default, is checked kernel by kernel in tests/ops)."""
     path = _gguf(tmp_path, arch, tensor_type)
     quant, config = load_model(path, quantization="gguf")
     plain, _ = load_model(path, quantization=None)

@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fastllm import LLM, SamplingParams  # noqa: E402
-from fastllm import generate  # noqa: E402
+from fastllm import generate, ops  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 MAX_TOKENS = 20
@@ -55,16 +55,26 @@ def test_readme_command_says_paris(gguf_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quantized_default_matches_dequantized(llm, gguf_path):
-    """The same weights, kept in Q4_1/Q8_0 blocks: only the fp32 summation order differs,
-    so greedy tokens agree (a near-tie may flip one prompt late; the Paris one must hold)."""
+def test_quantized_default_matches_dequantized(llm, gguf_path, monkeypatch):
+    """The same weights, kept in Q4_1/Q8_0 blocks: with fp32 activations only the fp32
+    summation order differs, so greedy tokens agree (a near-tie may flip one prompt late;
+    the Paris one must hold). With the default int8 activations (llama.cpp's rounding of
+    x, 0.1-0.3 in logprob: greedy runs part at a near tie) the README's prompt still says
+    Paris (the chat one does not, on this Q4_1 file, in llama.cpp either: "L'Etoile, ...")."""
     from fastllm.model.quant_linear import QuantLinear
-    quant = LLM(str(gguf_path), dtype="float32", device="cpu")   # quantization="auto" -> "gguf"
-    assert isinstance(quant.llm_engine.runner.model.layers[0].mlp.down_proj, QuantLinear)
     chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     prompts = PROMPTS + [chat]
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    ours = [o.outputs[0].token_ids for o in quant.generate(prompts, params, use_tqdm=False)]
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert ours[0] == want[0] and ours[-1] == want[-1]
-    assert sum(a == b for a, b in zip(ours, want)) >= len(prompts) - 1, (ours, want)
+    try:
+        monkeypatch.setenv("FASTLLM_CPU_INT8_ACTIVATIONS", "0")    # applied when the GGUF loads
+        quant = LLM(str(gguf_path), dtype="float32", device="cpu")   # quantization="auto" -> "gguf"
+        assert isinstance(quant.llm_engine.runner.model.layers[0].mlp.down_proj, QuantLinear)
+        ours = [o.outputs[0].token_ids for o in quant.generate(prompts, params, use_tqdm=False)]
+        assert ours[0] == want[0] and ours[-1] == want[-1]
+        assert sum(a == b for a, b in zip(ours, want)) >= len(prompts) - 1, (ours, want)
+        monkeypatch.setenv("FASTLLM_CPU_INT8_ACTIVATIONS", "1")
+        int8 = LLM(str(gguf_path), dtype="float32", device="cpu")
+        assert "Paris" in int8.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].text
+    finally:
+        ops.set_cpu_int8_activations(True)

@@ -52,8 +52,13 @@ def _check_linear(name, tokens, out_features, blocks, device="cpu", bias=False, 
     dev = torch.device(device)
     got = ops.quant_linear(x.to(dev), w.to(dev), t, None if b is None else b.to(dev)).cpu()
     assert got.dtype == torch.float32 and got.shape == (tokens, out_features)
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * _magnitude(x, w, t))
+
+
+def _magnitude(x, w, ggml_type) -> float:
+    """max over outputs of sum |x_k| |w_k|: what fp32 rounding in a dot is relative to
+    (|y| alone can be far smaller, where the terms cancel)."""
+    return (x.abs().double() @ reference.quant_dequantize(w, ggml_type, x.shape[1]).abs().T).max().item()
 
 
 @native
@@ -78,8 +83,16 @@ def test_quant_gemv_batch1_with_bias(name, out_features, isa):
     _check_linear(name, 1, out_features, 9 if ALL_TYPES[name] < 10 else 2, bias=True)
 
 
+@pytest.fixture
+def fp32_x():
+    """The kernels with fp32 activations (what the float64 reference multiplies), restored."""
+    ops.set_cpu_int8_activations(False)
+    yield
+    ops.set_cpu_int8_activations(True)
+
+
 @native
-def test_quant_linear_many_rows_threads():
+def test_quant_linear_many_rows_threads(fp32_x):
     """Enough rows and tokens to spread over every pool thread and token block."""
     _check_linear("Q4_K", 130, 300, 2)
 
@@ -113,7 +126,7 @@ def _linear_in_child(queue, x, w, want):
 
 
 @native
-def test_quant_linear_in_a_forked_child():
+def test_quant_linear_in_a_forked_child(fp32_x):
     """A fork()ed child (multiprocessing's default on Linux) has none of the pool's
     threads; its calls must still run (inline, then on a new pool)."""
     import multiprocessing
@@ -209,12 +222,29 @@ def test_quant_gemv_int8_activations(name, out_features, int8_avx2):
     half_step = (x.reshape(-1, block).abs().amax(dim=1) / 127 * (0.5 + 127 * 2**-11)).repeat_interleave(block).double()
     bound = reference.quant_dequantize(w, t, K).abs() @ half_step
     assert ((got - want_exact).abs()[0] <= bound * 1.01 + 1e-5 * scale + _s_rounding(w, t, x)).all()
-    # More tokens (prefill, batched decode) keep fp32 x: the exact product.
-    x3 = torch.randn(3, K)
-    want3 = torch.empty(3, out_features, dtype=torch.float64)
-    reference.quant_linear(want3, x3, w, t, b)
-    torch.testing.assert_close(ops.quant_linear(x3, w, t, b).double(), want3, rtol=1e-4,
-                               atol=1e-5 * want3.abs().max().item())
+
+
+@native
+@pytest.mark.parametrize("name", INT8_TYPES)
+@pytest.mark.parametrize("tokens", [2, 5, 63, 64, 70])
+def test_int8_activations_every_token_as_alone(name, tokens, int8_avx2):
+    """Several tokens in one call (prefill chunks, batched decode): each row of x rounded as
+    the batch-1 GEMV rounds it, and each output row equal to that token's GEMV bit for
+    bit (so a token's numbers do not depend on what shares its step); 64+ tokens span
+    token blocks and the 4-token passes' remainders."""
+    t = ALL_TYPES[name]
+    K = 256 * 2 if name in K_QUANTS else 32 * 5
+    w = random_blocks(t, 37, K, seed=tokens)
+    x = torch.randn(tokens, K + 3)[:, :K]                 # a strided view, as q/k/v splits are
+    b = torch.randn(37)
+    got = ops.quant_linear(x, w, t, b)
+    alone = torch.cat([ops.quant_linear(x[i:i + 1], w, t, b) for i in range(tokens)])
+    assert torch.equal(got, alone)
+    rounded = reference.quantize_activations_q8k(x) if name in K_QUANTS else reference.quantize_activations_q8(x)
+    want = torch.empty(tokens, 37, dtype=torch.float64)
+    reference.quant_linear(want, rounded, w, t, b)
+    s_bound = max(_s_rounding(w, t, x[i:i + 1].contiguous()).max().item() for i in range(tokens))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * _magnitude(x, w, t) + s_bound)
 
 
 @native
@@ -251,7 +281,8 @@ def _ggml_cpu():
                                                ("Q6_K", "q8_K")])
 def test_int8_gemv_is_ggml_vec_dot(name, vec_dot_type, int8_avx2):
     """With llama.cpp installed: each output equals ggml's own quantize_row_q8_x + vec_dot
-    on the same row, bit for bit (the arithmetic the int8 path copies)."""
+    on the same row, bit for bit (the arithmetic the int8 path copies), for one token and
+    for several in one call (llama.cpp's mul_mat rounds every row of a batch the same way)."""
     import ctypes
     lib = _ggml_cpu()
     if lib is None:
@@ -259,15 +290,18 @@ def test_int8_gemv_is_ggml_vec_dot(name, vec_dot_type, int8_avx2):
     t, N = ALL_TYPES[name], 9
     K = 1536 if name in K_QUANTS else 576
     w = random_blocks(t, N, K, seed=5)
-    x = torch.randn(1, K)
-    y_bytes = {"q8_0": K // 32 * 34, "q8_1": K // 32 * 36, "q8_K": K // 256 * 292}[vec_dot_type]
-    xq = (ctypes.c_uint8 * y_bytes)()
-    getattr(lib, f"quantize_row_{vec_dot_type}")(x.numpy().ctypes.data_as(ctypes.c_void_p), xq, ctypes.c_int64(K))
     vec_dot = getattr(lib, f"ggml_vec_dot_{name[0].lower() + name[1:]}_{vec_dot_type}")
-    want = []
-    for n in range(N):
-        row, s = w[n].numpy().copy(), ctypes.c_float()
-        vec_dot(ctypes.c_int(K), ctypes.byref(s), ctypes.c_size_t(0), row.ctypes.data_as(ctypes.c_void_p),
-                ctypes.c_size_t(0), xq, ctypes.c_size_t(0), ctypes.c_int(1))
-        want.append(s.value)
-    assert ops.quant_linear(x, w, t)[0].tolist() == want
+    y_bytes = {"q8_0": K // 32 * 34, "q8_1": K // 32 * 36, "q8_K": K // 256 * 292}[vec_dot_type]
+    for tokens in (1, 6):   # the GEMV, and a multi-token call (4-token passes and a remainder)
+        x = torch.randn(tokens, K)
+        want = []
+        for i in range(tokens):
+            xq = (ctypes.c_uint8 * y_bytes)()
+            getattr(lib, f"quantize_row_{vec_dot_type}")(x[i].numpy().ctypes.data_as(ctypes.c_void_p), xq,
+                                                         ctypes.c_int64(K))
+            for n in range(N):
+                row, s = w[n].numpy().copy(), ctypes.c_float()
+                vec_dot(ctypes.c_int(K), ctypes.byref(s), ctypes.c_size_t(0), row.ctypes.data_as(ctypes.c_void_p),
+                        ctypes.c_size_t(0), xq, ctypes.c_size_t(0), ctypes.c_int(1))
+                want.append(s.value)
+        assert ops.quant_linear(x, w, t).flatten().tolist() == want

@@ -24,7 +24,7 @@ std::pair<int, int> quant_block_shape(int ggml_type);
 // The CPU kernels' build ("avx2" or "generic"), and a switch to force the generic one.
 std::string quant_cpu_isa();
 void quant_cpu_force_generic(bool generic);
-// The AVX2 batch-1 GEMV's int8 activations (cpu/quant.h): on by default.
+// The AVX2 kernels' int8 activations (cpu/quant.h): on by default.
 void quant_cpu_set_int8_activations(bool on);
 
 // Threads of the CPU kernels' pool (the caller included).

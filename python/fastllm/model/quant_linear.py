@@ -8,8 +8,9 @@ output rows in one type, written into its columns of one output.
 Prefill on the CPU (a call of DEQUANT_GEMM_MIN_TOKENS tokens or more) dequantizes the
 weight into a reused float32 scratch and runs torch's GEMM on it (fastllm.model.cpu_gemm):
 decoding a layer's blocks costs a fraction of a millisecond, and the fp32 GEMM beats the
-kernels' dequantize-as-you-go GEMM once enough tokens share each weight row. The math is
-the same fp32 products of the same dequantized values, summed in another order.
+kernels' dequantize-as-you-go GEMM once enough tokens share each weight row. It takes x
+in fp32, where the kernels below that size round each row of x to int8 blocks first (on
+by default, as llama.cpp does: ops.set_cpu_int8_activations).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from fastllm import ops
 from fastllm.model.cpu_gemm import cpu_gemm
 
 # From this many tokens a CPU call dequantizes and runs torch's GEMM (measured on the
-# SmolLM2 Q4_1 layers, Zen 4, oneDNN's GEMM: the kernels win at 16 tokens, lose by 5-10%
-# at 32, 10-20% at 64, 15-25% at 128 and more; 64 leaves a margin for other CPUs).
+# SmolLM2 Q4_1 layers, Zen 4, oneDNN's GEMM: the fp32-x kernels win at 16 tokens, lose by
+# 5-10% at 32, 10-20% at 64, 15-25% at 128 and more; the int8-x kernels, on a Zen 3, win
+# to 64-128 tokens by type and lose 2x at 512; 64 leaves a margin for other CPUs).
 DEQUANT_GEMM_MIN_TOKENS = 64
 
 # One float32 scratch per thread, grown to the largest weight seen and shared by every

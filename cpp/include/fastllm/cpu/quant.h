@@ -31,8 +31,8 @@ const char* quant_isa();
 void quant_force_generic(bool generic);
 // Whether quant_force_generic(true) is in effect.
 bool cpu_generic_forced();
-// Whether the AVX2 batch-1 GEMV of the 32-weight block types rounds x to int8 blocks
-// (llama.cpp's arithmetic, cpu_quant_q8_gemv_avx2.inc; the default) or keeps it fp32.
+// Whether the AVX2 kernels of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K round each row of x to
+// int8 blocks (llama.cpp's arithmetic, cpu_quant_q8_*_avx2.inc; the default) or keep it fp32.
 void quant_set_int8_activations(bool on);
 bool quant_int8_activations();
 
