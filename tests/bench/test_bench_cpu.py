@@ -15,6 +15,18 @@ def test_agreement_counts_equal_prompts_and_the_common_prefix():
     assert cpu.agreement([], []) == "0/0 prompts equal (mean 0.0/0 tokens)"
 
 
+def test_agreements_pair_each_engine_with_its_peer():
+    """Every engine against fastllm-f32; llama.cpp against fastllm on its file, and
+    llama.cpp-fa (flash attention) against llama.cpp itself."""
+    results = {"fastllm-f32": {"tokens": [[1, 2]]}, "fastllm-gguf": {"tokens": [[1, 3]]},
+               "llama.cpp": {"tokens": [[1, 3]]}, "llama.cpp-fa": {"tokens": [[2, 3]]}}
+    cpu.add_agreements(results)
+    assert results["llama.cpp"]["greedy_agreement_vs_fastllm_gguf"] == "1/1 prompts equal (mean 2.0/2 tokens)"
+    assert results["llama.cpp-fa"]["greedy_agreement_vs_llama.cpp"] == "0/1 prompts equal (mean 0.0/2 tokens)"
+    assert results["fastllm-gguf"]["greedy_agreement_vs_fastllm_f32"] == "0/1 prompts equal (mean 1.0/2 tokens)"
+    assert "greedy_agreement_vs_llama.cpp" not in results["fastllm-gguf"]
+
+
 def test_bench_cpu_runs_on_a_gguf(tmp_path, capsys, monkeypatch):
     pytest.importorskip("gguf")
     hf = write_checkpoint(tmp_path / "hf", "llama", seed=2)

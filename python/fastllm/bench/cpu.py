@@ -8,6 +8,8 @@ Engines (each skipped with a note when it cannot run here):
   hf-f32         transformers, the GGUF loaded with gguf_file= (dequantized, float32)
   llama.cpp      llama-cpp-python on the same file, when installed (a benchmark
                  dependency only: `pip install llama-cpp-python`, which builds llama.cpp)
+  llama.cpp-fa   llama.cpp on the same file with flash attention: compared with llama.cpp,
+                 how far fp32-level differences alone move greedy tokens on this file
   llama.cpp-f32  llama.cpp on an F32 file of the model (bench/cpu_files.py makes it)
   fastllm-q4km / llama.cpp-q4km   both on a Q4_K_M file of the model (made the same way)
 
@@ -26,10 +28,14 @@ import time
 
 import torch
 
-ENGINES = ("fastllm-gguf", "llama.cpp", "fastllm-f32", "llama.cpp-f32", "fastllm-bf16", "hf-f32",
+ENGINES = ("fastllm-gguf", "llama.cpp", "llama.cpp-fa", "fastllm-f32", "llama.cpp-f32", "fastllm-bf16", "hf-f32",
            "fastllm-q4km", "llama.cpp-q4km")
 # Pairs on the same file / precision whose greedy tokens are compared: engine -> peer.
-SAME_PRECISION = {"llama.cpp": "fastllm-gguf", "llama.cpp-f32": "fastllm-f32", "llama.cpp-q4km": "fastllm-q4km"}
+# llama.cpp-fa against llama.cpp is llama.cpp against itself (flash attention on / off: the
+# same weights and int8 activations, attention summed in another order): the agreement
+# that fp32-level differences alone leave on this file, the ceiling for fastllm-gguf's.
+SAME_PRECISION = {"llama.cpp": "fastllm-gguf", "llama.cpp-fa": "llama.cpp", "llama.cpp-f32": "fastllm-f32",
+                  "llama.cpp-q4km": "fastllm-q4km"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,12 +96,12 @@ class HFEngine:
 
 
 class LlamaCppEngine:
-    def __init__(self, path, threads, n_ctx=1024):
+    def __init__(self, path, threads, n_ctx=1024, flash_attn=False):
         import llama_cpp
         # An F32 KV cache (llama.cpp's default is F16), as fastllm's on the CPU: the greedy
         # comparison is then of the weights' and activations' arithmetic only.
         self.llama = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                     n_batch=512, verbose=False, logits_all=False,
+                                     n_batch=512, verbose=False, logits_all=False, flash_attn=flash_attn,
                                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         self.vocab_size = self.llama.n_vocab()
 
@@ -157,7 +163,7 @@ def _make(name, path, threads):
     if name == "hf-f32" or name.startswith("llama.cpp"):
         # Own process, own OpenMP settings (fastllm.bench.cpu_peer says why).
         from fastllm.bench.cpu_peer import PeerProcess
-        return PeerProcess("hf-f32" if name == "hf-f32" else "llama.cpp", path, threads)
+        return PeerProcess({"hf-f32": "hf-f32", "llama.cpp-fa": "llama.cpp-fa"}.get(name, "llama.cpp"), path, threads)
     raise ValueError(f"--engines: unknown engine {name!r}; choose from {', '.join(ENGINES)}")
 
 

@@ -64,7 +64,8 @@ def _serve(name: str, path: str, threads: int) -> None:
     from fastllm.bench import cpu
     torch.set_num_threads(threads)
     try:
-        engine = cpu.HFEngine(path) if name == "hf-f32" else cpu.LlamaCppEngine(path, threads)
+        engine = cpu.HFEngine(path) if name == "hf-f32" else \
+            cpu.LlamaCppEngine(path, threads, flash_attn=name == "llama.cpp-fa")
     except ImportError as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return
