@@ -25,3 +25,15 @@ def gguf_path():
         if os.environ.get("CI"):
             raise
         pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture
+def fp32_activations(monkeypatch):
+    """CPU kernels with fp32 activations (what a float64 reference or the dequantized model
+    multiplies), instead of the default int8 rounding of x: set now and for GGUF models
+    loaded in the test (the loader applies FASTLLM_CPU_INT8_ACTIVATIONS); restored after."""
+    from fastllm import ops
+    monkeypatch.setenv("FASTLLM_CPU_INT8_ACTIVATIONS", "0")
+    ops.set_cpu_int8_activations(False)
+    yield
+    ops.set_cpu_int8_activations(True)

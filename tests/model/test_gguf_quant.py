@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from checkpoints import write_checkpoint, write_gguf
-from fastllm import ops
 from fastllm.model.loader import load_model, resolve_quantization
 from fastllm.model.quant_linear import QuantLinear
 from tests.model.test_loader import prefill_logits, rel_err
@@ -16,13 +15,6 @@ pytest.importorskip("gguf")
 
 CASES = [("llama", "F32"), ("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q5_0"), ("llama-tied", "mixed"),
          ("qwen2", "Q4_0"), ("llama", "multi")]
-
-
-@pytest.fixture
-def fp32_activations(monkeypatch):
-    monkeypatch.setenv("FASTLLM_CPU_INT8_ACTIVATIONS", "0")    # applied when a GGUF loads quantized
-    yield
-    ops.set_cpu_int8_activations(True)
 
 
 def _gguf(tmp_path, arch, tensor_type):

@@ -72,18 +72,10 @@ def test_layers_of_different_sizes_share_the_scratch():
         _check(layer, w, x)
 
 
-def test_decode_and_prefill_paths_agree():
+def test_decode_and_prefill_paths_agree(fp32_activations):
     # The kernels' GEMM (below the threshold) and the dequantize + GEMM path compute the
     # same products: rows run on either path give the same values within fp32 rounding
     # (with fp32 x in both: the kernels' default int8 x is tests/ops/test_quant_linear's).
-    ops.set_cpu_int8_activations(False)
-    try:
-        _paths_agree()
-    finally:
-        ops.set_cpu_int8_activations(True)
-
-
-def _paths_agree():
     layer, _ = _layer([3, 14], [40, 24], 256, bias=True, seed=21)
     x = torch.randn(PREFILL, 256, generator=torch.Generator().manual_seed(2))
     whole = layer(x)

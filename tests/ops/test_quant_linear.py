@@ -83,16 +83,8 @@ def test_quant_gemv_batch1_with_bias(name, out_features, isa):
     _check_linear(name, 1, out_features, 9 if ALL_TYPES[name] < 10 else 2, bias=True)
 
 
-@pytest.fixture
-def fp32_x():
-    """The kernels with fp32 activations (what the float64 reference multiplies), restored."""
-    ops.set_cpu_int8_activations(False)
-    yield
-    ops.set_cpu_int8_activations(True)
-
-
 @native
-def test_quant_linear_many_rows_threads(fp32_x):
+def test_quant_linear_many_rows_threads(fp32_activations):
     """Enough rows and tokens to spread over every pool thread and token block."""
     _check_linear("Q4_K", 130, 300, 2)
 
@@ -126,7 +118,7 @@ def _linear_in_child(queue, x, w, want):
 
 
 @native
-def test_quant_linear_in_a_forked_child(fp32_x):
+def test_quant_linear_in_a_forked_child(fp32_activations):
     """A fork()ed child (multiprocessing's default on Linux) has none of the pool's
     threads; its calls must still run (inline, then on a new pool)."""
     import multiprocessing
